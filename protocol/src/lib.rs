@@ -1,0 +1,318 @@
+//! Wire protocol between the WasmBox supervisor and its worker processes.
+//!
+//! Each message is one frame on a Unix socketpair: a fixed 16-byte prefix (magic, header
+//! length, payload length), a small JSON header, then raw payload bytes. Request bodies and
+//! function output travel as payload, so large bodies are never re-encoded. The worker opens
+//! the conversation with [`FromWorker::Hello`] carrying [`PROTOCOL_VERSION`], so a supervisor
+//! refuses a worker binary from another release with a clear error instead of misparsing it.
+
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// Bumped whenever a message changes shape. Supervisor and worker must agree exactly.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// First bytes of every frame; a stream that loses sync fails fast on the next frame.
+pub const MAGIC: [u8; 4] = *b"WBX\x01";
+
+/// Size of the fixed frame prefix: magic, u32 header length, u64 payload length (LE).
+pub const PREFIX_LEN: usize = 16;
+
+/// Headers are small JSON documents; argv and env are their largest part.
+pub const MAX_HEADER_LEN: u32 = 4 << 20;
+
+/// Errors decoding or exchanging frames.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame does not start with the protocol magic (stream out of sync or not a worker)")]
+    BadMagic,
+    #[error("frame header of {len} bytes exceeds the limit of {limit} bytes")]
+    HeaderTooLarge { len: u64, limit: u64 },
+    #[error("frame payload of {len} bytes exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { len: u64, limit: u64 },
+    #[error("malformed frame header")]
+    Header(#[source] serde_json::Error),
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("i/o error on the worker socket")]
+    Io(#[source] io::Error),
+}
+
+/// Lengths announced by a frame prefix, already checked against the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLengths {
+    pub header: usize,
+    pub payload: usize,
+}
+
+/// Parses and bounds a frame prefix. `max_payload` is the receiver's own limit: a peer can
+/// never make the receiver allocate more than it agreed to.
+pub fn parse_prefix(prefix: &[u8; PREFIX_LEN], max_payload: u64) -> Result<FrameLengths, FrameError> {
+    if prefix[..4] != MAGIC {
+        return Err(FrameError::BadMagic);
+    }
+    let header = u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
+    let payload = u64::from_le_bytes([
+        prefix[8], prefix[9], prefix[10], prefix[11], prefix[12], prefix[13], prefix[14], prefix[15],
+    ]);
+    if header > MAX_HEADER_LEN {
+        return Err(FrameError::HeaderTooLarge { len: header.into(), limit: MAX_HEADER_LEN.into() });
+    }
+    if payload > max_payload {
+        return Err(FrameError::PayloadTooLarge { len: payload, limit: max_payload });
+    }
+    let payload =
+        usize::try_from(payload).map_err(|_| FrameError::PayloadTooLarge { len: payload, limit: usize::MAX as u64 })?;
+    Ok(FrameLengths { header: header as usize, payload })
+}
+
+/// Encodes the prefix and header of a frame whose payload (`payload_len` bytes) follows.
+pub fn encode_head<H: Serialize>(header: &H, payload_len: usize) -> Vec<u8> {
+    // Serializing plain data structs to JSON cannot fail (no maps with non-string keys).
+    let json = serde_json::to_vec(header).unwrap_or_default();
+    let mut out = Vec::with_capacity(PREFIX_LEN + json.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(payload_len as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out
+}
+
+/// Decodes a frame header.
+pub fn decode_header<H: DeserializeOwned>(bytes: &[u8]) -> Result<H, FrameError> {
+    serde_json::from_slice(bytes).map_err(FrameError::Header)
+}
+
+/// Blocking read of one frame. `Ok(None)` means the peer closed the stream cleanly between
+/// frames, which is how a worker learns that its supervisor is gone.
+pub fn read_frame<R: Read, H: DeserializeOwned>(
+    reader: &mut R,
+    max_payload: u64,
+) -> Result<Option<(H, Vec<u8>)>, FrameError> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    let mut filled = 0;
+    while filled < PREFIX_LEN {
+        match reader.read(&mut prefix[filled..]) {
+            Ok(0) if filled == 0 => return Ok(None),
+            Ok(0) => return Err(FrameError::Truncated),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    let lengths = parse_prefix(&prefix, max_payload)?;
+    let mut header = vec![0u8; lengths.header];
+    read_exact(reader, &mut header)?;
+    let mut payload = vec![0u8; lengths.payload];
+    read_exact(reader, &mut payload)?;
+    Ok(Some((decode_header(&header)?, payload)))
+}
+
+fn read_exact<R: Read>(reader: &mut R, buf: &mut [u8]) -> Result<(), FrameError> {
+    reader.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+        _ => FrameError::Io(e),
+    })
+}
+
+/// Blocking write of one frame whose payload is the concatenation of `payload` slices.
+pub fn write_frame<W: Write, H: Serialize>(writer: &mut W, header: &H, payload: &[&[u8]]) -> Result<(), FrameError> {
+    let total = payload.iter().map(|p| p.len()).sum();
+    let head = encode_head(header, total);
+    writer.write_all(&head).map_err(FrameError::Io)?;
+    for part in payload {
+        writer.write_all(part).map_err(FrameError::Io)?;
+    }
+    writer.flush().map_err(FrameError::Io)
+}
+
+/// Messages from the supervisor to a worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToWorker {
+    /// Run one invocation; the frame payload is the function's stdin.
+    Invoke(Invocation),
+    /// Finish and exit cleanly.
+    Shutdown,
+}
+
+/// Messages from a worker to the supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromWorker {
+    /// First frame after start: who is speaking and which protocol.
+    Hello(Hello),
+    /// The module is ready and the guest starts now. Sent only when the module was not
+    /// already in the worker's memory, so the supervisor restarts its deadline after a
+    /// compile instead of counting compile time against the function.
+    Started,
+    /// The invocation finished; payload is stdout followed by stderr.
+    Result(InvocationResult),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Hello {
+    pub protocol: u32,
+    pub worker_version: String,
+    pub engine: String,
+    pub engine_version: String,
+    pub pid: u32,
+}
+
+/// A module as the supervisor's registry knows it: where it lives and what it hashes to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ModuleRef {
+    pub path: PathBuf,
+    /// Lowercase hex SHA-256 of the module bytes; the cache key everywhere.
+    pub sha256: String,
+}
+
+/// A directory the guest sees at `guest`, backed by host directory `host`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Preopen {
+    pub host: PathBuf,
+    pub guest: String,
+    pub read_only: bool,
+}
+
+/// Everything a worker needs to run one invocation, besides stdin (the payload).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Invocation {
+    pub request_id: String,
+    pub function: String,
+    pub module: ModuleRef,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub preopens: Vec<Preopen>,
+    /// Cap on the guest's linear memory, in bytes.
+    pub memory_limit_bytes: u64,
+    /// Wall-clock deadline for the guest, from the moment it starts.
+    pub timeout_ms: u64,
+    /// CPU share in millicores (1000 = one CPU); enforced by the worker's cgroup.
+    pub cpu_quota_millis: u64,
+    /// Cap on captured stdout and on retained stderr, each.
+    pub max_output_bytes: u64,
+}
+
+/// How the module got into the worker for this invocation.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModuleSource {
+    /// Already compiled in this worker's memory.
+    Memory,
+    /// Loaded from a precompiled artifact in the cache directory.
+    Artifact,
+    /// Compiled from the `.wasm` bytes (and written to the cache directory).
+    Compiled,
+}
+
+/// Result of one invocation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InvocationResult {
+    pub outcome: Outcome,
+    pub stdout_len: u64,
+    pub stderr_len: u64,
+    /// Bytes of stderr that were dropped to keep only its tail.
+    pub stderr_dropped: u64,
+    pub module_source: Option<ModuleSource>,
+    /// Time spent compiling or loading the module, in microseconds.
+    pub prepare_us: u64,
+    /// Time from instantiation to the guest's exit, in microseconds.
+    pub exec_us: u64,
+}
+
+/// What happened to the guest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    /// `_start` returned (code 0) or the guest called `proc_exit(code)`.
+    Exited { code: i32 },
+    /// The guest trapped (unreachable, out-of-bounds access, stack overflow...).
+    Trapped { message: String },
+    /// The engine interrupted the guest at its deadline.
+    DeadlineExceeded,
+    /// The guest needed more linear memory than the invocation allows.
+    MemoryLimitExceeded { limit_bytes: u64 },
+    /// The guest wrote more than the stdout cap.
+    OutputTooLarge { limit_bytes: u64 },
+    /// The module failed validation, compilation or linking, or is not a command module.
+    InvalidModule { message: String },
+    /// The module file no longer has the hash the supervisor sent: it was replaced.
+    ModuleChanged,
+    /// The host could not set the invocation up (for example a preopen that vanished).
+    SetupFailed { message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invocation() -> Invocation {
+        Invocation {
+            request_id: "r1".into(),
+            function: "hello".into(),
+            module: ModuleRef { path: "/f/hello.wasm".into(), sha256: "ab".repeat(32) },
+            argv: vec!["hello".into(), "x y".into()],
+            env: vec![("K".into(), "V".into())],
+            preopens: vec![Preopen { host: "/data".into(), guest: "/data".into(), read_only: true }],
+            memory_limit_bytes: 64 << 20,
+            timeout_ms: 1000,
+            cpu_quota_millis: 1000,
+            max_output_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn frame_round_trip_keeps_header_and_payload() {
+        let msg = ToWorker::Invoke(invocation());
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &msg, &[b"std", b"in"]).unwrap();
+        let (back, payload): (ToWorker, _) = read_frame(&mut wire.as_slice(), 1024).unwrap().unwrap();
+        assert_eq!(back, msg);
+        assert_eq!(payload, b"stdin");
+    }
+
+    #[test]
+    fn clean_eof_between_frames_is_none_and_mid_frame_is_truncated() {
+        let empty: &[u8] = &[];
+        assert!(read_frame::<_, ToWorker>(&mut &*empty, 10).unwrap().is_none());
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &ToWorker::Shutdown, &[b"abc"]).unwrap();
+        for cut in 1..wire.len() {
+            let err = read_frame::<_, ToWorker>(&mut &wire[..cut], 10).unwrap_err();
+            assert!(matches!(err, FrameError::Truncated), "cut at {cut}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn prefix_limits_are_enforced_before_allocation() {
+        let mut prefix = [0u8; PREFIX_LEN];
+        assert!(matches!(parse_prefix(&prefix, 10), Err(FrameError::BadMagic)));
+        prefix[..4].copy_from_slice(&MAGIC);
+        prefix[4..8].copy_from_slice(&(MAX_HEADER_LEN + 1).to_le_bytes());
+        assert!(matches!(parse_prefix(&prefix, 10), Err(FrameError::HeaderTooLarge { .. })));
+        prefix[4..8].copy_from_slice(&2u32.to_le_bytes());
+        prefix[8..].copy_from_slice(&11u64.to_le_bytes());
+        assert!(matches!(parse_prefix(&prefix, 10), Err(FrameError::PayloadTooLarge { len: 11, limit: 10 })));
+        prefix[8..].copy_from_slice(&10u64.to_le_bytes());
+        assert_eq!(parse_prefix(&prefix, 10).unwrap(), FrameLengths { header: 2, payload: 10 });
+    }
+
+    #[test]
+    fn garbage_header_is_an_error_not_a_panic() {
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&MAGIC);
+        wire.extend_from_slice(&3u32.to_le_bytes());
+        wire.extend_from_slice(&0u64.to_le_bytes());
+        wire.extend_from_slice(b"{x}");
+        assert!(matches!(read_frame::<_, FromWorker>(&mut wire.as_slice(), 0), Err(FrameError::Header(_))));
+    }
+
+    #[test]
+    fn outcome_wire_format_is_tagged() {
+        let json = serde_json::to_string(&Outcome::Exited { code: 3 }).unwrap();
+        assert_eq!(json, r#"{"kind":"exited","code":3}"#);
+    }
+}

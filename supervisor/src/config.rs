@@ -1,0 +1,226 @@
+//! Supervisor configuration: every setting is a `WASMBOX_*` environment variable and the
+//! same `--flag`, with defaults that work on a laptop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// WasmBox: a serverless runtime multiplexer for WebAssembly. Serves WASI functions over
+/// HTTP, running each invocation in a pre-forked, sandboxed worker process.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "wasmbox", version, about, max_term_width = 100)]
+pub struct Config {
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "WASMBOX_LISTEN", default_value = "127.0.0.1:8095")]
+    pub listen: SocketAddr,
+
+    /// Directory holding `name.wasm` modules and optional `name.toml` configs.
+    #[arg(long, env = "WASMBOX_FUNCTIONS_DIR", default_value = "./functions")]
+    pub functions_dir: PathBuf,
+
+    /// Directory for precompiled module artifacts [default: $XDG_CACHE_HOME/wasmbox,
+    /// ~/.cache/wasmbox, or a per-user directory under /tmp].
+    #[arg(long, env = "WASMBOX_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Worker processes (sandbox slots) kept running [default: number of CPUs].
+    #[arg(long, env = "WASMBOX_WORKERS", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub workers: Option<u64>,
+
+    /// Requests that may wait for a free worker; beyond it requests get 429.
+    #[arg(long, env = "WASMBOX_QUEUE_DEPTH", default_value_t = 256)]
+    pub queue_depth: usize,
+
+    /// /ready answers 503 while at least this many requests wait [default: 3/4 of the queue depth].
+    #[arg(long, env = "WASMBOX_READY_QUEUE_THRESHOLD")]
+    pub ready_queue_threshold: Option<usize>,
+
+    /// Path of the wasmbox-worker binary [default: next to the wasmbox binary].
+    #[arg(long, env = "WASMBOX_WORKER_BIN")]
+    pub worker_bin: Option<PathBuf>,
+
+    /// Largest request body (function stdin) in bytes; enforced while streaming.
+    #[arg(long, env = "WASMBOX_MAX_BODY_BYTES", default_value_t = 16 << 20)]
+    pub max_body_bytes: u64,
+
+    /// Largest stdout a function may produce, and the stderr tail kept, in bytes.
+    #[arg(long, env = "WASMBOX_MAX_OUTPUT_BYTES", default_value_t = 16 << 20)]
+    pub max_output_bytes: u64,
+
+    /// Largest module file accepted, in bytes.
+    #[arg(long, env = "WASMBOX_MAX_MODULE_BYTES", default_value_t = 256 << 20)]
+    pub max_module_bytes: u64,
+
+    /// CPU quota in millicores when the request has no cpu_quota header.
+    #[arg(long, env = "WASMBOX_DEFAULT_CPU_QUOTA", default_value_t = 1000)]
+    pub default_cpu_quota: u64,
+
+    /// Largest cpu_quota a request may ask for [default: 1000 x number of CPUs].
+    #[arg(long, env = "WASMBOX_MAX_CPU_QUOTA")]
+    pub max_cpu_quota: Option<u64>,
+
+    /// Memory in MiB when the request has no Memory-Request header.
+    #[arg(long, env = "WASMBOX_DEFAULT_MEMORY_MB", default_value_t = 128)]
+    pub default_memory_mb: u64,
+
+    /// Largest Memory-Request a request may ask for, in MiB.
+    #[arg(long, env = "WASMBOX_MAX_MEMORY_MB", default_value_t = 2048)]
+    pub max_memory_mb: u64,
+
+    /// Deadline in milliseconds when the request has no Timeout-Ms header.
+    #[arg(long, env = "WASMBOX_DEFAULT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub default_timeout_ms: u64,
+
+    /// Largest Timeout-Ms a request may ask for.
+    #[arg(long, env = "WASMBOX_MAX_TIMEOUT_MS", default_value_t = 300_000)]
+    pub max_timeout_ms: u64,
+
+    /// On SIGTERM/SIGINT, how long in-flight invocations may take to finish.
+    #[arg(long, env = "WASMBOX_DRAIN_TIMEOUT_MS", default_value_t = 20_000)]
+    pub drain_timeout_ms: u64,
+
+    /// How long past its deadline a function may run before its worker is SIGKILLed.
+    #[arg(long, env = "WASMBOX_KILL_GRACE_MS", default_value_t = 1000)]
+    pub kill_grace_ms: u64,
+
+    /// Longest a worker may spend compiling a module before it is killed.
+    #[arg(long, env = "WASMBOX_COMPILE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub compile_timeout_ms: u64,
+
+    /// Compiled modules each worker keeps in memory.
+    #[arg(long, env = "WASMBOX_WORKER_MODULE_CACHE", default_value_t = 64)]
+    pub worker_module_cache: usize,
+
+    /// Time a client has to send complete request headers.
+    #[arg(long, env = "WASMBOX_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log level or filter (tracing syntax); RUST_LOG takes precedence when set.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Defaults and maxima for the per-invocation limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitDefaults {
+    pub default_cpu_quota: u64,
+    pub max_cpu_quota: u64,
+    pub default_memory_mb: u64,
+    pub max_memory_mb: u64,
+    pub default_timeout_ms: u64,
+    pub max_timeout_ms: u64,
+}
+
+impl Config {
+    /// Number of CPUs this process may use.
+    pub fn cpus() -> u64 {
+        std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1)
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(Self::cpus) as usize
+    }
+
+    pub fn ready_queue_threshold(&self) -> usize {
+        self.ready_queue_threshold.unwrap_or((self.queue_depth * 3 / 4).max(1))
+    }
+
+    pub fn limits(&self) -> LimitDefaults {
+        LimitDefaults {
+            default_cpu_quota: self.default_cpu_quota,
+            max_cpu_quota: self.max_cpu_quota.unwrap_or(Self::cpus() * 1000),
+            default_memory_mb: self.default_memory_mb,
+            max_memory_mb: self.max_memory_mb,
+            default_timeout_ms: self.default_timeout_ms,
+            max_timeout_ms: self.max_timeout_ms,
+        }
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+
+    /// Cache directory, resolved from the flag or the per-user default.
+    pub fn resolved_cache_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.cache_dir {
+            return dir.clone();
+        }
+        let from_env = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+        if let Some(xdg) = from_env("XDG_CACHE_HOME") {
+            return xdg.join("wasmbox");
+        }
+        if let Some(home) = from_env("HOME") {
+            return home.join(".cache").join("wasmbox");
+        }
+        std::env::temp_dir().join(format!("wasmbox-cache-{}", nix::unistd::geteuid()))
+    }
+
+    /// Checks relations between settings that flags alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let limits = self.limits();
+        let pairs = [
+            ("WASMBOX_DEFAULT_CPU_QUOTA", limits.default_cpu_quota, "WASMBOX_MAX_CPU_QUOTA", limits.max_cpu_quota),
+            ("WASMBOX_DEFAULT_MEMORY_MB", limits.default_memory_mb, "WASMBOX_MAX_MEMORY_MB", limits.max_memory_mb),
+            ("WASMBOX_DEFAULT_TIMEOUT_MS", limits.default_timeout_ms, "WASMBOX_MAX_TIMEOUT_MS", limits.max_timeout_ms),
+        ];
+        for (default_name, default, max_name, max) in pairs {
+            if default == 0 {
+                return Err(ConfigError(format!("{default_name} must be at least 1")));
+            }
+            if default > max {
+                return Err(ConfigError(format!("{default_name}={default} exceeds {max_name}={max}")));
+            }
+        }
+        if self.max_body_bytes == 0 || self.max_output_bytes == 0 || self.max_module_bytes == 0 {
+            return Err(ConfigError("byte limits must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("wasmbox").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_work_on_a_laptop() {
+        let c = parse(&[]);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8095");
+        assert!(c.worker_count() >= 1);
+        c.validate().unwrap();
+        assert_eq!(c.limits().max_cpu_quota, Config::cpus() * 1000);
+    }
+
+    #[test]
+    fn default_above_max_is_refused() {
+        let c = parse(&["--default-memory-mb", "512", "--max-memory-mb", "256"]);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("WASMBOX_DEFAULT_MEMORY_MB=512"), "{err}");
+    }
+
+    #[test]
+    fn zero_workers_is_a_parse_error() {
+        assert!(Config::try_parse_from(["wasmbox", "--workers", "0"]).is_err());
+    }
+}

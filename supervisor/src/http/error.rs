@@ -1,0 +1,221 @@
+//! Every error a client can get, and the one place that maps it to an HTTP status.
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use http_body_util::Full;
+use hyper::Response;
+use serde_json::{Map, Value, json};
+
+/// How much of a function's stderr an error response carries.
+pub const STDERR_TAIL_BYTES: usize = 4096;
+
+/// A failed request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid function name: {0}")]
+    InvalidFunctionName(String),
+    #[error("invalid {header} header: {reason}")]
+    InvalidHeader { header: &'static str, reason: String },
+    #[error("invalid query string: {0}")]
+    InvalidQuery(String),
+    #[error("could not read the request body: {0}")]
+    BadBody(String),
+    #[error("no function named {0}")]
+    FunctionNotFound(String),
+    #[error("no route for {0}; invoke a function with POST /{{function}}")]
+    RouteNotFound(String),
+    #[error("method {method} is not allowed here")]
+    MethodNotAllowed { method: String, allow: &'static str },
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("invalid module: {0}")]
+    InvalidModule(String),
+    #[error("invalid function config: {0}")]
+    InvalidFunctionConfig(String),
+    #[error("all workers are busy and {depth} requests are already waiting")]
+    QueueFull { depth: usize },
+    #[error("function exited with code {code}")]
+    NonZeroExit { code: i32, stderr: String },
+    #[error("function trapped: {message}")]
+    Trapped { message: String, stderr: String },
+    #[error("function output exceeds the limit of {limit} bytes")]
+    OutputTooLarge { limit: u64 },
+    #[error("function needed more than its memory limit of {limit_mb} MiB")]
+    MemoryLimitExceeded { limit_mb: u64, stderr: String },
+    #[error("worker process died during the invocation: {detail}")]
+    WorkerDied { detail: String },
+    #[error("server is shutting down")]
+    ShuttingDown,
+    #[error("function exceeded its deadline of {timeout_ms} ms")]
+    DeadlineExceeded { timeout_ms: u64, worker_killed: bool },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The single status mapping.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidFunctionName(_)
+            | ApiError::InvalidHeader { .. }
+            | ApiError::InvalidQuery(_)
+            | ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
+            ApiError::FunctionNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::InvalidModule(_) | ApiError::InvalidFunctionConfig(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NonZeroExit { .. }
+            | ApiError::Trapped { .. }
+            | ApiError::OutputTooLarge { .. }
+            | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // Distinct from a function bug: the same request may succeed with a larger
+            // Memory-Request, and 507 says "could not get the storage it needed".
+            ApiError::MemoryLimitExceeded { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::WorkerDied { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The `error` field: a stable, machine-readable kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::InvalidFunctionName(_) => "invalid_function_name",
+            ApiError::InvalidHeader { .. } => "invalid_header",
+            ApiError::InvalidQuery(_) => "invalid_query",
+            ApiError::BadBody(_) => "bad_body",
+            ApiError::FunctionNotFound(_) => "function_not_found",
+            ApiError::RouteNotFound(_) => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::BodyTooLarge { .. } => "body_too_large",
+            ApiError::InvalidModule(_) => "invalid_module",
+            ApiError::InvalidFunctionConfig(_) => "invalid_function_config",
+            ApiError::QueueFull { .. } => "queue_full",
+            ApiError::NonZeroExit { .. } => "nonzero_exit",
+            ApiError::Trapped { .. } => "trap",
+            ApiError::OutputTooLarge { .. } => "output_too_large",
+            ApiError::MemoryLimitExceeded { .. } => "memory_limit_exceeded",
+            ApiError::WorkerDied { .. } => "worker_died",
+            ApiError::ShuttingDown => "shutting_down",
+            ApiError::DeadlineExceeded { .. } => "deadline_exceeded",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    fn details(&self, body: &mut Map<String, Value>) {
+        match self {
+            ApiError::InvalidHeader { header, .. } => {
+                body.insert("header".into(), json!(header));
+            }
+            ApiError::BodyTooLarge { limit } | ApiError::OutputTooLarge { limit } => {
+                body.insert("limit_bytes".into(), json!(limit));
+            }
+            ApiError::QueueFull { depth } => {
+                body.insert("queue_depth".into(), json!(depth));
+            }
+            ApiError::NonZeroExit { code, stderr } => {
+                body.insert("exit_code".into(), json!(code));
+                body.insert("stderr".into(), json!(stderr));
+            }
+            ApiError::Trapped { stderr, .. } => {
+                body.insert("stderr".into(), json!(stderr));
+            }
+            ApiError::MemoryLimitExceeded { limit_mb, stderr } => {
+                body.insert("memory_limit_mb".into(), json!(limit_mb));
+                body.insert("stderr".into(), json!(stderr));
+            }
+            ApiError::DeadlineExceeded { timeout_ms, worker_killed } => {
+                body.insert("timeout_ms".into(), json!(timeout_ms));
+                body.insert("worker_killed".into(), json!(worker_killed));
+            }
+            _ => {}
+        }
+    }
+
+    /// The JSON error response: `{"error": kind, "message": ..., details...}`.
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        let mut body = Map::new();
+        body.insert("error".into(), json!(self.kind()));
+        body.insert("message".into(), json!(self.to_string()));
+        self.details(&mut body);
+        let mut bytes = serde_json::to_vec(&Value::Object(body)).unwrap_or_default();
+        bytes.push(b'\n');
+        let mut response = Response::new(Full::new(Bytes::from(bytes)));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        match self {
+            ApiError::QueueFull { .. } | ApiError::ShuttingDown => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::MethodNotAllowed { allow, .. } => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// The last `STDERR_TAIL_BYTES` of stderr as text; invalid UTF-8 is replaced, and JSON
+/// encoding escapes control characters, so guest bytes cannot forge response structure.
+pub fn stderr_tail(stderr: &[u8]) -> String {
+    let start = stderr.len().saturating_sub(STDERR_TAIL_BYTES);
+    String::from_utf8_lossy(&stderr[start..]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_its_status() {
+        let s = || String::from("x");
+        let cases: Vec<(ApiError, u16, &str)> = vec![
+            (ApiError::InvalidFunctionName(s()), 400, "invalid_function_name"),
+            (ApiError::InvalidHeader { header: "cpu_quota", reason: s() }, 400, "invalid_header"),
+            (ApiError::InvalidQuery(s()), 400, "invalid_query"),
+            (ApiError::BadBody(s()), 400, "bad_body"),
+            (ApiError::FunctionNotFound(s()), 404, "function_not_found"),
+            (ApiError::RouteNotFound(s()), 404, "not_found"),
+            (ApiError::MethodNotAllowed { method: s(), allow: "GET" }, 405, "method_not_allowed"),
+            (ApiError::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
+            (ApiError::InvalidModule(s()), 422, "invalid_module"),
+            (ApiError::InvalidFunctionConfig(s()), 422, "invalid_function_config"),
+            (ApiError::QueueFull { depth: 1 }, 429, "queue_full"),
+            (ApiError::NonZeroExit { code: 1, stderr: s() }, 500, "nonzero_exit"),
+            (ApiError::Trapped { message: s(), stderr: s() }, 500, "trap"),
+            (ApiError::OutputTooLarge { limit: 1 }, 500, "output_too_large"),
+            (ApiError::Internal(s()), 500, "internal_error"),
+            (ApiError::MemoryLimitExceeded { limit_mb: 1, stderr: s() }, 507, "memory_limit_exceeded"),
+            (ApiError::WorkerDied { detail: s() }, 502, "worker_died"),
+            (ApiError::ShuttingDown, 503, "shutting_down"),
+            (ApiError::DeadlineExceeded { timeout_ms: 1, worker_killed: false }, 504, "deadline_exceeded"),
+        ];
+        for (error, status, kind) in cases {
+            assert_eq!(error.status().as_u16(), status, "{error:?}");
+            assert_eq!(error.kind(), kind);
+            let response = error.to_response();
+            assert_eq!(response.status().as_u16(), status);
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        }
+    }
+
+    #[test]
+    fn queue_full_says_when_to_retry_and_405_says_what_is_allowed() {
+        let r = ApiError::QueueFull { depth: 3 }.to_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let r = ApiError::MethodNotAllowed { method: "PUT".into(), allow: "GET, POST" }.to_response();
+        assert_eq!(r.headers()[header::ALLOW], "GET, POST");
+    }
+
+    #[test]
+    fn stderr_tail_keeps_the_end_and_survives_bad_utf8() {
+        let mut bytes = vec![b'a'; STDERR_TAIL_BYTES];
+        bytes.extend_from_slice(b"\xff\xfeend");
+        let tail = stderr_tail(&bytes);
+        assert!(tail.ends_with("end"));
+        assert!(tail.contains('\u{FFFD}'));
+    }
+}

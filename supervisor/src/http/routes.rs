@@ -1,0 +1,281 @@
+//! Request routing and the invocation path: validate, resolve the function, read the body
+//! within its limit, wait for a worker, run, and map the outcome to a response.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+use wasmbox_protocol::{Invocation, InvocationResult, Outcome};
+
+use super::error::{ApiError, stderr_tail};
+use super::request;
+use crate::App;
+use crate::pool::{AcquireError, InvokeFailure};
+use crate::registry::{FunctionName, RegistryError};
+
+pub const HEADER_REQUEST_ID: &str = "x-wasmbox-request-id";
+pub const HEADER_WORKER: &str = "x-wasmbox-worker";
+pub const HEADER_EXIT_CODE: &str = "x-wasmbox-exit-code";
+pub const HEADER_QUEUE_WAIT: &str = "x-wasmbox-queue-wait-us";
+pub const HEADER_EXEC_TIME: &str = "x-wasmbox-exec-time-us";
+pub const HEADER_PREPARE_TIME: &str = "x-wasmbox-prepare-time-us";
+pub const HEADER_MODULE_SOURCE: &str = "x-wasmbox-module-source";
+
+/// Handles one request; never fails: every error becomes a typed JSON response.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let request_id = request_id(&req);
+    let mut response = match route(&app, req, &request_id).await {
+        Ok(response) => response,
+        Err(error) => error.to_response(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(HEADER_REQUEST_ID, value);
+    }
+    response
+}
+
+/// A client-supplied `X-Request-Id` when it is short and plain, else a fresh one.
+fn request_id(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64)
+        .filter(|v| v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
+async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let path = req.uri().path();
+    match path {
+        "/healthz" => {
+            only_get(req.method())?;
+            Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+        }
+        "/ready" => {
+            only_get(req.method())?;
+            let (ready, status) = app.readiness();
+            let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            Ok(json_response(code, &json!({"ready": ready, "pool": status})))
+        }
+        "/" => Err(ApiError::RouteNotFound("/".into())),
+        _ => {
+            let name = request::function_name(path)?;
+            let stdin_allowed = match *req.method() {
+                Method::POST => true,
+                Method::GET => false,
+                ref other => {
+                    return Err(ApiError::MethodNotAllowed { method: other.to_string(), allow: "GET, POST" });
+                }
+            };
+            invoke(app, req, name, stdin_allowed, request_id).await
+        }
+    }
+}
+
+fn only_get(method: &Method) -> Result<(), ApiError> {
+    if method == Method::GET {
+        Ok(())
+    } else {
+        Err(ApiError::MethodNotAllowed { method: method.to_string(), allow: "GET" })
+    }
+}
+
+async fn invoke(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    name: FunctionName,
+    read_body: bool,
+    request_id: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    if app.is_draining() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let args = request::query_args(parts.uri.query())?;
+    let function = app.registry.lookup(&name).await.map_err(registry_error)?;
+    let limits = request::limits(&parts.headers, &function.config.limits, &app.limits)?;
+    let stdin = if read_body { read_limited(body, app.config.max_body_bytes).await? } else { Bytes::new() };
+
+    let span = tracing::info_span!("invoke", request_id, function = %name);
+    let _entered = span.enter();
+    let argv: Vec<String> =
+        std::iter::once(name.to_string()).chain(args.unwrap_or_else(|| function.config.default_args.clone())).collect();
+    let mut invocation = Invocation {
+        request_id: request_id.to_owned(),
+        function: name.to_string(),
+        module: function.module.clone(),
+        argv,
+        env: function.config.env.clone(),
+        preopens: function.config.preopens.clone(),
+        memory_limit_bytes: limits.memory_mb << 20,
+        timeout_ms: limits.timeout_ms,
+        cpu_quota_millis: limits.cpu_quota_millis,
+        max_output_bytes: app.config.max_output_bytes,
+    };
+    drop(_entered);
+
+    // One retry when the module changed between our hash and the worker's read of it.
+    for attempt in 0..2 {
+        let lease = app.pool.acquire(&invocation.module.sha256).await.map_err(|e| match e {
+            AcquireError::QueueFull { depth } => ApiError::QueueFull { depth },
+            AcquireError::ShuttingDown => ApiError::ShuttingDown,
+        })?;
+        let queue_wait = lease.queue_wait;
+        let worker = lease.worker_id().map(|w| w.to_string()).unwrap_or_default();
+        // The exchange runs in its own task: a client that disconnects must not cancel it
+        // halfway, which would leave the worker's protocol state unknown.
+        let run = tokio::spawn(lease.invoke(invocation.clone(), stdin.clone()));
+        let completed = run.await.map_err(|e| ApiError::Internal(format!("invocation task failed: {e}")))?;
+        let meta = Meta { worker, queue_wait };
+        let response = match completed {
+            Ok(done) if done.result.outcome == Outcome::ModuleChanged && attempt == 0 => {
+                app.registry.invalidate(&name);
+                let function = app.registry.lookup(&name).await.map_err(registry_error)?;
+                invocation.module = function.module.clone();
+                continue;
+            }
+            Ok(done) => outcome_response(&done.result, done.stdout, &done.stderr, &invocation, &meta),
+            Err(failure) => Err(invoke_failure(failure, &invocation)),
+        };
+        let (status, kind) = match &response {
+            Ok(r) => (r.status(), "ok"),
+            Err(e) => (e.status(), e.kind()),
+        };
+        tracing::info!(
+            parent: &span,
+            status = status.as_u16(),
+            outcome = kind,
+            worker = %meta.worker,
+            queue_us = micros(queue_wait),
+            total_us = micros(started.elapsed()),
+            "invocation"
+        );
+        return Ok(with_meta(response.unwrap_or_else(|e| e.to_response()), &meta));
+    }
+    Err(ApiError::Internal("module kept changing while it was being loaded".into()))
+}
+
+struct Meta {
+    worker: String,
+    queue_wait: Duration,
+}
+
+fn with_meta(mut response: Response<Full<Bytes>>, meta: &Meta) -> Response<Full<Bytes>> {
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&meta.worker) {
+        headers.insert(HEADER_WORKER, v);
+    }
+    headers.insert(HEADER_QUEUE_WAIT, HeaderValue::from(micros(meta.queue_wait)));
+    response
+}
+
+fn outcome_response(
+    result: &InvocationResult,
+    stdout: Bytes,
+    stderr: &[u8],
+    invocation: &Invocation,
+    _meta: &Meta,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let mut response = match &result.outcome {
+        Outcome::Exited { code: 0 } => {
+            let mut r = Response::new(Full::new(stdout));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            r
+        }
+        Outcome::Exited { code } => ApiError::NonZeroExit { code: *code, stderr: stderr_tail(stderr) }.to_response(),
+        Outcome::Trapped { message } => {
+            ApiError::Trapped { message: message.clone(), stderr: stderr_tail(stderr) }.to_response()
+        }
+        Outcome::DeadlineExceeded => {
+            ApiError::DeadlineExceeded { timeout_ms: invocation.timeout_ms, worker_killed: false }.to_response()
+        }
+        Outcome::MemoryLimitExceeded { limit_bytes } => {
+            ApiError::MemoryLimitExceeded { limit_mb: limit_bytes >> 20, stderr: stderr_tail(stderr) }.to_response()
+        }
+        Outcome::OutputTooLarge { limit_bytes } => ApiError::OutputTooLarge { limit: *limit_bytes }.to_response(),
+        Outcome::InvalidModule { message } => ApiError::InvalidModule(message.clone()).to_response(),
+        Outcome::ModuleChanged => ApiError::Internal("module file changed during the invocation".into()).to_response(),
+        Outcome::SetupFailed { message } => ApiError::Internal(message.clone()).to_response(),
+    };
+    let headers = response.headers_mut();
+    if let Outcome::Exited { code } = result.outcome {
+        headers.insert(HEADER_EXIT_CODE, HeaderValue::from(code));
+    }
+    headers.insert(HEADER_EXEC_TIME, HeaderValue::from(result.exec_us));
+    headers.insert(HEADER_PREPARE_TIME, HeaderValue::from(result.prepare_us));
+    if let Some(source) = result.module_source {
+        let name = match source {
+            wasmbox_protocol::ModuleSource::Memory => "memory",
+            wasmbox_protocol::ModuleSource::Artifact => "artifact",
+            wasmbox_protocol::ModuleSource::Compiled => "compiled",
+        };
+        headers.insert(HEADER_MODULE_SOURCE, HeaderValue::from_static(name));
+    }
+    Ok(response)
+}
+
+fn invoke_failure(failure: InvokeFailure, invocation: &Invocation) -> ApiError {
+    match failure {
+        InvokeFailure::WorkerDied { detail } => ApiError::WorkerDied { detail },
+        InvokeFailure::HardDeadline => {
+            ApiError::DeadlineExceeded { timeout_ms: invocation.timeout_ms, worker_killed: true }
+        }
+        InvokeFailure::ShuttingDown => ApiError::ShuttingDown,
+    }
+}
+
+fn registry_error(e: RegistryError) -> ApiError {
+    match e {
+        RegistryError::NotFound(name) => ApiError::FunctionNotFound(name.to_string()),
+        RegistryError::ModuleTooLarge { size, limit, .. } => {
+            ApiError::InvalidModule(format!("module is {size} bytes, more than the limit of {limit}"))
+        }
+        RegistryError::InvalidConfig { message, .. } => ApiError::InvalidFunctionConfig(message),
+        RegistryError::Io { .. } => {
+            tracing::error!(error = %anyhow_chain(&e), "registry i/o failed");
+            ApiError::Internal("cannot read the function".into())
+        }
+    }
+}
+
+/// Reads the body, failing with 413 as soon as it passes `limit`: a declared
+/// Content-Length over the limit is refused before any byte is read, and a chunked body is
+/// cut off at the limit, so an oversized upload is never buffered.
+async fn read_limited(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    match Limited::new(body, limit_usize).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::BodyTooLarge { limit }),
+        Err(e) => Err(ApiError::BadBody(e.to_string())),
+    }
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut bytes = serde_json::to_vec(value).unwrap_or_default();
+    bytes.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

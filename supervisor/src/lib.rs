@@ -1,0 +1,162 @@
+//! WasmBox supervisor: takes HTTP invocations and runs each in a pre-forked worker
+//! process from a pool. No tenant code ever runs in this process.
+
+pub mod config;
+pub mod http;
+pub mod pool;
+pub mod registry;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::{Config, LimitDefaults};
+use crate::pool::spawn::WorkerLaunch;
+use crate::pool::{Pool, PoolConfig, PoolStatus};
+use crate::registry::Registry;
+
+/// Why the supervisor could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("worker binary not found at {0} (set WASMBOX_WORKER_BIN or install wasmbox-worker next to wasmbox)")]
+    WorkerBinary(PathBuf),
+    #[error("functions directory {path} is unusable")]
+    FunctionsDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the worker pool")]
+    Pool(#[from] pool::SpawnError),
+}
+
+/// State shared by every request.
+pub struct App {
+    pub config: Config,
+    pub limits: LimitDefaults,
+    pub registry: Registry,
+    pub pool: Pool,
+    draining: AtomicBool,
+}
+
+impl App {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.pool.begin_drain();
+    }
+
+    /// Ready while not draining, at least one worker is up, and the queue is short.
+    pub fn readiness(&self) -> (bool, PoolStatus) {
+        let status = self.pool.status();
+        let ready = !self.is_draining() && status.live > 0 && status.queued < self.config.ready_queue_threshold();
+        (ready, status)
+    }
+}
+
+/// Starts the pool, serves HTTP until SIGTERM/SIGINT, drains, stops every worker.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    config.validate()?;
+    let worker_bin = worker_binary(&config)?;
+    let registry = Registry::new(&config.functions_dir, config.max_module_bytes)
+        .map_err(|source| StartError::FunctionsDir { path: config.functions_dir.clone(), source })?;
+    if !registry.dir().is_dir() {
+        tracing::warn!(dir = %registry.dir().display(), "functions directory does not exist yet; every function is 404 until it does");
+    }
+    let cache_dir = config.resolved_cache_dir();
+    let pool_config = PoolConfig {
+        size: config.worker_count(),
+        queue_depth: config.queue_depth,
+        launch: WorkerLaunch {
+            binary: worker_bin,
+            engine: "wasmtime".into(),
+            cache_dir: Some(cache_dir.clone()),
+            module_cache_entries: config.worker_module_cache,
+            max_module_bytes: config.max_module_bytes,
+            log_filter: worker_log_filter(),
+        },
+        handshake_timeout: Duration::from_secs(30),
+        kill_grace: Duration::from_millis(config.kill_grace_ms),
+        compile_timeout: Duration::from_millis(config.compile_timeout_ms),
+        // stdout (capped) + stderr tail (capped) + slack for framing.
+        max_reply_bytes: config.max_output_bytes.saturating_mul(2).saturating_add(1 << 16),
+    };
+    tracing::info!(
+        workers = pool_config.size,
+        queue_depth = pool_config.queue_depth,
+        functions = %registry.dir().display(),
+        cache = %cache_dir.display(),
+        worker_bin = %pool_config.launch.binary.display(),
+        "starting worker pool"
+    );
+    let pool = Pool::start(pool_config).await?;
+    let listener = match TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(source) => {
+            pool.shutdown(Duration::from_secs(1)).await;
+            return Err(StartError::Listen { addr: config.listen, source });
+        }
+    };
+    let addr = listener.local_addr().unwrap_or(config.listen);
+    let app = Arc::new(App {
+        limits: config.limits(),
+        registry,
+        pool: pool.clone(),
+        draining: AtomicBool::new(false),
+        config,
+    });
+    tracing::info!(%addr, "listening on http://{addr}");
+
+    let drained = http::serve(listener, app.clone(), shutdown_signal()).await;
+    if !drained {
+        tracing::warn!("drain timeout passed with invocations still running; stopping them");
+    }
+    let status = pool.status();
+    tracing::info!(busy = status.busy, "stopping workers");
+    pool.shutdown(app.config.drain_timeout().min(Duration::from_secs(2))).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = which, "shutting down: no new requests, draining in-flight invocations");
+}
+
+fn worker_binary(config: &Config) -> Result<PathBuf, StartError> {
+    let path = match &config.worker_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|dir| dir.join("wasmbox-worker")))
+            .unwrap_or_else(|| PathBuf::from("wasmbox-worker")),
+    };
+    if path.is_file() { Ok(path) } else { Err(StartError::WorkerBinary(path)) }
+}
+
+/// Workers log warnings and errors unless RUST_LOG asks for more about them.
+fn worker_log_filter() -> String {
+    std::env::var("WASMBOX_WORKER_LOG").unwrap_or_else(|_| "warn".into())
+}

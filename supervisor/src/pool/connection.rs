@@ -1,0 +1,48 @@
+//! Async framing over a worker's socket (the supervisor side of `wasmbox_protocol`).
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use wasmbox_protocol::{FrameError, FromWorker, PREFIX_LEN, ToWorker, decode_header, encode_head, parse_prefix};
+
+pub struct Connection {
+    stream: UnixStream,
+    max_payload: u64,
+}
+
+impl Connection {
+    pub fn new(stream: UnixStream, max_payload: u64) -> Self {
+        Connection { stream, max_payload }
+    }
+
+    /// Sends a message; the payload is written as is, after the header.
+    pub async fn send(&mut self, message: &ToWorker, payload: &[u8]) -> Result<(), FrameError> {
+        let head = encode_head(message, payload.len());
+        self.stream.write_all(&head).await.map_err(FrameError::Io)?;
+        if !payload.is_empty() {
+            self.stream.write_all(payload).await.map_err(FrameError::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Receives one message. EOF at any point is `Truncated`: a worker never closes its
+    /// socket while the supervisor is waiting for a reply, unless it died.
+    pub async fn recv(&mut self) -> Result<(FromWorker, Bytes), FrameError> {
+        let mut prefix = [0u8; PREFIX_LEN];
+        self.read_exact(&mut prefix).await?;
+        let lengths = parse_prefix(&prefix, self.max_payload)?;
+        let mut header = vec![0u8; lengths.header];
+        self.read_exact(&mut header).await?;
+        let mut payload = BytesMut::zeroed(lengths.payload);
+        self.read_exact(&mut payload).await?;
+        Ok((decode_header(&header)?, payload.freeze()))
+    }
+
+    async fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), FrameError> {
+        match self.stream.read_exact(buf).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(FrameError::Truncated),
+            Err(e) => Err(FrameError::Io(e)),
+        }
+    }
+}

@@ -1,0 +1,665 @@
+//! The worker pool: a fixed number of slots, each kept filled with a live worker process.
+//!
+//! Dispatch takes an idle worker (preferring one that already has the function's module
+//! compiled), or waits in a bounded FIFO queue. Each slot has a supervision task that
+//! spawns its worker, shakes hands, watches it, and replaces it when it dies. A lease ends
+//! either by returning a healthy worker or by killing a broken one; the slot task then
+//! starts a fresh process, so a crash costs one request and never a slot.
+
+pub mod connection;
+pub mod spawn;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, oneshot, watch};
+use wasmbox_protocol::{FrameError, FromWorker, Hello, Invocation, InvocationResult, PROTOCOL_VERSION, ToWorker};
+
+use self::connection::Connection;
+use self::spawn::{Spawned, Spawner, WorkerLaunch};
+
+/// Pool settings.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub size: usize,
+    pub queue_depth: usize,
+    pub launch: WorkerLaunch,
+    pub handshake_timeout: Duration,
+    pub kill_grace: Duration,
+    pub compile_timeout: Duration,
+    /// Largest frame payload accepted from a worker (stdout + stderr tail).
+    pub max_reply_bytes: u64,
+}
+
+/// Identifies one worker process: its slot and which incarnation of that slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WorkerId {
+    pub slot: usize,
+    pub generation: u64,
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.slot, self.generation)
+    }
+}
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot start worker binary {binary}")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("worker {binary} did not complete its handshake: {detail}")]
+    Handshake { binary: String, detail: String },
+    #[error(
+        "worker binary {binary} speaks protocol {theirs} but this supervisor speaks {ours}; \
+         install wasmbox and wasmbox-worker from the same build"
+    )]
+    ProtocolMismatch { binary: String, theirs: u32, ours: u32 },
+}
+
+/// Why no worker could be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AcquireError {
+    #[error("queue is full ({depth} requests waiting)")]
+    QueueFull { depth: usize },
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+/// Why an invocation produced no result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvokeFailure {
+    #[error("worker died during the invocation: {detail}")]
+    WorkerDied { detail: String },
+    #[error("function ran past its deadline and grace period; worker killed")]
+    HardDeadline,
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+/// A finished invocation.
+#[derive(Debug)]
+pub struct Completed {
+    pub result: InvocationResult,
+    pub stdout: Bytes,
+    pub stderr: Bytes,
+}
+
+/// Pool counters for readiness and operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PoolStatus {
+    pub configured: usize,
+    pub live: usize,
+    pub idle: usize,
+    pub busy: usize,
+    pub queued: usize,
+    pub draining: bool,
+    pub restarts: u64,
+}
+
+/// Shared between a worker handle and its slot task.
+struct Life {
+    kill: Notify,
+    exit: watch::Sender<Option<ExitStatus>>,
+}
+
+impl Life {
+    fn is_dead(&self) -> bool {
+        self.exit.borrow().is_some()
+    }
+}
+
+/// A live worker, owned by whoever holds it: the idle set or a lease.
+pub struct Worker {
+    id: WorkerId,
+    pid: u32,
+    conn: Connection,
+    life: Arc<Life>,
+    /// Hashes of modules the worker most likely has compiled, most recent last. Mirrors
+    /// the worker's own LRU closely enough to steer dispatch.
+    modules: VecDeque<String>,
+}
+
+impl Worker {
+    fn note_module(&mut self, hash: &str, capacity: usize) {
+        if let Some(pos) = self.modules.iter().position(|h| h == hash) {
+            self.modules.remove(pos);
+        }
+        self.modules.push_back(hash.to_owned());
+        while self.modules.len() > capacity.max(1) {
+            self.modules.pop_front();
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    idle: Vec<Worker>,
+    waiters: VecDeque<oneshot::Sender<Worker>>,
+    live: usize,
+    busy: usize,
+    draining: bool,
+    closed: bool,
+}
+
+impl State {
+    fn take_idle(&mut self, hash: &str) -> Option<Worker> {
+        self.idle.retain(|w| !w.life.is_dead());
+        let preferred = self.idle.iter().rposition(|w| w.modules.iter().any(|h| h == hash));
+        match preferred {
+            Some(i) => Some(self.idle.remove(i)),
+            // Most recently used first: keeps warm workers warm.
+            None => self.idle.pop(),
+        }
+    }
+
+    /// Hands a worker to the oldest live waiter, or parks it idle.
+    fn place(&mut self, mut worker: Worker) {
+        while let Some(waiter) = self.waiters.pop_front() {
+            match waiter.send(worker) {
+                Ok(()) => {
+                    self.busy += 1;
+                    return;
+                }
+                Err(back) => worker = back,
+            }
+        }
+        self.idle.push(worker);
+    }
+}
+
+struct Shared {
+    config: PoolConfig,
+    state: Mutex<State>,
+    spawner: Spawner,
+    changed: Notify,
+    closed: watch::Sender<bool>,
+    generations: AtomicU64,
+    restarts: AtomicU64,
+    slots: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Handle to the pool; clones share it.
+#[derive(Clone)]
+pub struct Pool(Arc<Shared>);
+
+impl Pool {
+    /// Starts every slot and waits until each has a worker that completed its handshake.
+    pub async fn start(config: PoolConfig) -> Result<Pool, SpawnError> {
+        let spawner = Spawner::start(config.launch.clone(), tokio::runtime::Handle::current())
+            .map_err(|source| SpawnError::Spawn { binary: config.launch.binary.display().to_string(), source })?;
+        let pool = Pool(Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            spawner,
+            changed: Notify::new(),
+            closed: watch::channel(false).0,
+            generations: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+            slots: Mutex::new(Vec::new()),
+            config,
+        }));
+        let mut ready = Vec::new();
+        for slot in 0..pool.0.config.size {
+            let (tx, rx) = oneshot::channel();
+            let task = tokio::spawn(pool.clone().supervise_slot(slot, tx));
+            lock(&pool.0.slots).push(task);
+            ready.push(rx);
+        }
+        for rx in ready {
+            if let Ok(Err(e)) | Err(e) = rx.await.map_err(|_| SpawnError::Handshake {
+                binary: pool.0.config.launch.binary.display().to_string(),
+                detail: "slot task ended".into(),
+            }) {
+                pool.shutdown(Duration::from_secs(2)).await;
+                return Err(e);
+            }
+        }
+        Ok(pool)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.0.state)
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.0.config
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let st = self.state();
+        PoolStatus {
+            configured: self.0.config.size,
+            live: st.live,
+            idle: st.idle.len(),
+            busy: st.busy,
+            queued: st.waiters.len(),
+            draining: st.draining,
+            restarts: self.0.restarts.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes a worker for one invocation of the module with hash `module_hash`.
+    pub async fn acquire(&self, module_hash: &str) -> Result<Lease, AcquireError> {
+        let asked = Instant::now();
+        let rx = {
+            let mut st = self.state();
+            if st.draining {
+                return Err(AcquireError::ShuttingDown);
+            }
+            if let Some(worker) = st.take_idle(module_hash) {
+                st.busy += 1;
+                return Ok(Lease::new(self.clone(), worker, asked));
+            }
+            let depth = self.0.config.queue_depth;
+            if st.waiters.len() >= depth {
+                // Waiters whose clients went away still hold a place; drop them first.
+                st.waiters.retain(|w| !w.is_closed());
+            }
+            if st.waiters.len() >= depth {
+                return Err(AcquireError::QueueFull { depth });
+            }
+            let (tx, rx) = oneshot::channel();
+            st.waiters.push_back(tx);
+            rx
+        };
+        self.0.changed.notify_waiters();
+        let mut wait = Waiting { rx: Some(rx), pool: self.clone() };
+        let received = match wait.rx.as_mut() {
+            Some(rx) => rx.await,
+            None => return Err(AcquireError::ShuttingDown),
+        };
+        wait.rx = None;
+        match received {
+            Ok(worker) => Ok(Lease::new(self.clone(), worker, asked)),
+            Err(_) => Err(AcquireError::ShuttingDown),
+        }
+    }
+
+    /// A lease ended with a healthy worker.
+    fn give_back(&self, worker: Worker) {
+        let mut st = self.state();
+        st.busy -= 1;
+        if !st.closed && !worker.life.is_dead() {
+            st.place(worker);
+        }
+        drop(st);
+        self.0.changed.notify_waiters();
+    }
+
+    /// A lease ended with a worker in an unknown state: kill it; its slot starts a new one.
+    fn discard(&self, worker: Worker) -> Arc<Life> {
+        worker.life.kill.notify_one();
+        let life = worker.life.clone();
+        self.state().busy -= 1;
+        self.0.changed.notify_waiters();
+        life
+    }
+
+    /// Stops handing out workers to new requests; queued ones are still served.
+    pub fn begin_drain(&self) {
+        self.state().draining = true;
+        self.0.changed.notify_waiters();
+    }
+
+    /// Waits until no invocation runs or waits, or the deadline passes; true if quiet.
+    pub async fn wait_quiet(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let notified = self.0.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.state();
+                if st.busy == 0 && st.waiters.iter().all(|w| w.is_closed()) {
+                    return true;
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Waits until every slot has a live worker, or the deadline passes.
+    pub async fn wait_full(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let notified = self.0.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.state().live == self.0.config.size {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Stops every worker: idle ones get `Shutdown`, busy ones are killed after `grace`.
+    /// Queued requests are answered with `ShuttingDown`. Returns when all are reaped.
+    pub async fn shutdown(&self, grace: Duration) {
+        let (idle, waiters) = {
+            let mut st = self.state();
+            st.closed = true;
+            st.draining = true;
+            (std::mem::take(&mut st.idle), std::mem::take(&mut st.waiters))
+        };
+        drop(waiters);
+        self.0.closed.send_replace(true);
+        for mut worker in idle {
+            let _ = worker.conn.send(&ToWorker::Shutdown, &[]).await;
+        }
+        let slots = std::mem::take(&mut *lock(&self.0.slots));
+        let all = futures_join_all(slots);
+        if tokio::time::timeout(grace + Duration::from_secs(5), all).await.is_err() {
+            tracing::warn!("some worker slots did not stop in time");
+        }
+        self.0.changed.notify_waiters();
+    }
+
+    async fn supervise_slot(self, slot: usize, ready: oneshot::Sender<Result<(), SpawnError>>) {
+        let mut ready = Some(ready);
+        let mut failures = 0u32;
+        let mut closed = self.0.closed.subscribe();
+        loop {
+            if *closed.borrow() {
+                return;
+            }
+            let generation = self.0.generations.fetch_add(1, Ordering::Relaxed) + 1;
+            let id = WorkerId { slot, generation };
+            match self.start_worker(id).await {
+                Ok((mut child, worker, hello)) => {
+                    failures = 0;
+                    if let Some(tx) = ready.take() {
+                        let _ = tx.send(Ok(()));
+                    } else {
+                        self.0.restarts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::debug!(worker = %id, pid = hello.pid, engine = %hello.engine, "worker ready");
+                    let life = worker.life.clone();
+                    {
+                        let mut st = self.state();
+                        st.live += 1;
+                        st.place(worker);
+                    }
+                    self.0.changed.notify_waiters();
+                    let status = tokio::select! {
+                        status = child.wait() => status,
+                        () = life.kill.notified() => {
+                            let _ = child.start_kill();
+                            child.wait().await
+                        }
+                        () = closed_signal(&mut closed) => {
+                            // Idle workers exit on Shutdown; one still busy after the grace
+                            // period is stopped the hard way.
+                            match tokio::time::timeout(self.0.config.kill_grace, child.wait()).await {
+                                Ok(status) => status,
+                                Err(_) => {
+                                    let _ = child.start_kill();
+                                    child.wait().await
+                                }
+                            }
+                        }
+                    };
+                    let status = status.unwrap_or_else(|_| ExitStatus::from_raw(0));
+                    life.exit.send_replace(Some(status));
+                    {
+                        let mut st = self.state();
+                        st.live -= 1;
+                        st.idle.retain(|w| w.id != id);
+                    }
+                    self.0.changed.notify_waiters();
+                    if *closed.borrow() {
+                        tracing::debug!(worker = %id, status = %describe_exit(status), "worker stopped");
+                        return;
+                    }
+                    tracing::warn!(worker = %id, pid = hello.pid, status = %describe_exit(status), "worker exited; replacing it");
+                }
+                Err(e) => {
+                    if let Some(tx) = ready.take() {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                    failures += 1;
+                    let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(6))).min(Duration::from_secs(5));
+                    tracing::error!(slot, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot start worker");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = closed_signal(&mut closed) => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn start_worker(&self, id: WorkerId) -> Result<(tokio::process::Child, Worker, Hello), SpawnError> {
+        let config = &self.0.config;
+        let binary = config.launch.binary.display().to_string();
+        let spawn_err = |source| SpawnError::Spawn { binary: binary.clone(), source };
+        let Spawned { mut child, socket } = self.0.spawner.spawn(id.slot).await.map_err(spawn_err)?;
+        let stream = match tokio::net::UnixStream::from_std(socket) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(spawn_err(e));
+            }
+        };
+        let mut conn = Connection::new(stream, config.max_reply_bytes);
+        let hello = match tokio::time::timeout(config.handshake_timeout, conn.recv()).await {
+            Ok(Ok((FromWorker::Hello(hello), _))) => Ok(hello),
+            Ok(Ok((other, _))) => Err(format!("expected hello, got {other:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no hello within {:?}", config.handshake_timeout)),
+        };
+        let hello = match hello {
+            Ok(h) if h.protocol == PROTOCOL_VERSION => h,
+            other => {
+                let _ = child.start_kill();
+                let status = child.wait().await.map(describe_exit).unwrap_or_default();
+                return Err(match other {
+                    Ok(h) => SpawnError::ProtocolMismatch { binary, theirs: h.protocol, ours: PROTOCOL_VERSION },
+                    Err(detail) => SpawnError::Handshake { binary, detail: format!("{detail} (worker {status})") },
+                });
+            }
+        };
+        let life = Arc::new(Life { kill: Notify::new(), exit: watch::channel(None).0 });
+        let worker = Worker { id, pid: hello.pid, conn, life, modules: VecDeque::new() };
+        Ok((child, worker, hello))
+    }
+}
+
+/// Gives a worker back if the waiting request went away just as it was handed one.
+struct Waiting {
+    rx: Option<oneshot::Receiver<Worker>>,
+    pool: Pool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if let Ok(worker) = rx.try_recv() {
+                self.pool.give_back(worker);
+            }
+        }
+    }
+}
+
+/// Exclusive use of one worker for one invocation.
+pub struct Lease {
+    pool: Pool,
+    worker: Option<Worker>,
+    /// Whether the worker can be reused if the lease ends now.
+    clean: bool,
+    pub queue_wait: Duration,
+}
+
+impl Lease {
+    fn new(pool: Pool, worker: Worker, asked: Instant) -> Self {
+        Lease { pool, worker: Some(worker), clean: true, queue_wait: asked.elapsed() }
+    }
+
+    pub fn worker_id(&self) -> Option<WorkerId> {
+        self.worker.as_ref().map(|w| w.id)
+    }
+
+    pub fn worker_pid(&self) -> Option<u32> {
+        self.worker.as_ref().map(|w| w.pid)
+    }
+
+    /// Runs one invocation. A worker that fails in any way is killed and replaced.
+    pub async fn invoke(mut self, invocation: Invocation, stdin: Bytes) -> Result<Completed, InvokeFailure> {
+        let config = self.pool.0.config.clone();
+        let Some(worker) = self.worker.as_mut() else {
+            return Err(InvokeFailure::ShuttingDown);
+        };
+        let hash = invocation.module.sha256.clone();
+        self.clean = false;
+        match exchange(worker, &config, invocation, &stdin).await {
+            Ok(done) => {
+                worker.note_module(&hash, config.launch.module_cache_entries);
+                self.clean = true;
+                Ok(done)
+            }
+            Err(failure) => {
+                let Some(worker) = self.worker.take() else {
+                    return Err(InvokeFailure::ShuttingDown);
+                };
+                let life = self.pool.discard(worker);
+                let mut exit = life.exit.subscribe();
+                let status = tokio::time::timeout(Duration::from_secs(2), exit.wait_for(Option::is_some))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok().and_then(|s| *s));
+                if *self.pool.0.closed.borrow() {
+                    return Err(InvokeFailure::ShuttingDown);
+                }
+                Err(match failure {
+                    Exchange::HardDeadline => InvokeFailure::HardDeadline,
+                    Exchange::Protocol(detail) => InvokeFailure::WorkerDied { detail },
+                    // The connection broke: the exit status says why (crash, OOM kill...).
+                    Exchange::Lost(detail) => {
+                        InvokeFailure::WorkerDied { detail: status.map(describe_exit).unwrap_or(detail) }
+                    }
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            if self.clean {
+                self.pool.give_back(worker);
+            } else {
+                // Dropped mid-invocation: the worker's protocol state is unknown.
+                self.pool.discard(worker);
+            }
+        }
+    }
+}
+
+enum Exchange {
+    HardDeadline,
+    /// The connection broke (the worker died or closed it).
+    Lost(String),
+    /// The worker sent something it must not; it was killed.
+    Protocol(String),
+}
+
+async fn exchange(
+    worker: &mut Worker,
+    config: &PoolConfig,
+    invocation: Invocation,
+    stdin: &[u8],
+) -> Result<Completed, Exchange> {
+    let timeout = Duration::from_millis(invocation.timeout_ms);
+    let compile_allowance =
+        if worker.modules.contains(&invocation.module.sha256) { Duration::ZERO } else { config.compile_timeout };
+    let mut hard_deadline = tokio::time::Instant::now() + compile_allowance + timeout + config.kill_grace;
+    let broken = |e: FrameError| match e {
+        FrameError::Io(_) | FrameError::Truncated => Exchange::Lost(e.to_string()),
+        other => Exchange::Protocol(format!("protocol violation: {other}")),
+    };
+    worker.conn.send(&ToWorker::Invoke(invocation), stdin).await.map_err(broken)?;
+    loop {
+        match tokio::time::timeout_at(hard_deadline, worker.conn.recv()).await {
+            Err(_) => return Err(Exchange::HardDeadline),
+            Ok(Err(e)) => return Err(broken(e)),
+            Ok(Ok((FromWorker::Started, _))) => {
+                hard_deadline = tokio::time::Instant::now() + timeout + config.kill_grace;
+            }
+            Ok(Ok((FromWorker::Result(result), mut payload))) => {
+                let (out, err) = (result.stdout_len, result.stderr_len);
+                if out.checked_add(err) != Some(payload.len() as u64) {
+                    return Err(Exchange::Protocol(format!(
+                        "protocol violation: reply payload is {} bytes, header says {out}+{err}",
+                        payload.len()
+                    )));
+                }
+                let stdout = payload.split_to(out as usize);
+                return Ok(Completed { result, stdout, stderr: payload });
+            }
+            Ok(Ok((FromWorker::Hello(_), _))) => {
+                return Err(Exchange::Protocol("protocol violation: hello in the middle of a session".into()));
+            }
+        }
+    }
+}
+
+/// "exited with status 1", "killed by signal 9 (SIGKILL)".
+pub fn describe_exit(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exited with status {code}");
+    }
+    match status.signal() {
+        Some(sig) => match nix::sys::signal::Signal::try_from(sig) {
+            Ok(name) => format!("killed by signal {sig} ({name})"),
+            Err(_) => format!("killed by signal {sig}"),
+        },
+        None => "ended".into(),
+    }
+}
+
+/// Resolves once the pool is closed (owning nothing across awaits, so it stays `Send`).
+async fn closed_signal(closed: &mut watch::Receiver<bool>) {
+    let _ = closed.wait_for(|c| *c).await.map(|_| ());
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn futures_join_all(handles: Vec<tokio::task::JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_descriptions_name_the_signal() {
+        assert_eq!(describe_exit(ExitStatus::from_raw(9)), "killed by signal 9 (SIGKILL)");
+        assert_eq!(describe_exit(ExitStatus::from_raw(1 << 8)), "exited with status 1");
+    }
+
+    #[test]
+    fn worker_id_display_is_slot_dot_generation() {
+        assert_eq!(WorkerId { slot: 3, generation: 12 }.to_string(), "3.12");
+    }
+}

@@ -1,0 +1,125 @@
+//! Starting worker processes.
+//!
+//! All forks happen on one dedicated, long-lived thread. PR_SET_PDEATHSIG fires when the
+//! *thread* that forked a child exits, not the process; forking from a tokio blocking-pool
+//! thread (which exits when idle) would kill healthy workers. This thread lives as long as
+//! the supervisor, so workers die exactly when the supervisor does, also on SIGKILL.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::mpsc;
+
+use nix::sys::signal::Signal;
+use tokio::sync::oneshot;
+
+/// The fd number a worker finds its socket at.
+pub const WORKER_SOCKET_FD: RawFd = 3;
+
+/// How workers are launched.
+#[derive(Debug, Clone)]
+pub struct WorkerLaunch {
+    pub binary: PathBuf,
+    pub engine: String,
+    pub cache_dir: Option<PathBuf>,
+    pub module_cache_entries: usize,
+    pub max_module_bytes: u64,
+    pub log_filter: String,
+}
+
+/// A started worker process and the supervisor's end of its socket.
+pub struct Spawned {
+    pub child: tokio::process::Child,
+    pub socket: UnixStream,
+}
+
+struct Job {
+    slot: usize,
+    reply: oneshot::Sender<io::Result<Spawned>>,
+}
+
+/// Handle to the spawner thread.
+#[derive(Clone)]
+pub struct Spawner {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Spawner {
+    pub fn start(launch: WorkerLaunch, runtime: tokio::runtime::Handle) -> io::Result<Self> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new().name("wasmbox-spawner".into()).spawn(move || {
+            // tokio's child reaping needs the runtime context of the thread that spawns.
+            let _guard = runtime.enter();
+            for job in rx {
+                let _ = job.reply.send(spawn_worker(&launch, job.slot));
+            }
+        })?;
+        Ok(Spawner { jobs })
+    }
+
+    pub async fn spawn(&self, slot: usize) -> io::Result<Spawned> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs.send(Job { slot, reply }).map_err(|_| io::Error::other("spawner thread is gone"))?;
+        rx.await.map_err(|_| io::Error::other("spawner thread is gone"))?
+    }
+}
+
+fn spawn_worker(launch: &WorkerLaunch, slot: usize) -> io::Result<Spawned> {
+    let (parent_end, child_end) = UnixStream::pair()?;
+    let child_fd = child_end.as_raw_fd();
+    let supervisor_pid = nix::unistd::getpid();
+
+    let mut cmd = tokio::process::Command::new(&launch.binary);
+    cmd.arg("--socket-fd")
+        .arg(WORKER_SOCKET_FD.to_string())
+        .arg("--slot")
+        .arg(slot.to_string())
+        .arg("--engine")
+        .arg(&launch.engine)
+        .arg("--module-cache-entries")
+        .arg(launch.module_cache_entries.to_string())
+        .arg("--max-module-bytes")
+        .arg(launch.max_module_bytes.to_string())
+        .arg("--log")
+        .arg(&launch.log_filter);
+    if let Some(dir) = &launch.cache_dir {
+        cmd.arg("--cache-dir").arg(dir);
+    }
+    // The worker needs nothing from the supervisor's environment; guests get only the env
+    // their function declares.
+    cmd.env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        // Own process group: a Ctrl-C on the terminal reaches the supervisor, which drains
+        // and then stops its workers, instead of killing workers mid-invocation.
+        .process_group(0)
+        .kill_on_drop(true);
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (prctl, getppid, dup2, fcntl) on values captured by
+    // copy; it allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+            // The supervisor may have died between fork and prctl; then nobody would kill us.
+            if nix::unistd::getppid() != supervisor_pid {
+                return Err(io::Error::other("supervisor exited during spawn"));
+            }
+            if child_fd == WORKER_SOCKET_FD {
+                // dup2 onto itself keeps FD_CLOEXEC; clear it so the socket survives exec.
+                if nix::libc::fcntl(child_fd, nix::libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if nix::libc::dup2(child_fd, WORKER_SOCKET_FD) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", launch.binary.display())))?;
+    drop(child_end);
+    parent_end.set_nonblocking(true)?;
+    Ok(Spawned { child, socket: parent_end })
+}

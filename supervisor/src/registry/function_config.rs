@@ -1,0 +1,157 @@
+//! `name.toml` beside a module: environment, default args, preopened directories and
+//! per-function limits. Parsed strictly: an unknown key is an error, not a silent no-op.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use wasmbox_protocol::Preopen;
+
+/// Largest config file read.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The file as written by an operator.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    /// argv[1..] when the request passes no `arg` query parameters.
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default, rename = "preopen")]
+    preopens: Vec<PreopenFile>,
+    #[serde(default)]
+    limits: FunctionLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreopenFile {
+    /// Host directory, absolute or relative to the functions directory.
+    host: PathBuf,
+    /// Path the guest sees.
+    guest: String,
+    /// Read-only unless stated otherwise.
+    #[serde(default = "read_only_default")]
+    read_only: bool,
+}
+
+fn read_only_default() -> bool {
+    true
+}
+
+/// Per-function defaults and maxima; each falls back to the server-wide setting, and a
+/// function can only tighten a server-wide maximum, never widen it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionLimits {
+    pub cpu_quota: Option<u64>,
+    pub max_cpu_quota: Option<u64>,
+    pub memory_mb: Option<u64>,
+    pub max_memory_mb: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub max_timeout_ms: Option<u64>,
+}
+
+/// A function's resolved configuration.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FunctionConfig {
+    pub default_args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub preopens: Vec<Preopen>,
+    pub limits: FunctionLimits,
+}
+
+/// Parses and resolves a config file's text; `base` resolves relative preopen paths.
+pub fn parse(text: &str, base: &Path) -> Result<FunctionConfig, String> {
+    let file: ConfigFile = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+    for arg in &file.args {
+        if arg.contains('\0') {
+            return Err("args must not contain NUL".into());
+        }
+    }
+    for (key, value) in &file.env {
+        if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+            return Err(format!("env key {key:?} must be non-empty, without '=' or NUL"));
+        }
+    }
+    let mut preopens = Vec::with_capacity(file.preopens.len());
+    for p in file.preopens {
+        if p.guest.is_empty() || p.guest.contains('\0') {
+            return Err("preopen guest path must be non-empty, without NUL".into());
+        }
+        let host = if p.host.is_absolute() { p.host.clone() } else { base.join(&p.host) };
+        let host = host.canonicalize().map_err(|e| format!("preopen host directory {}: {e}", p.host.display()))?;
+        if !host.is_dir() {
+            return Err(format!("preopen host path {} is not a directory", p.host.display()));
+        }
+        preopens.push(Preopen { host, guest: p.guest, read_only: p.read_only });
+    }
+    let l = file.limits;
+    for (name, default, max) in [
+        ("cpu_quota", l.cpu_quota, l.max_cpu_quota),
+        ("memory_mb", l.memory_mb, l.max_memory_mb),
+        ("timeout_ms", l.timeout_ms, l.max_timeout_ms),
+    ] {
+        if default == Some(0) || max == Some(0) {
+            return Err(format!("limits.{name} must be at least 1"));
+        }
+        if let (Some(d), Some(m)) = (default, max) {
+            if d > m {
+                return Err(format!("limits.{name} = {d} exceeds limits.max_{name} = {m}"));
+            }
+        }
+    }
+    Ok(FunctionConfig { default_args: file.args, env: file.env.into_iter().collect(), preopens, limits: l })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_resolves_relative_preopens() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        let text = r#"
+            args = ["--fast"]
+            [env]
+            GREETING = "hi"
+            [[preopen]]
+            host = "data"
+            guest = "/data"
+            [[preopen]]
+            host = "data"
+            guest = "/scratch"
+            read_only = false
+            [limits]
+            memory_mb = 32
+            max_memory_mb = 64
+        "#;
+        let c = parse(text, dir.path()).unwrap();
+        assert_eq!(c.default_args, ["--fast"]);
+        assert_eq!(c.env, [("GREETING".to_string(), "hi".to_string())]);
+        let data = dir.path().join("data").canonicalize().unwrap();
+        assert_eq!(c.preopens[0], Preopen { host: data.clone(), guest: "/data".into(), read_only: true });
+        assert!(!c.preopens[1].read_only);
+        assert_eq!(c.limits.memory_mb, Some(32));
+    }
+
+    #[test]
+    fn mistakes_are_errors_that_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("unknown = 1", "unknown"),
+            ("[[preopen]]\nhost = \"missing\"\nguest = \"/m\"", "missing"),
+            ("[env]\n\"A=B\" = \"x\"", "A=B"),
+            ("[limits]\nmemory_mb = 10\nmax_memory_mb = 5", "exceeds"),
+            ("[limits]\ntimeout_ms = 0", "at least 1"),
+            ("args = \"not a list\"", "sequence"),
+        ];
+        for (text, needle) in cases {
+            let err = parse(text, dir.path()).unwrap_err();
+            assert!(err.contains(needle), "{text:?} gave {err:?}");
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! Compiled-module cache: in memory per worker (LRU by content hash) and on disk as
+//! precompiled artifacts shared by all workers and restarts.
+//!
+//! Artifacts are native code, so only files this program wrote are ever loaded: the cache
+//! directory must belong to this uid and be closed to other users, and each artifact must
+//! be a regular file owned by this uid and writable by nobody else.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmbox_protocol::{ModuleRef, ModuleSource};
+
+use crate::engine::{Engine, EngineError};
+
+/// Why a module could not be made ready.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("module file changed since the supervisor hashed it")]
+    Changed,
+    #[error("module reference has a malformed hash")]
+    BadHash,
+    #[error("module file {path} is larger than {limit} bytes")]
+    TooLarge { path: PathBuf, limit: u64 },
+    #[error("cannot read module file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Errors setting up the artifact directory.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheDirError {
+    #[error("cannot create cache directory {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cache directory {path} is not owned by uid {uid} or is writable by others; refusing to load native code from it"
+    )]
+    Untrusted { path: PathBuf, uid: u32 },
+}
+
+struct Entry<M> {
+    module: M,
+    last_used: u64,
+}
+
+pub struct ModuleCache<E: Engine> {
+    engine: E,
+    artifact_dir: Option<PathBuf>,
+    capacity: usize,
+    max_module_bytes: u64,
+    entries: HashMap<String, Entry<E::Module>>,
+    /// Modules that failed to compile, so a broken module is not recompiled per request.
+    invalid: HashMap<String, String>,
+    clock: u64,
+}
+
+impl<E: Engine> ModuleCache<E> {
+    /// `cache_dir`: root of the artifact cache; artifacts of this engine version go in a
+    /// subdirectory named after it, so no version ever sees another's files.
+    pub fn new(
+        engine: E,
+        cache_dir: Option<&Path>,
+        capacity: usize,
+        max_module_bytes: u64,
+    ) -> Result<Self, CacheDirError> {
+        let artifact_dir = match (cache_dir, engine.artifact_extension()) {
+            (Some(root), Some(_)) => {
+                let dir = root.join(format!("{}-{}", engine.name(), engine.version()));
+                create_private_dir(root)?;
+                create_private_dir(&dir)?;
+                Some(dir)
+            }
+            _ => None,
+        };
+        Ok(ModuleCache {
+            engine,
+            artifact_dir,
+            capacity: capacity.max(1),
+            max_module_bytes,
+            entries: HashMap::new(),
+            invalid: HashMap::new(),
+            clock: 0,
+        })
+    }
+
+    pub fn engine(&self) -> &E {
+        &self.engine
+    }
+
+    pub fn artifact_dir(&self) -> Option<&Path> {
+        self.artifact_dir.as_deref()
+    }
+
+    /// Returns the module ready to run, and where it came from.
+    pub fn get(&mut self, module: &ModuleRef) -> Result<(E::Module, ModuleSource), PrepareError> {
+        if !is_sha256_hex(&module.sha256) {
+            return Err(PrepareError::BadHash);
+        }
+        self.clock += 1;
+        if let Some(entry) = self.entries.get_mut(&module.sha256) {
+            entry.last_used = self.clock;
+            return Ok((entry.module.clone(), ModuleSource::Memory));
+        }
+        if let Some(message) = self.invalid.get(&module.sha256) {
+            return Err(PrepareError::Invalid(message.clone()));
+        }
+        let (compiled, source) = match self.load_or_compile(module) {
+            Ok(found) => found,
+            Err(PrepareError::Invalid(message)) => {
+                if self.invalid.len() >= self.capacity {
+                    self.invalid.clear();
+                }
+                self.invalid.insert(module.sha256.clone(), message.clone());
+                return Err(PrepareError::Invalid(message));
+            }
+            Err(e) => return Err(e),
+        };
+        self.insert(module.sha256.clone(), compiled.clone());
+        Ok((compiled, source))
+    }
+
+    fn insert(&mut self, hash: String, module: E::Module) {
+        if self.entries.len() >= self.capacity {
+            if let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| k.clone()) {
+                self.entries.remove(&oldest);
+            }
+        }
+        self.entries.insert(hash, Entry { module, last_used: self.clock });
+    }
+
+    fn load_or_compile(&self, module: &ModuleRef) -> Result<(E::Module, ModuleSource), PrepareError> {
+        let artifact = self.artifact_path(&module.sha256);
+        if let Some(path) = &artifact {
+            if is_trusted_artifact(path) {
+                match self.engine.load_artifact(path) {
+                    Ok(m) => return Ok((m, ModuleSource::Artifact)),
+                    Err(e) => {
+                        tracing::info!(artifact = %path.display(), error = %e, "discarding unusable artifact");
+                        let _ = fs::remove_file(path);
+                    }
+                }
+            }
+        }
+        let wasm = read_module(&module.path, self.max_module_bytes)?;
+        if sha256_hex(&wasm) != module.sha256 {
+            return Err(PrepareError::Changed);
+        }
+        if let Some(path) = &artifact {
+            match self.precompile_to(&wasm, path) {
+                Ok(m) => return Ok((m, ModuleSource::Compiled)),
+                Err(EngineError::InvalidModule(message)) => return Err(PrepareError::Invalid(message)),
+                Err(e) => tracing::warn!(error = %e, "precompiling to the cache failed; compiling in memory"),
+            }
+        }
+        match self.engine.compile(&wasm) {
+            Ok(m) => Ok((m, ModuleSource::Compiled)),
+            Err(e) => Err(PrepareError::Invalid(match e {
+                EngineError::InvalidModule(message) => message,
+                other => other.to_string(),
+            })),
+        }
+    }
+
+    /// Writes the artifact under a unique temporary name and renames it into place, so a
+    /// concurrent reader sees either no artifact or a whole one.
+    fn precompile_to(&self, wasm: &[u8], path: &Path) -> Result<E::Module, EngineError> {
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        let result = self
+            .engine
+            .precompile(wasm, &tmp)
+            .and_then(|()| fs::rename(&tmp, path).map_err(|source| EngineError::Io { path: path.into(), source }));
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result?;
+        self.engine.load_artifact(path)
+    }
+
+    fn artifact_path(&self, hash: &str) -> Option<PathBuf> {
+        let ext = self.engine.artifact_extension()?;
+        Some(self.artifact_dir.as_ref()?.join(format!("{hash}.{ext}")))
+    }
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn read_module(path: &Path, limit: u64) -> Result<Vec<u8>, PrepareError> {
+    let read_err = |source| PrepareError::Read { path: path.into(), source };
+    let file = fs::File::open(path).map_err(read_err)?;
+    let mut wasm = Vec::new();
+    file.take(limit + 1).read_to_end(&mut wasm).map_err(read_err)?;
+    if wasm.len() as u64 > limit {
+        return Err(PrepareError::TooLarge { path: path.into(), limit });
+    }
+    Ok(wasm)
+}
+
+fn create_private_dir(path: &Path) -> Result<(), CacheDirError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| CacheDirError::Create { path: path.into(), source })?;
+    let uid = nix::unistd::geteuid().as_raw();
+    let meta = fs::metadata(path).map_err(|source| CacheDirError::Create { path: path.into(), source })?;
+    if meta.uid() != uid || meta.mode() & 0o022 != 0 {
+        return Err(CacheDirError::Untrusted { path: path.into(), uid });
+    }
+    Ok(())
+}
+
+fn is_trusted_artifact(path: &Path) -> bool {
+    match fs::symlink_metadata(path) {
+        Ok(meta) => {
+            meta.file_type().is_file() && meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o022 == 0
+        }
+        Err(_) => false,
+    }
+}
+
+/// Opens files for artifacts with owner-only permissions (used by engines writing them).
+pub fn create_artifact_file(path: &Path) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::wasmtime::WasmtimeEngine;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn module_file(dir: &Path, wat: &str) -> ModuleRef {
+        let wasm = wat::parse_str(wat).unwrap();
+        let path = dir.join("m.wasm");
+        fs::write(&path, &wasm).unwrap();
+        ModuleRef { path, sha256: sha256_hex(&wasm) }
+    }
+
+    #[test]
+    fn memory_then_artifact_then_compile() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = module_file(tmp.path(), r#"(module (func (export "_start")))"#);
+        let cache_dir = tmp.path().join("cache");
+        let mut a = ModuleCache::new(WasmtimeEngine::new().unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
+        assert_eq!(a.get(&m).unwrap().1, ModuleSource::Compiled);
+        assert_eq!(a.get(&m).unwrap().1, ModuleSource::Memory);
+        // A second worker finds the artifact the first one wrote.
+        let mut b = ModuleCache::new(WasmtimeEngine::new().unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
+        assert_eq!(b.get(&m).unwrap().1, ModuleSource::Artifact);
+        let artifact = b.artifact_path(&m.sha256).unwrap();
+        assert_eq!(fs::metadata(&artifact).unwrap().mode() & 0o077, 0, "artifact must be owner-only");
+        // An artifact others can write is never loaded.
+        fs::set_permissions(&artifact, fs::Permissions::from_mode(0o666)).unwrap();
+        let mut c = ModuleCache::new(WasmtimeEngine::new().unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
+        assert_eq!(c.get(&m).unwrap().1, ModuleSource::Compiled);
+    }
+
+    #[test]
+    fn changed_file_and_bad_hash_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut m = module_file(tmp.path(), r#"(module (func (export "_start")))"#);
+        let mut cache = ModuleCache::new(WasmtimeEngine::new().unwrap(), None, 4, 1 << 20).unwrap();
+        let good = m.sha256.clone();
+        m.sha256 = "0".repeat(64);
+        assert!(matches!(cache.get(&m), Err(PrepareError::Changed)));
+        m.sha256 = "../../etc/passwd".into();
+        assert!(matches!(cache.get(&m), Err(PrepareError::BadHash)));
+        m.sha256 = good;
+        assert!(cache.get(&m).is_ok());
+    }
+
+    #[test]
+    fn lru_evicts_least_recently_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cache = ModuleCache::new(WasmtimeEngine::new().unwrap(), None, 2, 1 << 20).unwrap();
+        let refs: Vec<ModuleRef> = (0..3)
+            .map(|i| {
+                let dir = tmp.path().join(i.to_string());
+                fs::create_dir(&dir).unwrap();
+                module_file(&dir, &format!(r#"(module (func (export "_start")) (func (export "f{i}")))"#))
+            })
+            .collect();
+        cache.get(&refs[0]).unwrap();
+        cache.get(&refs[1]).unwrap();
+        cache.get(&refs[0]).unwrap();
+        cache.get(&refs[2]).unwrap(); // evicts 1
+        assert_eq!(cache.get(&refs[0]).unwrap().1, ModuleSource::Memory);
+        assert_eq!(cache.get(&refs[1]).unwrap().1, ModuleSource::Compiled);
+    }
+}

@@ -1,0 +1,89 @@
+//! The engine seam: what the worker needs from a WebAssembly runtime to serve invocations.
+//!
+//! Required: compile a module, run an invocation. Optional, with defaults: precompiled
+//! artifacts on disk. Wasmtime is the default implementation; WasmEdge is the second one.
+
+use std::path::Path;
+use std::time::Duration;
+
+use wasmbox_protocol::{Outcome, Preopen};
+
+pub mod wasmtime;
+
+/// Why a module could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The module itself is at fault: not valid Wasm, not a WASI command, unknown imports.
+    #[error("invalid module: {0}")]
+    InvalidModule(String),
+    /// The engine does not support the requested operation (for example artifacts).
+    #[error("{0} is not supported by this engine")]
+    Unsupported(&'static str),
+    /// Reading or writing an artifact failed.
+    #[error("artifact i/o at {path}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An artifact exists but the engine refused it (other engine version or settings).
+    #[error("artifact {path} is not usable: {reason}")]
+    StaleArtifact { path: std::path::PathBuf, reason: String },
+}
+
+/// One invocation as the engine sees it.
+#[derive(Debug)]
+pub struct RunRequest<'a> {
+    pub argv: &'a [String],
+    pub env: &'a [(String, String)],
+    pub preopens: &'a [Preopen],
+    pub stdin: Vec<u8>,
+    pub memory_limit_bytes: u64,
+    pub timeout: Duration,
+    pub max_output_bytes: u64,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct RunResult {
+    pub outcome: Outcome,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stderr_dropped: u64,
+    pub exec: Duration,
+}
+
+/// A WebAssembly engine able to run WASI preview1 command modules.
+pub trait Engine {
+    /// A compiled, validated, linked module, cheap to clone and ready to instantiate.
+    type Module: Clone;
+
+    /// Short stable name (`wasmtime`, `wasmedge`), part of artifact cache keys.
+    fn name(&self) -> &'static str;
+
+    /// Version string; artifacts are keyed by it so one version never loads another's.
+    fn version(&self) -> String;
+
+    /// Validates and compiles a module held in memory.
+    fn compile(&self, wasm: &[u8]) -> Result<Self::Module, EngineError>;
+
+    /// File extension of precompiled artifacts, or `None` when the engine has none.
+    fn artifact_extension(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Compiles `wasm` into a native artifact written at `artifact`.
+    fn precompile(&self, wasm: &[u8], artifact: &Path) -> Result<(), EngineError> {
+        let _ = (wasm, artifact);
+        Err(EngineError::Unsupported("precompiling"))
+    }
+
+    /// Loads an artifact written by [`Engine::precompile`] of this same engine version.
+    fn load_artifact(&self, artifact: &Path) -> Result<Self::Module, EngineError> {
+        let _ = artifact;
+        Err(EngineError::Unsupported("loading artifacts"))
+    }
+
+    /// Runs `_start` in a fresh instance with fresh WASI state.
+    fn run(&self, module: &Self::Module, request: RunRequest<'_>) -> RunResult;
+}

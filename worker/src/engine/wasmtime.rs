@@ -1,0 +1,396 @@
+//! Wasmtime engine: Cranelift-compiled modules, epoch interruption for deadlines,
+//! a resource limiter for the linear-memory cap, WASI preview1 from wasmtime-wasi.
+
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use wasmbox_protocol::Outcome;
+use wasmtime::{Config, InstancePre, Linker, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
+
+use super::{Engine, EngineError, RunRequest, RunResult};
+use crate::capture::Capture;
+
+/// Longest message kept from a trap or compile error (they can carry long backtraces).
+const MAX_MESSAGE: usize = 4096;
+
+/// Per-invocation store data.
+struct StoreState {
+    wasi: WasiP1Ctx,
+    limits: Limits,
+}
+
+/// Caps linear memory at the invocation's Memory-Request and remembers whether the guest
+/// hit the cap, so a trap that follows (a Rust guest aborts when allocation fails) is
+/// reported as memory exhaustion instead of a generic trap.
+struct Limits {
+    memory_bytes: usize,
+    memory_denied: bool,
+}
+
+/// Tables hold one pointer per element; this bounds them to a few MiB.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.memory_denied = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        16
+    }
+}
+
+/// The compiled form of a module: already linked against WASI, so instantiating it per
+/// invocation does no symbol resolution.
+#[derive(Clone)]
+pub struct WasmtimeModule {
+    pre: InstancePre<StoreState>,
+}
+
+/// Wasmtime behind the [`Engine`] trait.
+pub struct WasmtimeEngine {
+    engine: wasmtime::Engine,
+    linker: Linker<StoreState>,
+    watchdog: Watchdog,
+}
+
+impl WasmtimeEngine {
+    pub fn new() -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .cranelift_opt_level(wasmtime::OptLevel::Speed)
+            // One linear memory (threads are not compiled in): the cap then means what it says.
+            .wasm_multi_memory(false)
+            .wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Disable);
+        let engine = wasmtime::Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut StoreState| &mut s.wasi)?;
+        let watchdog = Watchdog::start(engine.clone())?;
+        Ok(WasmtimeEngine { engine, linker, watchdog })
+    }
+
+    fn link(&self, module: &wasmtime::Module) -> Result<WasmtimeModule, EngineError> {
+        match module.get_export("_start") {
+            Some(wasmtime::ExternType::Func(ty)) if ty.params().len() == 0 && ty.results().len() == 0 => {}
+            Some(_) => return Err(EngineError::InvalidModule("export `_start` is not a function () -> ()".into())),
+            None => {
+                return Err(EngineError::InvalidModule(
+                    "module has no `_start` export (not a WASI command module)".into(),
+                ));
+            }
+        }
+        let pre =
+            self.linker.instantiate_pre(module).map_err(|e| EngineError::InvalidModule(bounded(format!("{e:#}"))))?;
+        Ok(WasmtimeModule { pre })
+    }
+}
+
+impl Engine for WasmtimeEngine {
+    type Module = WasmtimeModule;
+
+    fn name(&self) -> &'static str {
+        "wasmtime"
+    }
+
+    fn version(&self) -> String {
+        // Artifacts are only loadable by an engine with the same version and settings;
+        // Wasmtime's compatibility hash covers both, so it names the artifact directory.
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        format!("{WASMTIME_MAJOR}-{:016x}", hasher.finish())
+    }
+
+    fn compile(&self, wasm: &[u8]) -> Result<WasmtimeModule, EngineError> {
+        let module = wasmtime::Module::new(&self.engine, wasm)
+            .map_err(|e| EngineError::InvalidModule(bounded(format!("{e:#}"))))?;
+        self.link(&module)
+    }
+
+    fn artifact_extension(&self) -> Option<&'static str> {
+        Some("cwasm")
+    }
+
+    fn precompile(&self, wasm: &[u8], artifact: &Path) -> Result<(), EngineError> {
+        let bytes =
+            self.engine.precompile_module(wasm).map_err(|e| EngineError::InvalidModule(bounded(format!("{e:#}"))))?;
+        crate::cache::create_artifact_file(artifact)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, &bytes))
+            .map_err(|source| EngineError::Io { path: artifact.into(), source })
+    }
+
+    fn load_artifact(&self, artifact: &Path) -> Result<WasmtimeModule, EngineError> {
+        // SAFETY: deserializing trusts the file to be native code produced by this engine.
+        // The module cache only passes artifacts from its own cache directory, written by
+        // this program under this uid and not writable by others (checked before the call);
+        // Wasmtime additionally rejects artifacts from another version or configuration.
+        let module = unsafe { wasmtime::Module::deserialize_file(&self.engine, artifact) }
+            .map_err(|e| EngineError::StaleArtifact { path: artifact.into(), reason: bounded(format!("{e:#}")) })?;
+        self.link(&module)
+    }
+
+    fn run(&self, module: &WasmtimeModule, request: RunRequest<'_>) -> RunResult {
+        let stdout = Capture::strict(request.max_output_bytes);
+        let stderr = Capture::tail(request.max_output_bytes);
+        let started = Instant::now();
+        let outcome = self.run_guest(module, &request, &stdout, &stderr);
+        let exec = started.elapsed();
+        let out = stdout.take();
+        let err = stderr.take();
+        let outcome = match outcome {
+            // A guest that swallowed the failed write and went on still produced a cut body.
+            _ if out.overflowed => Outcome::OutputTooLarge { limit_bytes: request.max_output_bytes },
+            other => other,
+        };
+        RunResult { outcome, stdout: out.data, stderr: err.data, stderr_dropped: err.dropped, exec }
+    }
+}
+
+impl WasmtimeEngine {
+    fn run_guest(
+        &self,
+        module: &WasmtimeModule,
+        request: &RunRequest<'_>,
+        stdout: &Capture,
+        stderr: &Capture,
+    ) -> Outcome {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.args(request.argv)
+            .envs(request.env)
+            .stdin(MemoryInputPipe::new(request.stdin.clone()))
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_blocking_current_thread(true);
+        for preopen in request.preopens {
+            let perms = if preopen.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+            if let Err(e) = wasi.preopened_dir(&preopen.host, &preopen.guest, perms) {
+                return Outcome::SetupFailed {
+                    message: bounded(format!("preopen {} -> {}: {e:#}", preopen.host.display(), preopen.guest)),
+                };
+            }
+        }
+        let memory_bytes = usize::try_from(request.memory_limit_bytes).unwrap_or(usize::MAX);
+        let state = StoreState { wasi: wasi.build_p1(), limits: Limits { memory_bytes, memory_denied: false } };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        // Deadline = one epoch tick; the watchdog ticks exactly once, at this invocation's
+        // deadline, so an idle worker costs no timer wakeups.
+        store.set_epoch_deadline(1);
+        let guard = self.watchdog.arm(Instant::now() + request.timeout);
+
+        let result = module
+            .pre
+            .instantiate(&mut store)
+            .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start"))
+            .and_then(|start| start.call(&mut store, ()));
+        let fired = guard.disarm();
+
+        match result {
+            Ok(()) => Outcome::Exited { code: 0 },
+            Err(e) => {
+                if let Some(exit) = e.downcast_ref::<I32Exit>() {
+                    return Outcome::Exited { code: exit.0 };
+                }
+                if store.data().limits.memory_denied {
+                    return Outcome::MemoryLimitExceeded { limit_bytes: request.memory_limit_bytes };
+                }
+                if fired || matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+                    return Outcome::DeadlineExceeded;
+                }
+                Outcome::Trapped { message: bounded(format!("{e:#}")) }
+            }
+        }
+    }
+}
+
+/// Major version of the linked Wasmtime, for display; the compatibility hash is the real key.
+const WASMTIME_MAJOR: &str = "48";
+
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(" [...]");
+    }
+    message
+}
+
+/// A single timer thread per worker that bumps the engine's epoch when the current
+/// invocation's deadline passes. Arming is generation-checked, so a deadline that fires
+/// just as one invocation ends can never interrupt the next one.
+struct Watchdog {
+    shared: Arc<WatchdogShared>,
+}
+
+struct WatchdogShared {
+    state: Mutex<WatchdogState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct WatchdogState {
+    generation: u64,
+    deadline: Option<Instant>,
+    fired: bool,
+}
+
+impl Watchdog {
+    fn start(engine: wasmtime::Engine) -> std::io::Result<Self> {
+        let shared = Arc::new(WatchdogShared { state: Mutex::default(), wake: Condvar::new() });
+        let thread_shared = shared.clone();
+        std::thread::Builder::new().name("wasmbox-deadline".into()).spawn(move || {
+            let shared = thread_shared;
+            let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                match state.deadline {
+                    None => state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner()),
+                    Some(deadline) => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            engine.increment_epoch();
+                            state.deadline = None;
+                            state.fired = true;
+                        } else {
+                            state =
+                                shared.wake.wait_timeout(state, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+                        }
+                    }
+                }
+            }
+        })?;
+        Ok(Watchdog { shared })
+    }
+
+    fn arm(&self, deadline: Instant) -> ArmedDeadline<'_> {
+        let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.generation += 1;
+        state.deadline = Some(deadline);
+        state.fired = false;
+        let generation = state.generation;
+        drop(state);
+        self.shared.wake.notify_one();
+        ArmedDeadline { watchdog: self, generation }
+    }
+}
+
+struct ArmedDeadline<'a> {
+    watchdog: &'a Watchdog,
+    generation: u64,
+}
+
+impl ArmedDeadline<'_> {
+    /// Stops the timer; returns whether the deadline had fired.
+    fn disarm(self) -> bool {
+        let mut state = self.watchdog.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        debug_assert_eq!(state.generation, self.generation);
+        state.deadline = None;
+        std::mem::take(&mut state.fired)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn engine() -> WasmtimeEngine {
+        WasmtimeEngine::new().unwrap()
+    }
+
+    fn request<'a>(argv: &'a [String], timeout_ms: u64, memory: u64) -> RunRequest<'a> {
+        RunRequest {
+            argv,
+            env: &[],
+            preopens: &[],
+            stdin: Vec::new(),
+            memory_limit_bytes: memory,
+            timeout: Duration::from_millis(timeout_ms),
+            max_output_bytes: 1024,
+        }
+    }
+
+    #[test]
+    fn version_is_stable_for_one_configuration() {
+        assert_eq!(engine().version(), engine().version());
+    }
+
+    #[test]
+    fn infinite_loop_is_interrupted_at_the_deadline() {
+        let e = engine();
+        let wasm =
+            wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start") (loop (br 0))))"#).unwrap();
+        let m = e.compile(&wasm).unwrap();
+        let argv = vec!["loop".to_string()];
+        let started = Instant::now();
+        let r = e.run(&m, request(&argv, 100, 1 << 20));
+        assert_eq!(r.outcome, Outcome::DeadlineExceeded);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // The next run on the same engine is not hit by a stale tick.
+        let ok = wat::parse_str(r#"(module (func (export "_start")))"#).unwrap();
+        let m = e.compile(&ok).unwrap();
+        assert_eq!(e.run(&m, request(&argv, 1000, 1 << 20)).outcome, Outcome::Exited { code: 0 });
+    }
+
+    #[test]
+    fn initial_memory_above_the_cap_is_memory_exceeded() {
+        let e = engine();
+        let wasm = wat::parse_str(r#"(module (memory 100) (func (export "_start")))"#).unwrap();
+        let m = e.compile(&wasm).unwrap();
+        let argv = vec!["big".to_string()];
+        let r = e.run(&m, request(&argv, 1000, 1 << 20));
+        assert_eq!(r.outcome, Outcome::MemoryLimitExceeded { limit_bytes: 1 << 20 });
+    }
+
+    #[test]
+    fn modules_without_start_or_with_unknown_imports_are_invalid() {
+        let e = engine();
+        let no_start = wat::parse_str(r#"(module (func (export "main")))"#).unwrap();
+        assert!(matches!(e.compile(&no_start), Err(EngineError::InvalidModule(m)) if m.contains("_start")));
+        let unknown = wat::parse_str(r#"(module (import "env" "nope" (func)) (func (export "_start")))"#).unwrap();
+        assert!(matches!(e.compile(&unknown), Err(EngineError::InvalidModule(_))));
+        assert!(matches!(e.compile(b"\0asm garbage"), Err(EngineError::InvalidModule(_))));
+    }
+
+    #[test]
+    fn trap_and_exit_codes_are_distinct() {
+        let e = engine();
+        let argv = vec!["t".to_string()];
+        let trap = e.compile(&wat::parse_str(r#"(module (func (export "_start") unreachable))"#).unwrap()).unwrap();
+        assert!(matches!(e.run(&trap, request(&argv, 1000, 1 << 20)).outcome, Outcome::Trapped { .. }));
+        let exit = e
+            .compile(
+                &wat::parse_str(
+                    r#"(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+                       (memory (export "memory") 1)
+                       (func (export "_start") (call $exit (i32.const 7))))"#,
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(e.run(&exit, request(&argv, 1000, 1 << 20)).outcome, Outcome::Exited { code: 7 });
+    }
+}

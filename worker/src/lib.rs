@@ -1,0 +1,98 @@
+//! WasmBox worker: one sandbox slot. A pre-forked process that receives invocations from
+//! the supervisor over an inherited Unix socket and runs each in a fresh Wasm instance.
+
+pub mod cache;
+pub mod capture;
+pub mod engine;
+pub mod server;
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Command line of `wasmbox-worker`. The supervisor starts it; it is not meant to be run
+/// by hand, except `--version`.
+#[derive(Debug, Parser)]
+#[command(name = "wasmbox-worker", version, about = "WasmBox worker process (started by the wasmbox supervisor)")]
+pub struct WorkerArgs {
+    /// Inherited file descriptor of this worker's end of the supervisor socketpair.
+    #[arg(long, default_value_t = 3)]
+    pub socket_fd: RawFd,
+    /// Pool slot this worker serves (for logs).
+    #[arg(long, default_value_t = 0)]
+    pub slot: usize,
+    /// Engine to run functions on.
+    #[arg(long, default_value = "wasmtime")]
+    pub engine: String,
+    /// Root of the precompiled-artifact cache; none disables artifacts.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Compiled modules kept in this worker's memory.
+    #[arg(long, default_value_t = 64)]
+    pub module_cache_entries: usize,
+    /// Largest module file the worker will read.
+    #[arg(long, default_value_t = 256 << 20)]
+    pub max_module_bytes: u64,
+    /// Log filter for the worker's own diagnostics (tracing syntax).
+    #[arg(long, default_value = "warn")]
+    pub log: String,
+}
+
+/// Errors that end a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("unknown engine {0:?} (this build has: wasmtime)")]
+    UnknownEngine(String),
+    #[error("engine failed to start")]
+    Engine(#[source] anyhow::Error),
+    #[error(transparent)]
+    CacheDir(#[from] cache::CacheDirError),
+    #[error("socket fd {0} is not an open socket")]
+    Socket(RawFd),
+    #[error("supervisor connection failed")]
+    Protocol(#[from] wasmbox_protocol::FrameError),
+}
+
+/// Runs the worker until the supervisor closes its socket.
+pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
+    let socket = adopt_socket(args.socket_fd)?;
+    match args.engine.as_str() {
+        "wasmtime" => {
+            let engine = engine::wasmtime::WasmtimeEngine::new().map_err(WorkerError::Engine)?;
+            let cache = cache::ModuleCache::new(
+                engine,
+                args.cache_dir.as_deref(),
+                args.module_cache_entries,
+                args.max_module_bytes,
+            )?;
+            server::serve(socket, cache)?;
+            Ok(())
+        }
+        other => Err(WorkerError::UnknownEngine(other.into())),
+    }
+}
+
+fn adopt_socket(fd: RawFd) -> Result<UnixStream, WorkerError> {
+    // Refuse anything that is not an open socket before taking ownership of it.
+    if fd < 0 {
+        return Err(WorkerError::Socket(fd));
+    }
+    let is_socket = nix::sys::stat::fstat(unsafe_borrow(fd))
+        .map(|st| st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFSOCK)
+        .unwrap_or(false);
+    if !is_socket {
+        return Err(WorkerError::Socket(fd));
+    }
+    // SAFETY: the fd was checked above to be an open socket; the supervisor hands it to
+    // this process for its exclusive use, and nothing else in the worker refers to it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(UnixStream::from(owned))
+}
+
+fn unsafe_borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: `fd` is non-negative (checked by the caller); the borrow is used for a single
+    // fstat, which reports EBADF for a closed fd rather than touching anything else.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}

@@ -1,0 +1,103 @@
+//! The worker's serve loop: handshake, then one invocation at a time until the supervisor
+//! says stop or closes the socket.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use wasmbox_protocol::{
+    FrameError, FromWorker, Hello, Invocation, InvocationResult, ModuleSource, Outcome, PROTOCOL_VERSION, ToWorker,
+    read_frame, write_frame,
+};
+
+use crate::cache::{ModuleCache, PrepareError};
+use crate::engine::{Engine, RunRequest, RunResult};
+
+/// Largest stdin a worker accepts in one frame; the supervisor enforces the real (smaller)
+/// body limit, this only bounds what a confused peer can make the worker allocate.
+pub const MAX_STDIN_BYTES: u64 = 1 << 30;
+
+/// Serves invocations on `socket` until the supervisor closes it or sends `Shutdown`.
+pub fn serve<E: Engine>(socket: UnixStream, mut cache: ModuleCache<E>) -> Result<(), FrameError> {
+    let mut reader = BufReader::new(socket.try_clone().map_err(FrameError::Io)?);
+    let mut writer = BufWriter::new(socket);
+    let hello = FromWorker::Hello(Hello {
+        protocol: PROTOCOL_VERSION,
+        worker_version: env!("CARGO_PKG_VERSION").into(),
+        engine: cache.engine().name().into(),
+        engine_version: cache.engine().version(),
+        pid: std::process::id(),
+    });
+    write_frame(&mut writer, &hello, &[])?;
+    loop {
+        let Some((message, stdin)) = read_frame::<_, ToWorker>(&mut reader, MAX_STDIN_BYTES)? else {
+            return Ok(());
+        };
+        match message {
+            ToWorker::Shutdown => return Ok(()),
+            ToWorker::Invoke(invocation) => {
+                let (result, run) = invoke(&mut cache, &invocation, stdin, &mut writer)?;
+                write_frame(&mut writer, &FromWorker::Result(result), &[&run.stdout, &run.stderr])?;
+            }
+        }
+    }
+}
+
+fn invoke<E: Engine, W: Write>(
+    cache: &mut ModuleCache<E>,
+    invocation: &Invocation,
+    stdin: Vec<u8>,
+    writer: &mut W,
+) -> Result<(InvocationResult, RunResult), FrameError> {
+    let span = tracing::debug_span!("invoke", request_id = %invocation.request_id, function = %invocation.function);
+    let _enter = span.enter();
+    let prepare_started = Instant::now();
+    let prepared = cache.get(&invocation.module);
+    let prepare_us = micros(prepare_started.elapsed());
+    let (module, source) = match prepared {
+        Ok(found) => found,
+        Err(e) => {
+            let outcome = match e {
+                PrepareError::Invalid(message) => Outcome::InvalidModule { message },
+                PrepareError::Changed => Outcome::ModuleChanged,
+                other => Outcome::SetupFailed { message: other.to_string() },
+            };
+            let run =
+                RunResult { outcome, stdout: Vec::new(), stderr: Vec::new(), stderr_dropped: 0, exec: Duration::ZERO };
+            return Ok((result_header(&run, None, prepare_us), run));
+        }
+    };
+    if source != ModuleSource::Memory {
+        write_frame(writer, &FromWorker::Started, &[])?;
+    }
+    let run = cache.engine().run(
+        &module,
+        RunRequest {
+            argv: &invocation.argv,
+            env: &invocation.env,
+            preopens: &invocation.preopens,
+            stdin,
+            memory_limit_bytes: invocation.memory_limit_bytes,
+            timeout: Duration::from_millis(invocation.timeout_ms),
+            max_output_bytes: invocation.max_output_bytes,
+        },
+    );
+    tracing::debug!(outcome = ?run.outcome, exec_us = micros(run.exec), "invocation finished");
+    Ok((result_header(&run, Some(source), prepare_us), run))
+}
+
+fn result_header(run: &RunResult, source: Option<ModuleSource>, prepare_us: u64) -> InvocationResult {
+    InvocationResult {
+        outcome: run.outcome.clone(),
+        stdout_len: run.stdout.len() as u64,
+        stderr_len: run.stderr.len() as u64,
+        stderr_dropped: run.stderr_dropped,
+        module_source: source,
+        prepare_us,
+        exec_us: micros(run.exec),
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
