@@ -1,1 +1,353 @@
+//! Test harness: builds the real binaries and example functions, starts `wasmbox` on an
+//! ephemeral loopback port with its own functions directory, and talks HTTP to it.
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+/// Root of the repository.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("integration/ has a parent").to_path_buf()
+}
+
+/// `target/debug` (or whichever profile built this test).
+fn target_profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/all-<hash>
+    exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps").to_path_buf()
+}
+
+static BUILT: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
+
+/// Builds (once per test run) the supervisor and worker binaries and the example
+/// functions, so `cargo test` alone always tests the current code.
+pub fn built() -> (PathBuf, PathBuf) {
+    let built = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let root = repo_root();
+        let profile_dir = target_profile_dir();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut build = Command::new(&cargo);
+        build.current_dir(&root).args(["build", "--bins", "-p", "wasmbox-supervisor", "-p", "wasmbox-worker"]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().map_err(|e| format!("running cargo build: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build of the binaries failed: {status}"));
+        }
+        let status = Command::new(root.join("scripts/build-functions"))
+            .arg(root.join("target/test-functions"))
+            .status()
+            .map_err(|e| format!("running scripts/build-functions: {e}"))?;
+        if !status.success() {
+            return Err(format!("scripts/build-functions failed: {status}"));
+        }
+        Ok((profile_dir.join("wasmbox"), profile_dir.join("wasmbox-worker")))
+    });
+    match built {
+        Ok(paths) => paths.clone(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Path of a built example function.
+pub fn function_wasm(name: &str) -> PathBuf {
+    built();
+    repo_root().join("target/test-functions").join(format!("{name}.wasm"))
+}
+
+/// Artifact cache shared by all tests in a run, so each module compiles once.
+fn shared_cache_dir() -> PathBuf {
+    repo_root().join("target/test-cache")
+}
+
+/// How to start a supervisor.
+pub struct Builder {
+    workers: usize,
+    env: Vec<(String, String)>,
+    functions: Vec<(String, Vec<u8>)>,
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl Builder {
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: impl ToString) -> Self {
+        self.env.push((key.into(), value.to_string()));
+        self
+    }
+
+    /// Installs an example function under its own name.
+    pub fn function(self, name: &str) -> Self {
+        let bytes = std::fs::read(function_wasm(name)).expect("built example function");
+        self.module(name, bytes)
+    }
+
+    /// Installs arbitrary module bytes as `name.wasm`.
+    pub fn module(mut self, name: &str, bytes: Vec<u8>) -> Self {
+        self.functions.push((name.into(), bytes));
+        self
+    }
+
+    /// Writes any file (a `name.toml`, preopen contents) relative to the functions dir.
+    pub fn file(mut self, path: &str, contents: impl Into<Vec<u8>>) -> Self {
+        self.files.push((path.into(), contents.into()));
+        self
+    }
+
+    pub fn start(self) -> Result<Supervisor> {
+        let (wasmbox, worker) = built();
+        let dir = tempfile::tempdir()?;
+        let functions = dir.path().join("functions");
+        std::fs::create_dir(&functions)?;
+        for (name, bytes) in &self.functions {
+            std::fs::write(functions.join(format!("{name}.wasm")), bytes)?;
+        }
+        for (path, bytes) in &self.files {
+            let path = functions.join(path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, bytes)?;
+        }
+        let mut cmd = Command::new(&wasmbox);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("WASMBOX_LISTEN", "127.0.0.1:0")
+            .env("WASMBOX_FUNCTIONS_DIR", &functions)
+            .env("WASMBOX_CACHE_DIR", shared_cache_dir())
+            .env("WASMBOX_WORKER_BIN", &worker)
+            .env("WASMBOX_WORKERS", self.workers.to_string())
+            .env("LOG_LEVEL", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", wasmbox.display()))?;
+        let stderr = child.stderr.take().context("stderr pipe")?;
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let thread_logs = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("addr=").nth(1).and_then(|s| s.split_whitespace().next()) {
+                    if line.contains("listening on") {
+                        let _ = addr_tx.send(addr.to_string());
+                    }
+                }
+                let mut l = thread_logs.lock().unwrap_or_else(|p| p.into_inner());
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut supervisor = Supervisor { child, addr: "127.0.0.1:0".parse()?, logs, dir, exited: None };
+        match addr_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => supervisor.addr = addr.parse().context("listen address in log")?,
+            Err(_) => bail!("supervisor did not start listening; logs:\n{}", supervisor.logs()),
+        }
+        Ok(supervisor)
+    }
+}
+
+/// A running `wasmbox` process, killed when dropped.
+pub struct Supervisor {
+    child: Child,
+    pub addr: SocketAddr,
+    logs: Arc<Mutex<String>>,
+    dir: tempfile::TempDir,
+    exited: Option<ExitStatus>,
+}
+
+/// A response, fully read.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+    }
+
+    /// The `error` kind of a JSON error body.
+    pub fn kind(&self) -> String {
+        self.json()["error"].as_str().unwrap_or_default().to_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// An HTTP client for one supervisor; cheap to clone into tasks.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub addr: SocketAddr,
+}
+
+impl Client {
+    /// Sends one request on a fresh connection and reads the whole response.
+    pub async fn request(&self, method: Method, path: &str, headers: &[(&str, &str)], body: Bytes) -> Result<Reply> {
+        let stream = tokio::net::TcpStream::connect(self.addr).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let mut req = Request::builder().method(method).uri(path).header("host", self.addr.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let response = sender.send_request(req.body(Full::new(body))?).await?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Reply { status: parts.status, headers: parts.headers, body })
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Reply> {
+        self.request(Method::GET, path, &[], Bytes::new()).await
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> Result<Reply> {
+        self.request(Method::POST, path, &[], body.into()).await
+    }
+}
+
+impl Supervisor {
+    pub fn client(&self) -> Client {
+        Client { addr: self.addr }
+    }
+
+    pub fn builder() -> Builder {
+        Builder { workers: 2, env: Vec::new(), functions: Vec::new(), files: Vec::new() }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn functions_dir(&self) -> PathBuf {
+        self.dir.path().join("functions")
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub async fn request(&self, method: Method, path: &str, headers: &[(&str, &str)], body: Bytes) -> Result<Reply> {
+        self.client().request(method, path, headers, body).await
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Reply> {
+        self.client().get(path).await
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> Result<Reply> {
+        self.client().post(path, body).await
+    }
+
+    /// PIDs of this supervisor's worker processes (its live children).
+    pub fn worker_pids(&self) -> Vec<i32> {
+        children_of(self.pid())
+    }
+
+    /// Waits until /ready reports every slot live and `n` worker processes exist.
+    pub async fn wait_pool_full(&self, n: usize, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let ready = self.get("/ready").await?;
+            let live = ready.json()["pool"]["live"].as_u64().unwrap_or(0) as usize;
+            if live == n && self.worker_pids().len() == n {
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "pool not back to {n} workers within {within:?}: {}", ready.text());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal)?;
+        Ok(())
+    }
+
+    /// Waits for the supervisor to exit.
+    pub async fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                self.exited = Some(status);
+                return Ok(status);
+            }
+            ensure!(Instant::now() < deadline, "supervisor still running after {within:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Live (non-zombie) children of `pid`.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(all) = procfs::process::all_processes() else { return Vec::new() };
+    all.filter_map(Result::ok)
+        .filter_map(|p| p.stat().ok())
+        .filter(|s| s.ppid == pid && s.state != 'Z' && s.state != 'X')
+        .map(|s| s.pid)
+        .collect()
+}
+
+/// Whether `pid` is still a running (non-zombie) process started at `start_time`.
+pub fn is_running(pid: i32, start_time: u64) -> bool {
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.stat())
+        .map(|s| s.starttime == start_time && s.state != 'Z' && s.state != 'X')
+        .unwrap_or(false)
+}
+
+/// Kernel start time of a process, to tell it apart from a later process with its PID.
+pub fn start_time(pid: i32) -> Option<u64> {
+    procfs::process::Process::new(pid).and_then(|p| p.stat()).map(|s| s.starttime).ok()
+}
+
+/// Scheduler state letter of a process (`R` running, `S` sleeping...).
+pub fn process_state(pid: i32) -> Option<char> {
+    procfs::process::Process::new(pid).and_then(|p| p.stat()).map(|s| s.state).ok()
+}
+
+/// Waits for all `procs` (pid, start time) to be gone.
+pub async fn wait_gone(procs: &[(i32, u64)], within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left: Vec<i32> = procs.iter().filter(|(p, t)| is_running(*p, *t)).map(|(p, _)| *p).collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "processes still running after {within:?}: {left:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

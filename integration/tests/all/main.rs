@@ -1,1 +1,7 @@
-fn main() {}
+//! End-to-end tests: the real `wasmbox` and `wasmbox-worker` binaries over HTTP on loopback.
+//! One binary, one module per topic.
+#![allow(clippy::unwrap_used)]
+
+mod faults;
+mod invoke;
+mod limits;

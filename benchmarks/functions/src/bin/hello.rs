@@ -1,0 +1,4 @@
+//! Smallest useful function: pure invocation overhead.
+fn main() {
+    println!("Hello from WasmBox!");
+}

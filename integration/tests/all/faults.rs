@@ -1,0 +1,118 @@
+//! Fault containment and lifecycle: dead workers, overload, graceful and hard shutdown.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use nix::sys::signal::Signal;
+use wasmbox_integration::{Supervisor, process_state, start_time, wait_gone};
+
+#[tokio::test]
+async fn killed_worker_costs_one_502_and_the_pool_refills_within_a_second() -> anyhow::Result<()> {
+    let s = Supervisor::builder().workers(2).function("cpu-spin").function("hello").start()?;
+    s.wait_pool_full(2, Duration::from_secs(10)).await?;
+    let before = s.worker_pids();
+    // Run the long invocation concurrently with finding and killing its worker.
+    let long = s.request(Method::GET, "/cpu-spin?arg=5000", &[], Bytes::new());
+    let killer = async {
+        // The busy worker is the one the kernel sees running.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = before.iter().copied().find(|p| process_state(*p) == Some('R')) {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL)?;
+                return anyhow::Ok((pid, Instant::now()));
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no worker became busy");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let (reply, killed) = tokio::join!(long, killer);
+    let (victim, killed_at) = killed?;
+    let reply = reply?;
+    assert_eq!((reply.status, reply.kind().as_str()), (StatusCode::BAD_GATEWAY, "worker_died"), "{}", reply.text());
+    assert!(reply.json()["message"].as_str().unwrap().contains("SIGKILL"), "{}", reply.text());
+    s.wait_pool_full(2, Duration::from_secs(1).saturating_sub(killed_at.elapsed())).await?;
+    let after = s.worker_pids();
+    assert!(!after.contains(&victim), "victim {victim} replaced: {after:?}");
+    assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
+    assert_eq!(s.get("/ready").await?.json()["pool"]["restarts"], 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_requests_on_two_workers_lose_none() -> anyhow::Result<()> {
+    let s = std::sync::Arc::new(
+        Supervisor::builder().workers(2).function("cpu-spin").env("WASMBOX_QUEUE_DEPTH", 64).start()?,
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move { s.get("/cpu-spin?arg=5").await }));
+    }
+    let (mut ok, mut full) = (0, 0);
+    for t in tasks {
+        let r = tokio::time::timeout(Duration::from_secs(60), t).await???;
+        match r.status {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(r.kind(), "queue_full");
+                assert_eq!(r.header("retry-after"), Some("1"));
+                full += 1;
+            }
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    assert_eq!(ok + full, 200, "every request got exactly one answer");
+    assert!(ok >= 66, "at least the workers plus the queue were served: ok={ok} full={full}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_invocations_and_exits_zero() -> anyhow::Result<()> {
+    let mut s = Supervisor::builder().workers(2).function("cpu-spin").start()?;
+    s.wait_pool_full(2, Duration::from_secs(10)).await?;
+    let workers: Vec<(i32, u64)> = s.worker_pids().into_iter().filter_map(|p| Some((p, start_time(p)?))).collect();
+    assert_eq!(workers.len(), 2);
+    let client = s.client();
+    let mut inflight = Vec::new();
+    for _ in 0..4 {
+        let c = client.clone();
+        inflight.push(tokio::spawn(async move { c.get("/cpu-spin?arg=700").await }));
+    }
+    // Wait until both workers are running before asking the supervisor to stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while workers.iter().filter(|(p, _)| process_state(*p) == Some('R')).count() < 2 {
+        anyhow::ensure!(Instant::now() < deadline, "workers never got busy");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.signal(Signal::SIGTERM)?;
+    for t in inflight {
+        let r = t.await??;
+        assert_eq!(r.status, StatusCode::OK, "in-flight and queued invocations complete: {}", r.text());
+    }
+    let status = s.wait_exit(Duration::from_secs(30)).await?;
+    assert_eq!(status.code(), Some(0), "logs:\n{}", s.logs());
+    wait_gone(&workers, Duration::from_secs(5)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigkill_of_the_supervisor_leaves_no_worker_behind() -> anyhow::Result<()> {
+    let mut s = Supervisor::builder().workers(3).function("cpu-spin").start()?;
+    s.wait_pool_full(3, Duration::from_secs(10)).await?;
+    let workers: Vec<(i32, u64)> = s.worker_pids().into_iter().filter_map(|p| Some((p, start_time(p)?))).collect();
+    assert_eq!(workers.len(), 3);
+    // One of them busy in a guest, the others idle: all must go.
+    let c = s.client();
+    let busy = tokio::spawn(async move { c.get("/cpu-spin?arg=10000").await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !workers.iter().any(|(p, _)| process_state(*p) == Some('R')) {
+        anyhow::ensure!(Instant::now() < deadline, "no worker got busy");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.signal(Signal::SIGKILL)?;
+    s.wait_exit(Duration::from_secs(5)).await?;
+    wait_gone(&workers, Duration::from_secs(5)).await?;
+    assert!(busy.await?.is_err(), "the connection died with the supervisor");
+    Ok(())
+}
