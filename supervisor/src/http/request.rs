@@ -12,9 +12,11 @@ use crate::registry::{FunctionLimits, FunctionName};
 pub const MAX_ARGS: usize = 1024;
 pub const MAX_ARGS_BYTES: usize = 64 * 1024;
 
+/// Limit headers, spelled as the original WasmBox interface spells them (matched
+/// case-insensitively).
 pub const CPU_QUOTA: &str = "cpu_quota";
-pub const MEMORY_REQUEST: &str = "memory-request";
-pub const TIMEOUT_MS: &str = "timeout-ms";
+pub const MEMORY_REQUEST: &str = "Memory-Request";
+pub const TIMEOUT_MS: &str = "Timeout-Ms";
 
 /// The function named by a request path `/{name}`. The raw path is checked as sent:
 /// percent-encoded bytes (`%2F`, `%00`) are not decoded first, so they are simply invalid.
@@ -79,14 +81,14 @@ pub fn limits(
             server.max_cpu_quota,
         )?,
         memory_mb: one(
-            "Memory-Request",
+            MEMORY_REQUEST,
             function.memory_mb,
             server.default_memory_mb,
             function.max_memory_mb,
             server.max_memory_mb,
         )?,
         timeout_ms: one(
-            "Timeout-Ms",
+            TIMEOUT_MS,
             function.timeout_ms,
             server.default_timeout_ms,
             function.max_timeout_ms,

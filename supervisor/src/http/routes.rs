@@ -140,7 +140,7 @@ async fn invoke(
                 invocation.module = function.module.clone();
                 continue;
             }
-            Ok(done) => outcome_response(&done.result, done.stdout, &done.stderr, &invocation, &meta),
+            Ok(done) => outcome_response(&done.result, done.stdout, &done.stderr, &invocation),
             Err(failure) => Err(invoke_failure(failure, &invocation)),
         };
         let (status, kind) = match &response {
@@ -180,7 +180,6 @@ fn outcome_response(
     stdout: Bytes,
     stderr: &[u8],
     invocation: &Invocation,
-    _meta: &Meta,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let mut response = match &result.outcome {
         Outcome::Exited { code: 0 } => {

@@ -46,3 +46,43 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use wasmbox_protocol::{Hello, PROTOCOL_VERSION};
+
+    fn hello() -> FromWorker {
+        FromWorker::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            worker_version: "test".into(),
+            engine: "wasmtime".into(),
+            engine_version: "x".into(),
+            pid: 1,
+        })
+    }
+
+    #[tokio::test]
+    async fn frames_cross_a_real_socketpair() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut conn = Connection::new(a, 16);
+        b.write_all(&encode_head(&hello(), 5)).await.unwrap();
+        b.write_all(b"12345").await.unwrap();
+        let (msg, payload) = conn.recv().await.unwrap();
+        assert_eq!(msg, hello());
+        assert_eq!(&payload[..], b"12345");
+    }
+
+    #[tokio::test]
+    async fn oversized_payload_and_eof_are_errors() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut conn = Connection::new(a, 4);
+        b.write_all(&encode_head(&hello(), 5)).await.unwrap();
+        assert!(matches!(conn.recv().await, Err(FrameError::PayloadTooLarge { len: 5, limit: 4 })));
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut conn = Connection::new(a, 4);
+        drop(b);
+        assert!(matches!(conn.recv().await, Err(FrameError::Truncated)));
+    }
+}
