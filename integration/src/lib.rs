@@ -334,9 +334,25 @@ pub fn start_time(pid: i32) -> Option<u64> {
     procfs::process::Process::new(pid).and_then(|p| p.stat()).map(|s| s.starttime).ok()
 }
 
-/// Scheduler state letter of a process (`R` running, `S` sleeping...).
-pub fn process_state(pid: i32) -> Option<char> {
-    procfs::process::Process::new(pid).and_then(|p| p.stat()).map(|s| s.state).ok()
+/// CPU time (user + system, in clock ticks) a process has used.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    procfs::process::Process::new(pid).and_then(|p| p.stat()).map(|s| s.utime + s.stime).unwrap_or(0)
+}
+
+/// Waits until `count` of `pids` have each used at least 5 clock ticks (50 ms) of CPU since
+/// this call: proof that they are executing a guest, not just momentarily runnable.
+/// Returns the busy ones.
+pub async fn wait_busy(pids: &[i32], count: usize, within: Duration) -> Result<Vec<i32>> {
+    let baseline: Vec<(i32, u64)> = pids.iter().map(|&p| (p, cpu_ticks(p))).collect();
+    let deadline = Instant::now() + within;
+    loop {
+        let busy: Vec<i32> = baseline.iter().filter(|(p, t)| cpu_ticks(*p) >= t + 5).map(|(p, _)| *p).collect();
+        if busy.len() >= count {
+            return Ok(busy);
+        }
+        ensure!(Instant::now() < deadline, "{count} of {pids:?} never got busy");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Waits for all `procs` (pid, start time) to be gone.

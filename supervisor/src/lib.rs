@@ -122,10 +122,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tracing::info!(%addr, "listening on http://{addr}");
 
     let drained = http::serve(listener, app.clone(), shutdown_signal()).await;
-    if !drained {
-        tracing::warn!("drain timeout passed with invocations still running; stopping them");
-    }
     let status = pool.status();
+    tracing::info!(drained, "connections closed");
     tracing::info!(busy = status.busy, "stopping workers");
     pool.shutdown(app.config.drain_timeout().min(Duration::from_secs(2))).await;
     tracing::info!("stopped");

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use nix::sys::signal::Signal;
-use wasmbox_integration::{Supervisor, process_state, start_time, wait_gone};
+use wasmbox_integration::{Supervisor, start_time, wait_busy, wait_gone};
 
 #[tokio::test]
 async fn killed_worker_costs_one_502_and_the_pool_refills_within_a_second() -> anyhow::Result<()> {
@@ -15,16 +15,10 @@ async fn killed_worker_costs_one_502_and_the_pool_refills_within_a_second() -> a
     // Run the long invocation concurrently with finding and killing its worker.
     let long = s.request(Method::GET, "/cpu-spin?arg=5000", &[], Bytes::new());
     let killer = async {
-        // The busy worker is the one the kernel sees running.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(pid) = before.iter().copied().find(|p| process_state(*p) == Some('R')) {
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL)?;
-                return anyhow::Ok((pid, Instant::now()));
-            }
-            anyhow::ensure!(Instant::now() < deadline, "no worker became busy");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        // The busy worker is the one accruing CPU time.
+        let pid = wait_busy(&before, 1, Duration::from_secs(10)).await?[0];
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL)?;
+        anyhow::Ok((pid, Instant::now()))
     };
     let (reply, killed) = tokio::join!(long, killer);
     let (victim, killed_at) = killed?;
@@ -80,11 +74,8 @@ async fn sigterm_drains_in_flight_invocations_and_exits_zero() -> anyhow::Result
         inflight.push(tokio::spawn(async move { c.get("/cpu-spin?arg=700").await }));
     }
     // Wait until both workers are running before asking the supervisor to stop.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while workers.iter().filter(|(p, _)| process_state(*p) == Some('R')).count() < 2 {
-        anyhow::ensure!(Instant::now() < deadline, "workers never got busy");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let pids: Vec<i32> = workers.iter().map(|(p, _)| *p).collect();
+    wait_busy(&pids, 2, Duration::from_secs(10)).await?;
     s.signal(Signal::SIGTERM)?;
     for t in inflight {
         let r = t.await??;
@@ -105,14 +96,33 @@ async fn sigkill_of_the_supervisor_leaves_no_worker_behind() -> anyhow::Result<(
     // One of them busy in a guest, the others idle: all must go.
     let c = s.client();
     let busy = tokio::spawn(async move { c.get("/cpu-spin?arg=10000").await });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !workers.iter().any(|(p, _)| process_state(*p) == Some('R')) {
-        anyhow::ensure!(Instant::now() < deadline, "no worker got busy");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let pids: Vec<i32> = workers.iter().map(|(p, _)| *p).collect();
+    wait_busy(&pids, 1, Duration::from_secs(10)).await?;
     s.signal(Signal::SIGKILL)?;
     s.wait_exit(Duration::from_secs(5)).await?;
     wait_gone(&workers, Duration::from_secs(5)).await?;
     assert!(busy.await?.is_err(), "the connection died with the supervisor");
+    Ok(())
+}
+
+#[tokio::test]
+async fn drain_timeout_answers_unfinished_invocations_with_503() -> anyhow::Result<()> {
+    let mut s = Supervisor::builder()
+        .workers(1)
+        .function("cpu-spin")
+        .env("WASMBOX_DRAIN_TIMEOUT_MS", 300)
+        .env("WASMBOX_KILL_GRACE_MS", 100)
+        .start()?;
+    s.wait_pool_full(1, Duration::from_secs(10)).await?;
+    let worker: Vec<(i32, u64)> = s.worker_pids().into_iter().filter_map(|p| Some((p, start_time(p)?))).collect();
+    let c = s.client();
+    let long = tokio::spawn(async move { c.get("/cpu-spin?arg=20000").await });
+    wait_busy(&[worker[0].0], 1, Duration::from_secs(10)).await?;
+    s.signal(Signal::SIGTERM)?;
+    let r = long.await??;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"), "{}", r.text());
+    let status = s.wait_exit(Duration::from_secs(10)).await?;
+    assert_eq!(status.code(), Some(0), "logs:\n{}", s.logs());
+    wait_gone(&worker, Duration::from_secs(5)).await?;
     Ok(())
 }

@@ -57,5 +57,15 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     }
     drop(listener);
     app.begin_drain();
-    tokio::time::timeout(app.config.drain_timeout(), graceful.shutdown()).await.is_ok()
+    let all_closed = graceful.shutdown();
+    tokio::pin!(all_closed);
+    if tokio::time::timeout(app.config.drain_timeout(), &mut all_closed).await.is_ok() {
+        return true;
+    }
+    // Drain timed out: stop the workers still running, then give their connections a
+    // moment to write the resulting 503s, so no request goes unanswered.
+    tracing::warn!("drain timeout passed with invocations still running; stopping them");
+    app.pool.shutdown(Duration::from_millis(app.config.kill_grace_ms)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), &mut all_closed).await;
+    false
 }
