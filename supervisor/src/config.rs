@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::cgroup::{CgroupMode, CgroupSettings};
+
 /// WasmBox: a serverless runtime multiplexer for WebAssembly. Serves WASI functions over
 /// HTTP, running each invocation in a pre-forked, sandboxed worker process.
 #[derive(Debug, Clone, Parser)]
@@ -97,6 +99,31 @@ pub struct Config {
     #[arg(long, env = "WASMBOX_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
 
+    /// Per-worker cgroups: auto uses them where the cgroup file system is writable (else
+    /// warns once), required refuses to start without them, off never touches cgroup files.
+    #[arg(long, env = "WASMBOX_CGROUPS", value_enum, default_value_t = CgroupMode::Auto)]
+    pub cgroups: CgroupMode,
+
+    /// Compatibility switch of the original deployment: false means WASMBOX_CGROUPS=off.
+    #[arg(long, env = "ENABLE_CGROUPS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub enable_cgroups: Option<bool>,
+
+    /// Parent cgroup of the worker cgroups: relative to the supervisor's own cgroup, or
+    /// absolute from the hierarchy root.
+    #[arg(long, env = "WASMBOX_CGROUP_PARENT", default_value = "wasmbox")]
+    pub cgroup_parent: String,
+
+    /// pids.max of each worker cgroup (counts threads: the worker runs a few, plus the
+    /// engine's compiler threads).
+    #[arg(long, env = "WASMBOX_PIDS_MAX", default_value_t = 64, value_parser = clap::value_parser!(u64).range(8..))]
+    pub pids_max: u64,
+
+    /// MiB added to each invocation's kernel memory limit on top of Memory-Request, the
+    /// worker's current use and the request's I/O buffers: room for compiling a module and
+    /// for the engine's own bookkeeping.
+    #[arg(long, env = "WASMBOX_CGROUP_MEMORY_HEADROOM_MB", default_value_t = 64)]
+    pub cgroup_memory_headroom_mb: u64,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -172,6 +199,23 @@ impl Config {
         std::env::temp_dir().join(format!("wasmbox-cache-{}", nix::unistd::geteuid()))
     }
 
+    /// The cgroup settings, with `ENABLE_CGROUPS=false` meaning off.
+    pub fn cgroup_settings(&self) -> Result<CgroupSettings, ConfigError> {
+        let mode = match (self.enable_cgroups, self.cgroups) {
+            (Some(false), CgroupMode::Required) => {
+                return Err(ConfigError("ENABLE_CGROUPS=false contradicts WASMBOX_CGROUPS=required".into()));
+            }
+            (Some(false), _) => CgroupMode::Off,
+            (_, mode) => mode,
+        };
+        Ok(CgroupSettings {
+            mode,
+            parent: self.cgroup_parent.clone(),
+            pids_max: self.pids_max,
+            memory_headroom_bytes: self.cgroup_memory_headroom_mb.saturating_mul(1 << 20),
+        })
+    }
+
     /// Checks relations between settings that flags alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let limits = self.limits();
@@ -188,6 +232,7 @@ impl Config {
                 return Err(ConfigError(format!("{default_name}={default} exceeds {max_name}={max}")));
             }
         }
+        self.cgroup_settings()?;
         if self.max_body_bytes == 0 || self.max_output_bytes == 0 || self.max_module_bytes == 0 {
             return Err(ConfigError("byte limits must be at least 1".into()));
         }
@@ -217,6 +262,18 @@ mod tests {
         let c = parse(&["--default-memory-mb", "512", "--max-memory-mb", "256"]);
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("WASMBOX_DEFAULT_MEMORY_MB=512"), "{err}");
+    }
+
+    #[test]
+    fn enable_cgroups_false_means_off() {
+        assert_eq!(parse(&[]).cgroup_settings().unwrap().mode, CgroupMode::Auto);
+        for off in ["false", "0", "no", "off"] {
+            let c = parse(&["--enable-cgroups", off]);
+            assert_eq!(c.cgroup_settings().unwrap().mode, CgroupMode::Off, "{off}");
+        }
+        assert_eq!(parse(&["--enable-cgroups", "true"]).cgroup_settings().unwrap().mode, CgroupMode::Auto);
+        let c = parse(&["--enable-cgroups", "false", "--cgroups", "required"]);
+        assert!(c.validate().unwrap_err().to_string().contains("ENABLE_CGROUPS=false"));
     }
 
     #[test]

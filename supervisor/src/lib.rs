@@ -1,6 +1,7 @@
 //! WasmBox supervisor: takes HTTP invocations and runs each in a pre-forked worker
 //! process from a pool. No tenant code ever runs in this process.
 
+pub mod cgroup;
 pub mod config;
 pub mod http;
 pub mod pool;
