@@ -71,6 +71,45 @@ fn shared_cache_dir() -> PathBuf {
     repo_root().join("target/test-cache")
 }
 
+/// A cgroup parent name no other supervisor of this test run uses.
+pub fn unique_cgroup_parent() -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("wasmbox-test-{}-{n}", std::process::id())
+}
+
+/// Why cgroup tests cannot run here, if they cannot: they need root and a writable cgroup
+/// file system. Where this is `None` the tests run with WASMBOX_CGROUPS=required, so a
+/// host that should support them but does not fails loudly instead of skipping.
+pub fn cgroup_skip_reason() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not running as root".into());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let cgroup_mounts: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.split(" - ").nth(1).is_some_and(|t| t.starts_with("cgroup ") || t.starts_with("cgroup2 ")))
+        .collect();
+    if cgroup_mounts.is_empty() {
+        return Some("no cgroup file system is mounted".into());
+    }
+    if cgroup_mounts.iter().all(|l| l.split_whitespace().nth(5).is_some_and(|o| o.split(',').any(|o| o == "ro"))) {
+        return Some("cgroup file systems are mounted read-only".into());
+    }
+    None
+}
+
+/// Prints why a cgroup test is skipped and returns true when it must be.
+pub fn skip_without_cgroups(test: &str) -> bool {
+    match cgroup_skip_reason() {
+        Some(reason) => {
+            eprintln!("SKIPPED {test}: {reason}");
+            true
+        }
+        None => false,
+    }
+}
+
 /// How to start a supervisor.
 pub struct Builder {
     workers: usize,
@@ -123,8 +162,17 @@ impl Builder {
             }
             std::fs::write(path, bytes)?;
         }
+        // Each supervisor gets its own cgroup parent: a shared one would be refused as in use.
+        let cgroup_parent = self
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "WASMBOX_CGROUP_PARENT")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(unique_cgroup_parent);
         let mut cmd = Command::new(&wasmbox);
         cmd.env_clear()
+            .env("WASMBOX_CGROUP_PARENT", &cgroup_parent)
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("WASMBOX_LISTEN", "127.0.0.1:0")
             .env("WASMBOX_FUNCTIONS_DIR", &functions)
@@ -155,7 +203,7 @@ impl Builder {
                 l.push('\n');
             }
         });
-        let mut supervisor = Supervisor { child, addr: "127.0.0.1:0".parse()?, logs, dir, exited: None };
+        let mut supervisor = Supervisor { child, addr: "127.0.0.1:0".parse()?, logs, dir, exited: None, cgroup_parent };
         match addr_rx.recv_timeout(Duration::from_secs(60)) {
             Ok(addr) => supervisor.addr = addr.parse().context("listen address in log")?,
             Err(_) => bail!("supervisor did not start listening; logs:\n{}", supervisor.logs()),
@@ -171,6 +219,8 @@ pub struct Supervisor {
     logs: Arc<Mutex<String>>,
     dir: tempfile::TempDir,
     exited: Option<ExitStatus>,
+    /// WASMBOX_CGROUP_PARENT it was started with.
+    pub cgroup_parent: String,
 }
 
 /// A response, fully read.
@@ -303,10 +353,52 @@ impl Supervisor {
 }
 
 impl Drop for Supervisor {
+    /// Stops the supervisor the way an operator would (SIGTERM, so it removes its cgroups),
+    /// SIGKILL after 5 s; then removes any cgroup it could not, as its next start would.
     fn drop(&mut self) {
         if self.exited.is_none() {
+            let _ = self.signal(nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        remove_cgroups_named(&self.cgroup_parent);
+    }
+}
+
+/// Removes every cgroup directory named `name` (and the `worker-<n>`/`supervisor` cgroups
+/// in it) in the mounted hierarchies, waiting briefly for their processes to go.
+pub fn remove_cgroups_named(name: &str) {
+    fn find(dir: &Path, name: &str, depth: usize, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() && !path.is_symlink() {
+                if entry.file_name() == name {
+                    out.push(path.clone());
+                } else if depth > 0 {
+                    find(&path, name, depth - 1, out);
+                }
+            }
+        }
+    }
+    let mut found = Vec::new();
+    find(Path::new("/sys/fs/cgroup"), name, 4, &mut found);
+    for parent in found {
+        let children: Vec<PathBuf> = std::fs::read_dir(&parent)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        for dir in children.iter().chain(std::iter::once(&parent)) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }

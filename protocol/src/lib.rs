@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Bumped whenever a message changes shape. Supervisor and worker must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// First bytes of every frame; a stream that loses sync fails fast on the next frame.
 pub const MAGIC: [u8; 4] = *b"WBX\x01";
@@ -38,6 +38,8 @@ pub enum FrameError {
     Truncated,
     #[error("i/o error on the worker socket")]
     Io(#[source] io::Error),
+    #[error("unexpected message: {0}")]
+    Unexpected(&'static str),
 }
 
 /// Lengths announced by a frame prefix, already checked against the limits.
@@ -131,11 +133,16 @@ pub fn write_frame<W: Write, H: Serialize>(writer: &mut W, header: &H, payload: 
 /// Messages from the supervisor to a worker.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
+// Built once per invocation and serialized at once; boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum ToWorker {
     /// Run one invocation; the frame payload is the function's stdin.
     Invoke(Invocation),
     /// Finish and exit cleanly.
     Shutdown,
+    /// Answer to `Started` when the invocation asked for `confirm_start`: the supervisor
+    /// has set the limits for running the guest; go ahead.
+    Proceed,
 }
 
 /// Messages from a worker to the supervisor.
@@ -159,6 +166,10 @@ pub struct Hello {
     pub engine: String,
     pub engine_version: String,
     pub pid: u32,
+    /// The worker's `/proc/self/cgroup`, read as the first thing its `main` does: the
+    /// supervisor checks it was placed in its slot's cgroup before it ran any code.
+    #[serde(default)]
+    pub cgroup: String,
 }
 
 /// A module as the supervisor's registry knows it: where it lives and what it hashes to.
@@ -194,6 +205,11 @@ pub struct Invocation {
     pub cpu_quota_millis: u64,
     /// Cap on captured stdout and on retained stderr, each.
     pub max_output_bytes: u64,
+    /// After compiling or loading the module (when it sends `Started`), wait for `Proceed`
+    /// before running the guest, so the supervisor can switch the worker's cgroup from its
+    /// compile allowance to the invocation's own memory limit first.
+    #[serde(default)]
+    pub confirm_start: bool,
 }
 
 /// How the module got into the worker for this invocation.
@@ -261,6 +277,7 @@ mod tests {
             timeout_ms: 1000,
             cpu_quota_millis: 1000,
             max_output_bytes: 1 << 20,
+            confirm_start: true,
         }
     }
 

@@ -124,6 +124,11 @@ pub struct Config {
     #[arg(long, env = "WASMBOX_CGROUP_MEMORY_HEADROOM_MB", default_value_t = 64)]
     pub cgroup_memory_headroom_mb: u64,
 
+    /// MiB a worker's memory limit allows on top while it compiles a module it has not run
+    /// before; the invocation's own limit applies before the guest starts.
+    #[arg(long, env = "WASMBOX_CGROUP_COMPILE_MEMORY_MB", default_value_t = 1024)]
+    pub cgroup_compile_memory_mb: u64,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -233,6 +238,12 @@ impl Config {
             }
         }
         self.cgroup_settings()?;
+        if limits.default_cpu_quota < crate::cgroup::MIN_CPU_QUOTA_MILLIS {
+            return Err(ConfigError(format!(
+                "WASMBOX_DEFAULT_CPU_QUOTA must be at least {} millicores",
+                crate::cgroup::MIN_CPU_QUOTA_MILLIS
+            )));
+        }
         if self.max_body_bytes == 0 || self.max_output_bytes == 0 || self.max_module_bytes == 0 {
             return Err(ConfigError("byte limits must be at least 1".into()));
         }

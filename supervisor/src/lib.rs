@@ -6,6 +6,7 @@ pub mod config;
 pub mod http;
 pub mod pool;
 pub mod registry;
+pub mod usage;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,10 +15,12 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::cgroup::{Cgroups, Description};
 use crate::config::{Config, LimitDefaults};
 use crate::pool::spawn::WorkerLaunch;
 use crate::pool::{Pool, PoolConfig, PoolStatus};
 use crate::registry::Registry;
+use crate::usage::UsageLedger;
 
 /// Why the supervisor could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,8 @@ pub enum StartError {
     },
     #[error("cannot start the worker pool")]
     Pool(#[from] pool::SpawnError),
+    #[error("cannot set up worker cgroups (WASMBOX_CGROUPS)")]
+    Cgroups(#[from] cgroup::CgroupError),
 }
 
 /// State shared by every request.
@@ -48,6 +53,9 @@ pub struct App {
     pub limits: LimitDefaults,
     pub registry: Registry,
     pub pool: Pool,
+    /// The worker cgroups in use, if any.
+    pub cgroups: Option<Description>,
+    pub usage: UsageLedger,
     draining: AtomicBool,
 }
 
@@ -79,6 +87,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tracing::warn!(dir = %registry.dir().display(), "functions directory does not exist yet; every function is 404 until it does");
     }
     let cache_dir = config.resolved_cache_dir();
+    let cgroup_settings = config.cgroup_settings()?;
+    let slots = config.worker_count();
+    let mut cgroups = tokio::task::spawn_blocking(move || {
+        Cgroups::setup(std::sync::Arc::new(cgroup::fs::KernelFs), &cgroup_settings, slots)
+    })
+    .await
+    .map_err(|e| StartError::Cgroups(cgroup::CgroupError::Detect(format!("setup task failed: {e}"))))??;
+    let slot_cgroups =
+        cgroups.as_ref().map(|c| (0..slots).filter_map(|i| c.slot(i).cloned()).collect()).unwrap_or_default();
     let pool_config = PoolConfig {
         size: config.worker_count(),
         queue_depth: config.queue_depth,
@@ -95,6 +112,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         compile_timeout: Duration::from_millis(config.compile_timeout_ms),
         // stdout (capped) + stderr tail (capped) + slack for framing.
         max_reply_bytes: config.max_output_bytes.saturating_mul(2).saturating_add(1 << 16),
+        cgroups: slot_cgroups,
+        compile_memory_bytes: config.cgroup_compile_memory_mb.saturating_mul(1 << 20),
     };
     tracing::info!(
         workers = pool_config.size,
@@ -104,11 +123,18 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         worker_bin = %pool_config.launch.binary.display(),
         "starting worker pool"
     );
-    let pool = Pool::start(pool_config).await?;
+    let pool = match Pool::start(pool_config).await {
+        Ok(pool) => pool,
+        Err(e) => {
+            remove_cgroups(cgroups.take()).await;
+            return Err(e.into());
+        }
+    };
     let listener = match TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(source) => {
             pool.shutdown(Duration::from_secs(1)).await;
+            remove_cgroups(cgroups.take()).await;
             return Err(StartError::Listen { addr: config.listen, source });
         }
     };
@@ -117,6 +143,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         limits: config.limits(),
         registry,
         pool: pool.clone(),
+        cgroups: cgroups.as_ref().map(Cgroups::describe),
+        usage: UsageLedger::default(),
         draining: AtomicBool::new(false),
         config,
     });
@@ -127,8 +155,16 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tracing::info!(drained, "connections closed");
     tracing::info!(busy = status.busy, "stopping workers");
     pool.shutdown(app.config.drain_timeout().min(Duration::from_secs(2))).await;
+    remove_cgroups(cgroups.take()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Removes the worker cgroups (workers must be stopped first).
+async fn remove_cgroups(cgroups: Option<Cgroups>) {
+    if let Some(mut cgroups) = cgroups {
+        let _ = tokio::task::spawn_blocking(move || cgroups.teardown()).await;
+    }
 }
 
 async fn shutdown_signal() {

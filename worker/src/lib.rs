@@ -38,6 +38,10 @@ pub struct WorkerArgs {
     /// Log filter for the worker's own diagnostics (tracing syntax).
     #[arg(long, default_value = "warn")]
     pub log: String,
+
+    /// `/proc/self/cgroup` as read at the start of `main` (not a flag).
+    #[arg(skip)]
+    pub initial_cgroup: String,
 }
 
 /// Errors that end a worker.
@@ -67,7 +71,7 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
                 args.module_cache_entries,
                 args.max_module_bytes,
             )?;
-            server::serve(socket, cache)?;
+            server::serve(socket, cache, args.initial_cgroup)?;
             Ok(())
         }
         other => Err(WorkerError::UnknownEngine(other.into())),

@@ -1,7 +1,7 @@
 //! The worker's serve loop: handshake, then one invocation at a time until the supervisor
 //! says stop or closes the socket.
 
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use crate::engine::{Engine, RunRequest, RunResult};
 pub const MAX_STDIN_BYTES: u64 = 1 << 30;
 
 /// Serves invocations on `socket` until the supervisor closes it or sends `Shutdown`.
-pub fn serve<E: Engine>(socket: UnixStream, mut cache: ModuleCache<E>) -> Result<(), FrameError> {
+pub fn serve<E: Engine>(socket: UnixStream, mut cache: ModuleCache<E>, cgroup: String) -> Result<(), FrameError> {
     let mut reader = BufReader::new(socket.try_clone().map_err(FrameError::Io)?);
     let mut writer = BufWriter::new(socket);
     let hello = FromWorker::Hello(Hello {
@@ -27,6 +27,7 @@ pub fn serve<E: Engine>(socket: UnixStream, mut cache: ModuleCache<E>) -> Result
         engine: cache.engine().name().into(),
         engine_version: cache.engine().version(),
         pid: std::process::id(),
+        cgroup,
     });
     write_frame(&mut writer, &hello, &[])?;
     loop {
@@ -35,18 +36,20 @@ pub fn serve<E: Engine>(socket: UnixStream, mut cache: ModuleCache<E>) -> Result
         };
         match message {
             ToWorker::Shutdown => return Ok(()),
+            ToWorker::Proceed => return Err(FrameError::Unexpected("proceed outside an invocation")),
             ToWorker::Invoke(invocation) => {
-                let (result, run) = invoke(&mut cache, &invocation, stdin, &mut writer)?;
+                let (result, run) = invoke(&mut cache, &invocation, stdin, &mut reader, &mut writer)?;
                 write_frame(&mut writer, &FromWorker::Result(result), &[&run.stdout, &run.stderr])?;
             }
         }
     }
 }
 
-fn invoke<E: Engine, W: Write>(
+fn invoke<E: Engine, R: Read, W: Write>(
     cache: &mut ModuleCache<E>,
     invocation: &Invocation,
     stdin: Vec<u8>,
+    reader: &mut R,
     writer: &mut W,
 ) -> Result<(InvocationResult, RunResult), FrameError> {
     let span = tracing::debug_span!("invoke", request_id = %invocation.request_id, function = %invocation.function);
@@ -69,6 +72,15 @@ fn invoke<E: Engine, W: Write>(
     };
     if source != ModuleSource::Memory {
         write_frame(writer, &FromWorker::Started, &[])?;
+        if invocation.confirm_start {
+            match read_frame::<_, ToWorker>(reader, 0)? {
+                Some((ToWorker::Proceed, _)) => {}
+                Some((ToWorker::Shutdown, _)) | None => {
+                    return Err(FrameError::Unexpected("stopped before the guest ran"));
+                }
+                Some(_) => return Err(FrameError::Unexpected("expected proceed")),
+            }
+        }
     }
     let run = cache.engine().run(
         &module,

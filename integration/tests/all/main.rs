@@ -2,6 +2,7 @@
 //! One binary, one module per topic.
 #![allow(clippy::unwrap_used)]
 
+mod cgroups;
 mod faults;
 mod invoke;
 mod limits;

@@ -194,25 +194,12 @@ impl SlotCgroup {
     /// headroom (compilation and engine bookkeeping), rounded up to a MiB. Linear memory is
     /// capped at exactly `Memory-Request` by the engine; the kernel limit bounds everything
     /// else the worker might allocate on the guest's behalf.
-    pub fn prepare(&self, request: &SlotRequest) -> Result<Checkpoint, CgroupError> {
+    ///
+    /// `compile_allowance` is added while the worker may still compile the module; once it
+    /// reports the module ready, [`SlotCgroup::tighten`] drops it before the guest runs.
+    pub fn prepare(&self, request: &SlotRequest, compile_allowance: u64) -> Result<Checkpoint, CgroupError> {
         let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        let mut memory_limit = None;
-        if let Some(memory) = &self.memory {
-            let held = self.memory_current.as_ref().map(read_u64).transpose().map_err(self.read_err("memory usage"))?;
-            let limit = round_up_mib(
-                held.unwrap_or(0)
-                    .saturating_add(request.memory_request_bytes)
-                    .saturating_add(request.io_bytes)
-                    .saturating_add(self.memory_headroom),
-            );
-            if applied.memory_limit != Some(limit) {
-                memory
-                    .set_limit(i64::try_from(limit).unwrap_or(i64::MAX))
-                    .map_err(controller_err("cannot set the memory limit of", memory.path()))?;
-                applied.memory_limit = Some(limit);
-            }
-            memory_limit = Some(limit);
-        }
+        let memory_limit = self.apply_memory(&mut applied, request, compile_allowance)?;
         if let Some(cpu) = &self.cpu {
             let quota = request.cpu_quota_millis.max(MIN_CPU_QUOTA_MILLIS).saturating_mul(CPU_PERIOD_US / 1000);
             if applied.cpu_quota_us != Some(quota) {
@@ -231,6 +218,38 @@ impl SlotCgroup {
         }
         let cpu_usage_ns = self.cpu_usage_ns().map_err(self.read_err("CPU usage"))?;
         Ok(Checkpoint { cpu_usage_ns, memory_limit_bytes: memory_limit })
+    }
+
+    /// Sets the memory limit for running the guest (no compile allowance), measured from
+    /// what the worker holds now that the module is ready.
+    pub fn tighten(&self, request: &SlotRequest, checkpoint: &mut Checkpoint) -> Result<(), CgroupError> {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        checkpoint.memory_limit_bytes = self.apply_memory(&mut applied, request, 0)?;
+        Ok(())
+    }
+
+    fn apply_memory(
+        &self,
+        applied: &mut Applied,
+        request: &SlotRequest,
+        allowance: u64,
+    ) -> Result<Option<u64>, CgroupError> {
+        let Some(memory) = &self.memory else { return Ok(None) };
+        let held = self.memory_current.as_ref().map(read_u64).transpose().map_err(self.read_err("memory usage"))?;
+        let limit = round_up_mib(
+            held.unwrap_or(0)
+                .saturating_add(request.memory_request_bytes)
+                .saturating_add(request.io_bytes)
+                .saturating_add(self.memory_headroom)
+                .saturating_add(allowance),
+        );
+        if applied.memory_limit != Some(limit) {
+            memory
+                .set_limit(i64::try_from(limit).unwrap_or(i64::MAX))
+                .map_err(controller_err("cannot set the memory limit of", memory.path()))?;
+            applied.memory_limit = Some(limit);
+        }
+        Ok(Some(limit))
     }
 
     /// What the invocation that started at `checkpoint` used.

@@ -79,7 +79,7 @@ fn v1_limits_follow_each_invocation_and_accounting_reads_deltas() {
     fs.write(&format!("{}/cpuacct.usage", dir("cpuacct")), "1000000000\n");
     fs.write(&format!("{}/memory.max_usage_in_bytes", dir("memory")), "999999999\n");
     let request = SlotRequest { cpu_quota_millis: 250, memory_request_bytes: 64 << 20, io_bytes: 1 << 20 };
-    let checkpoint = slot.prepare(&request).unwrap();
+    let checkpoint = slot.prepare(&request, 0).unwrap();
     assert_eq!(fs.read(&format!("{}/cpu.cfs_quota_us", dir("cpu"))).trim(), "25000");
     // held (rounded up) + request + io + headroom: 11 + 64 + 1 + 32 MiB.
     let expected_limit: u64 = (11 + 64 + 1 + 32) << 20;
@@ -95,11 +95,21 @@ fn v1_limits_follow_each_invocation_and_accounting_reads_deltas() {
     assert_eq!(used.memory_peak_bytes, Some(80 << 20));
     assert_eq!(used.memory_limit_bytes, Some(expected_limit));
 
+    // A cold start gets the compile allowance until the module is ready.
+    let mut cold = slot.prepare(&request, 512 << 20).unwrap();
+    assert_eq!(cold.memory_limit_bytes, Some(expected_limit + (512 << 20)));
+    fs.write(&format!("{}/memory.usage_in_bytes", dir("memory")), &format!("{}\n", 30 << 20));
+    slot.tighten(&request, &mut cold).unwrap();
+    let tight: u64 = (30 + 64 + 1 + 32) << 20;
+    assert_eq!(cold.memory_limit_bytes, Some(tight));
+    assert_eq!(fs.read(&format!("{}/memory.limit_in_bytes", dir("memory"))).trim(), tight.to_string());
+    fs.write(&format!("{}/memory.usage_in_bytes", dir("memory")), &format!("{}\n", (10 << 20) + 5));
+
     // Unchanged limits are not rewritten; a quota under the kernel's minimum is raised to it.
     fs.write(&format!("{}/cpu.cfs_quota_us", dir("cpu")), "sentinel");
-    slot.prepare(&request).unwrap();
+    slot.prepare(&request, 0).unwrap();
     assert_eq!(fs.read(&format!("{}/cpu.cfs_quota_us", dir("cpu"))), "sentinel");
-    slot.prepare(&SlotRequest { cpu_quota_millis: 1, ..request }).unwrap();
+    slot.prepare(&SlotRequest { cpu_quota_millis: 1, ..request }, 0).unwrap();
     assert_eq!(fs.read(&format!("{}/cpu.cfs_quota_us", dir("cpu"))).trim(), "1000");
 }
 
@@ -204,7 +214,7 @@ fn v2_at_the_root_enables_controllers_for_the_parent() {
     fs.write(&format!("{dir}/memory.current"), "1048576\n");
     fs.write(&format!("{dir}/cpu.stat"), "usage_usec 5000\nuser_usec 4000\nsystem_usec 1000\n");
     let request = SlotRequest { cpu_quota_millis: 1500, memory_request_bytes: 16 << 20, io_bytes: 0 };
-    let checkpoint = slot.prepare(&request).unwrap();
+    let checkpoint = slot.prepare(&request, 0).unwrap();
     assert_eq!(fs.read(&format!("{dir}/cpu.max")).trim(), "150000 100000");
     assert_eq!(fs.read(&format!("{dir}/memory.max")).trim(), ((1 + 16 + 32) << 20).to_string());
     assert_eq!(fs.read(&format!("{dir}/memory.swap.max")).trim(), "0");

@@ -42,6 +42,13 @@ pub enum ApiError {
     OutputTooLarge { limit: u64 },
     #[error("function needed more than its memory limit of {limit_mb} MiB")]
     MemoryLimitExceeded { limit_mb: u64, stderr: String },
+    #[error(
+        "the kernel killed the function's worker for exceeding its memory limit{} (Memory-Request \
+         {memory_request_mb} MiB plus the worker's own needs); host-side memory used on the \
+         function's behalf counts too",
+        limit_bytes.map(|b| format!(" of {} MiB", b >> 20)).unwrap_or_default()
+    )]
+    OomKilled { memory_request_mb: u64, limit_bytes: Option<u64> },
     #[error("worker process died during the invocation: {detail}")]
     WorkerDied { detail: String },
     #[error("server is shutting down")]
@@ -71,7 +78,9 @@ impl ApiError {
             | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // Distinct from a function bug: the same request may succeed with a larger
             // Memory-Request, and 507 says "could not get the storage it needed".
-            ApiError::MemoryLimitExceeded { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            // Both memory failures are 507; the kind says which layer stopped the function:
+            // the engine's linear-memory cap or the kernel's cgroup OOM killer.
+            ApiError::MemoryLimitExceeded { .. } | ApiError::OomKilled { .. } => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::WorkerDied { .. } => StatusCode::BAD_GATEWAY,
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -96,6 +105,7 @@ impl ApiError {
             ApiError::Trapped { .. } => "trap",
             ApiError::OutputTooLarge { .. } => "output_too_large",
             ApiError::MemoryLimitExceeded { .. } => "memory_limit_exceeded",
+            ApiError::OomKilled { .. } => "oom_killed",
             ApiError::WorkerDied { .. } => "worker_died",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::DeadlineExceeded { .. } => "deadline_exceeded",
@@ -124,6 +134,10 @@ impl ApiError {
             ApiError::MemoryLimitExceeded { limit_mb, stderr } => {
                 body.insert("memory_limit_mb".into(), json!(limit_mb));
                 body.insert("stderr".into(), json!(stderr));
+            }
+            ApiError::OomKilled { memory_request_mb, limit_bytes } => {
+                body.insert("memory_request_mb".into(), json!(memory_request_mb));
+                body.insert("cgroup_memory_limit_bytes".into(), json!(limit_bytes));
             }
             ApiError::DeadlineExceeded { timeout_ms, worker_killed } => {
                 body.insert("timeout_ms".into(), json!(timeout_ms));
@@ -189,6 +203,7 @@ mod tests {
             (ApiError::OutputTooLarge { limit: 1 }, 500, "output_too_large"),
             (ApiError::Internal(s()), 500, "internal_error"),
             (ApiError::MemoryLimitExceeded { limit_mb: 1, stderr: s() }, 507, "memory_limit_exceeded"),
+            (ApiError::OomKilled { memory_request_mb: 1, limit_bytes: Some(1 << 20) }, 507, "oom_killed"),
             (ApiError::WorkerDied { detail: s() }, 502, "worker_died"),
             (ApiError::ShuttingDown, 503, "shutting_down"),
             (ApiError::DeadlineExceeded { timeout_ms: 1, worker_killed: false }, 504, "deadline_exceeded"),

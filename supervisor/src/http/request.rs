@@ -5,6 +5,7 @@
 use http::HeaderMap;
 
 use super::error::ApiError;
+use crate::cgroup::MIN_CPU_QUOTA_MILLIS;
 use crate::config::LimitDefaults;
 use crate::registry::{FunctionLimits, FunctionName};
 
@@ -72,14 +73,16 @@ pub fn limits(
             None => Ok(fn_default.unwrap_or(default).min(max)),
         }
     };
+    let cpu_quota_millis =
+        one(CPU_QUOTA, function.cpu_quota, server.default_cpu_quota, function.max_cpu_quota, server.max_cpu_quota)?;
+    if cpu_quota_millis < MIN_CPU_QUOTA_MILLIS {
+        return Err(ApiError::InvalidHeader {
+            header: CPU_QUOTA,
+            reason: format!("{cpu_quota_millis} is below the minimum of {MIN_CPU_QUOTA_MILLIS} millicores"),
+        });
+    }
     Ok(InvocationLimits {
-        cpu_quota_millis: one(
-            CPU_QUOTA,
-            function.cpu_quota,
-            server.default_cpu_quota,
-            function.max_cpu_quota,
-            server.max_cpu_quota,
-        )?,
+        cpu_quota_millis,
         memory_mb: one(
             MEMORY_REQUEST,
             function.memory_mb,
@@ -163,6 +166,7 @@ mod tests {
         for (header, value) in [
             ("cpu_quota", "abc"),
             ("cpu_quota", "0"),
+            ("cpu_quota", "9"),
             ("cpu_quota", "-5"),
             ("cpu_quota", "2001"),
             ("memory-request", "1.5"),

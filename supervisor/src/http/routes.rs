@@ -14,6 +14,7 @@ use wasmbox_protocol::{Invocation, InvocationResult, Outcome};
 use super::error::{ApiError, stderr_tail};
 use super::request;
 use crate::App;
+use crate::cgroup::Accounting;
 use crate::pool::{AcquireError, InvokeFailure};
 use crate::registry::{FunctionName, RegistryError};
 
@@ -24,6 +25,9 @@ pub const HEADER_QUEUE_WAIT: &str = "x-wasmbox-queue-wait-us";
 pub const HEADER_EXEC_TIME: &str = "x-wasmbox-exec-time-us";
 pub const HEADER_PREPARE_TIME: &str = "x-wasmbox-prepare-time-us";
 pub const HEADER_MODULE_SOURCE: &str = "x-wasmbox-module-source";
+pub const HEADER_CPU_TIME: &str = "x-wasmbox-cpu-time-us";
+pub const HEADER_MEMORY_PEAK: &str = "x-wasmbox-memory-peak-bytes";
+pub const HEADER_MEMORY_LIMIT: &str = "x-wasmbox-memory-limit-bytes";
 
 /// Handles one request; never fails: every error becomes a typed JSON response.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -61,6 +65,15 @@ async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Resu
             let (ready, status) = app.readiness();
             let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             Ok(json_response(code, &json!({"ready": ready, "pool": status})))
+        }
+        "/stats" => {
+            only_get(req.method())?;
+            let body = json!({
+                "pool": app.pool.status(),
+                "cgroups": app.cgroups,
+                "functions": app.usage.snapshot(),
+            });
+            Ok(json_response(StatusCode::OK, &body))
         }
         "/" => Err(ApiError::RouteNotFound("/".into())),
         _ => {
@@ -117,6 +130,7 @@ async fn invoke(
         timeout_ms: limits.timeout_ms,
         cpu_quota_millis: limits.cpu_quota_millis,
         max_output_bytes: app.config.max_output_bytes,
+        confirm_start: false,
     };
     drop(_entered);
 
@@ -140,8 +154,21 @@ async fn invoke(
                 invocation.module = function.module.clone();
                 continue;
             }
-            Ok(done) => outcome_response(&done.result, done.stdout, &done.stderr, &invocation),
-            Err(failure) => Err(invoke_failure(failure, &invocation)),
+            Ok(done) => {
+                if let Some(used) = &done.accounting {
+                    app.usage.record(&name, used);
+                }
+                outcome_response(&done.result, done.stdout, &done.stderr, &invocation).map(|mut r| {
+                    add_accounting(r.headers_mut(), done.accounting.as_ref());
+                    r
+                })
+            }
+            Err(failure) => {
+                if matches!(failure, InvokeFailure::OomKilled { .. }) {
+                    app.usage.record_oom_kill(&name);
+                }
+                Err(invoke_failure(failure, &invocation))
+            }
         };
         let (status, kind) = match &response {
             Ok(r) => (r.status(), "ok"),
@@ -159,6 +186,20 @@ async fn invoke(
         return Ok(with_meta(response.unwrap_or_else(|e| e.to_response()), &meta));
     }
     Err(ApiError::Internal("module kept changing while it was being loaded".into()))
+}
+
+/// CPU time, peak memory and the kernel memory limit of the invocation, from its cgroup.
+fn add_accounting(headers: &mut http::HeaderMap, accounting: Option<&Accounting>) {
+    let Some(used) = accounting else { return };
+    if let Some(cpu) = used.cpu_time {
+        headers.insert(HEADER_CPU_TIME, HeaderValue::from(micros(cpu)));
+    }
+    if let Some(peak) = used.memory_peak_bytes {
+        headers.insert(HEADER_MEMORY_PEAK, HeaderValue::from(peak));
+    }
+    if let Some(limit) = used.memory_limit_bytes {
+        headers.insert(HEADER_MEMORY_LIMIT, HeaderValue::from(limit));
+    }
 }
 
 struct Meta {
@@ -226,6 +267,13 @@ fn invoke_failure(failure: InvokeFailure, invocation: &Invocation) -> ApiError {
             ApiError::DeadlineExceeded { timeout_ms: invocation.timeout_ms, worker_killed: true }
         }
         InvokeFailure::ShuttingDown => ApiError::ShuttingDown,
+        InvokeFailure::OomKilled { limit_bytes } => {
+            ApiError::OomKilled { memory_request_mb: invocation.memory_limit_bytes >> 20, limit_bytes }
+        }
+        InvokeFailure::Limits(message) => {
+            tracing::error!(error = %message, "cannot apply cgroup limits");
+            ApiError::Internal("cannot apply the invocation's resource limits".into())
+        }
     }
 }
 

@@ -60,6 +60,7 @@ mod tests {
             engine: "wasmtime".into(),
             engine_version: "x".into(),
             pid: 1,
+            cgroup: "0::/\n".into(),
         })
     }
 

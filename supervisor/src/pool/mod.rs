@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use wasmbox_protocol::{FrameError, FromWorker, Hello, Invocation, InvocationResu
 
 use self::connection::Connection;
 use self::spawn::{Spawned, Spawner, WorkerLaunch};
+use crate::cgroup::{Accounting, Checkpoint, SlotCgroup, SlotRequest};
 
 /// Pool settings.
 #[derive(Debug, Clone)]
@@ -35,6 +36,10 @@ pub struct PoolConfig {
     pub compile_timeout: Duration,
     /// Largest frame payload accepted from a worker (stdout + stderr tail).
     pub max_reply_bytes: u64,
+    /// One cgroup per slot, by slot index; empty when cgroups are off.
+    pub cgroups: Vec<Arc<SlotCgroup>>,
+    /// Extra memory a worker's cgroup allows while it compiles a module it has not seen.
+    pub compile_memory_bytes: u64,
 }
 
 /// Identifies one worker process: its slot and which incarnation of that slot.
@@ -86,6 +91,12 @@ pub enum InvokeFailure {
     HardDeadline,
     #[error("shutting down")]
     ShuttingDown,
+    /// The kernel OOM-killed the worker: it went past its cgroup memory limit.
+    #[error("worker was killed by the kernel for exceeding its memory limit")]
+    OomKilled { limit_bytes: Option<u64> },
+    /// The worker's cgroup limits could not be written; the invocation did not run.
+    #[error("cannot apply the invocation's limits: {0}")]
+    Limits(String),
 }
 
 /// A finished invocation.
@@ -94,6 +105,8 @@ pub struct Completed {
     pub result: InvocationResult,
     pub stdout: Bytes,
     pub stderr: Bytes,
+    /// CPU time and peak memory from the worker's cgroup, when cgroups are on.
+    pub accounting: Option<Accounting>,
 }
 
 /// Pool counters for readiness and operators.
@@ -106,12 +119,16 @@ pub struct PoolStatus {
     pub queued: usize,
     pub draining: bool,
     pub restarts: u64,
+    /// Workers the kernel OOM-killed.
+    pub oom_kills: u64,
 }
 
 /// Shared between a worker handle and its slot task.
 struct Life {
     kill: Notify,
     exit: watch::Sender<Option<ExitStatus>>,
+    /// Set (before `exit`) when the kernel OOM-killed this worker.
+    oom_killed: AtomicBool,
 }
 
 impl Life {
@@ -187,6 +204,7 @@ struct Shared {
     closed: watch::Sender<bool>,
     generations: AtomicU64,
     restarts: AtomicU64,
+    oom_kills: AtomicU64,
     slots: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -206,6 +224,7 @@ impl Pool {
             closed: watch::channel(false).0,
             generations: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
+            oom_kills: AtomicU64::new(0),
             slots: Mutex::new(Vec::new()),
             config,
         }));
@@ -246,7 +265,12 @@ impl Pool {
             queued: st.waiters.len(),
             draining: st.draining,
             restarts: self.0.restarts.load(Ordering::Relaxed),
+            oom_kills: self.0.oom_kills.load(Ordering::Relaxed),
         }
+    }
+
+    fn slot_cgroup(&self, slot: usize) -> Option<&Arc<SlotCgroup>> {
+        self.0.config.cgroups.get(slot)
     }
 
     /// Takes a worker for one invocation of the module with hash `module_hash`.
@@ -412,6 +436,12 @@ impl Pool {
                         }
                     };
                     let status = status.unwrap_or_else(|_| ExitStatus::from_raw(0));
+                    let oom_kills = self.slot_cgroup(slot).map_or(0, |cg| cg.new_oom_kills());
+                    if oom_kills > 0 {
+                        life.oom_killed.store(true, Ordering::Relaxed);
+                        self.0.oom_kills.fetch_add(oom_kills, Ordering::Relaxed);
+                        tracing::warn!(worker = %id, pid = hello.pid, "worker was OOM-killed by the kernel (cgroup memory limit)");
+                    }
                     life.exit.send_replace(Some(status));
                     {
                         let mut st = self.state();
@@ -446,7 +476,9 @@ impl Pool {
         let config = &self.0.config;
         let binary = config.launch.binary.display().to_string();
         let spawn_err = |source| SpawnError::Spawn { binary: binary.clone(), source };
-        let Spawned { mut child, socket } = self.0.spawner.spawn(id.slot).await.map_err(spawn_err)?;
+        let cgroup = self.slot_cgroup(id.slot);
+        let placement = cgroup.map(|cg| cg.placement_fds()).unwrap_or_default();
+        let Spawned { mut child, socket } = self.0.spawner.spawn(id.slot, placement).await.map_err(spawn_err)?;
         let stream = match tokio::net::UnixStream::from_std(socket) {
             Ok(s) => s,
             Err(e) => {
@@ -462,6 +494,13 @@ impl Pool {
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no hello within {:?}", config.handshake_timeout)),
         };
+        // A worker that is not where its cgroup placement put it must not run anything.
+        let hello = match (hello, cgroup) {
+            (Ok(h), Some(cg)) if h.protocol == PROTOCOL_VERSION => {
+                cg.verify_membership(&h.cgroup).map(|()| h).map_err(|e| format!("cgroup placement failed: {e}"))
+            }
+            (hello, _) => hello,
+        };
         let hello = match hello {
             Ok(h) if h.protocol == PROTOCOL_VERSION => h,
             other => {
@@ -473,7 +512,8 @@ impl Pool {
                 });
             }
         };
-        let life = Arc::new(Life { kill: Notify::new(), exit: watch::channel(None).0 });
+        let life =
+            Arc::new(Life { kill: Notify::new(), exit: watch::channel(None).0, oom_killed: AtomicBool::new(false) });
         let worker = Worker { id, pid: hello.pid, conn, life, modules: VecDeque::new() };
         Ok((child, worker, hello))
     }
@@ -519,17 +559,39 @@ impl Lease {
     }
 
     /// Runs one invocation. A worker that fails in any way is killed and replaced.
-    pub async fn invoke(mut self, invocation: Invocation, stdin: Bytes) -> Result<Completed, InvokeFailure> {
+    pub async fn invoke(mut self, mut invocation: Invocation, stdin: Bytes) -> Result<Completed, InvokeFailure> {
         let config = self.pool.0.config.clone();
         let Some(worker) = self.worker.as_mut() else {
             return Err(InvokeFailure::ShuttingDown);
         };
         let hash = invocation.module.sha256.clone();
+        let cgroup = self.pool.slot_cgroup(worker.id.slot).cloned();
+        let request = SlotRequest {
+            cpu_quota_millis: invocation.cpu_quota_millis,
+            memory_request_bytes: invocation.memory_limit_bytes,
+            io_bytes: (stdin.len() as u64).saturating_add(invocation.max_output_bytes.saturating_mul(2)),
+        };
+        let mut checkpoint = match &cgroup {
+            Some(cg) => {
+                let cold = !worker.modules.contains(&hash);
+                let allowance = if cold { config.compile_memory_bytes } else { 0 };
+                // Nothing was sent yet: on failure the worker goes back to the pool unharmed.
+                Some(cg.prepare(&request, allowance).map_err(|e| InvokeFailure::Limits(e.to_string()))?)
+            }
+            None => None,
+        };
+        invocation.confirm_start = cgroup.is_some();
         self.clean = false;
-        match exchange(worker, &config, invocation, &stdin).await {
-            Ok(done) => {
+        let limits = cgroup.as_deref().zip(checkpoint.as_mut()).map(|(cg, cp)| StartLimits {
+            cgroup: cg,
+            request,
+            checkpoint: cp,
+        });
+        match exchange(worker, &config, invocation, &stdin, limits).await {
+            Ok(mut done) => {
                 worker.note_module(&hash, config.launch.module_cache_entries);
                 self.clean = true;
+                done.accounting = cgroup.zip(checkpoint).map(|(cg, cp)| cg.finish(&cp));
                 Ok(done)
             }
             Err(failure) => {
@@ -542,6 +604,11 @@ impl Lease {
                     .await
                     .ok()
                     .and_then(|r| r.ok().and_then(|s| *s));
+                if life.oom_killed.load(Ordering::Relaxed) {
+                    return Err(InvokeFailure::OomKilled {
+                        limit_bytes: checkpoint.and_then(|c| c.memory_limit_bytes),
+                    });
+                }
                 if *self.pool.0.closed.borrow() {
                     return Err(InvokeFailure::ShuttingDown);
                 }
@@ -571,6 +638,14 @@ impl Drop for Lease {
     }
 }
 
+/// What `exchange` needs to switch a worker from its compile allowance to the invocation's
+/// own memory limit when the worker reports the module ready.
+struct StartLimits<'a> {
+    cgroup: &'a SlotCgroup,
+    request: SlotRequest,
+    checkpoint: &'a mut Checkpoint,
+}
+
 enum Exchange {
     HardDeadline,
     /// The connection broke (the worker died or closed it).
@@ -584,6 +659,7 @@ async fn exchange(
     config: &PoolConfig,
     invocation: Invocation,
     stdin: &[u8],
+    mut limits: Option<StartLimits<'_>>,
 ) -> Result<Completed, Exchange> {
     let timeout = Duration::from_millis(invocation.timeout_ms);
     let compile_allowance =
@@ -599,6 +675,13 @@ async fn exchange(
             Err(_) => return Err(Exchange::HardDeadline),
             Ok(Err(e)) => return Err(broken(e)),
             Ok(Ok((FromWorker::Started, _))) => {
+                if let Some(limits) = limits.as_mut() {
+                    limits
+                        .cgroup
+                        .tighten(&limits.request, limits.checkpoint)
+                        .map_err(|e| Exchange::Protocol(format!("cannot apply the invocation's memory limit: {e}")))?;
+                    worker.conn.send(&ToWorker::Proceed, &[]).await.map_err(broken)?;
+                }
                 hard_deadline = tokio::time::Instant::now() + timeout + config.kill_grace;
             }
             Ok(Ok((FromWorker::Result(result), mut payload))) => {
@@ -610,7 +693,7 @@ async fn exchange(
                     )));
                 }
                 let stdout = payload.split_to(out as usize);
-                return Ok(Completed { result, stdout, stderr: payload });
+                return Ok(Completed { result, stdout, stderr: payload, accounting: None });
             }
             Ok(Ok((FromWorker::Hello(_), _))) => {
                 return Err(Exchange::Protocol("protocol violation: hello in the middle of a session".into()));

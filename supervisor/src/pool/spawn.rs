@@ -37,6 +37,8 @@ pub struct Spawned {
 
 struct Job {
     slot: usize,
+    /// `cgroup.procs` descriptors of the slot's cgroups, kept open by the pool.
+    placement: Vec<RawFd>,
     reply: oneshot::Sender<io::Result<Spawned>>,
 }
 
@@ -53,20 +55,22 @@ impl Spawner {
             // tokio's child reaping needs the runtime context of the thread that spawns.
             let _guard = runtime.enter();
             for job in rx {
-                let _ = job.reply.send(spawn_worker(&launch, job.slot));
+                let _ = job.reply.send(spawn_worker(&launch, job.slot, job.placement));
             }
         })?;
         Ok(Spawner { jobs })
     }
 
-    pub async fn spawn(&self, slot: usize) -> io::Result<Spawned> {
+    /// Starts the worker for `slot`; with `placement` (the slot's open `cgroup.procs`
+    /// files) it enters its cgroups between fork and exec.
+    pub async fn spawn(&self, slot: usize, placement: Vec<RawFd>) -> io::Result<Spawned> {
         let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job { slot, reply }).map_err(|_| io::Error::other("spawner thread is gone"))?;
+        self.jobs.send(Job { slot, placement, reply }).map_err(|_| io::Error::other("spawner thread is gone"))?;
         rx.await.map_err(|_| io::Error::other("spawner thread is gone"))?
     }
 }
 
-fn spawn_worker(launch: &WorkerLaunch, slot: usize) -> io::Result<Spawned> {
+fn spawn_worker(launch: &WorkerLaunch, slot: usize, placement: Vec<RawFd>) -> io::Result<Spawned> {
     let (parent_end, child_end) = UnixStream::pair()?;
     let child_fd = child_end.as_raw_fd();
     let supervisor_pid = nix::unistd::getpid();
@@ -98,10 +102,13 @@ fn spawn_worker(launch: &WorkerLaunch, slot: usize) -> io::Result<Spawned> {
         .process_group(0)
         .kill_on_drop(true);
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (prctl, getppid, dup2, fcntl) on values captured by
-    // copy; it allocates nothing and takes no locks.
+    // async-signal-safe system calls (write, prctl, getppid, dup2, fcntl) on values it owns
+    // (the placement list was allocated by the parent before fork); it allocates nothing
+    // and takes no locks.
     unsafe {
         cmd.pre_exec(move || {
+            // First: from here on everything this process does is confined and accounted.
+            crate::cgroup::place_in_child(&placement)?;
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
             // The supervisor may have died between fork and prctl; then nobody would kill us.
             if nix::unistd::getppid() != supervisor_pid {

@@ -1,0 +1,296 @@
+//! Per-worker cgroups on the real kernel (as root; skipped with a printed reason elsewhere):
+//! placement, CPU and memory limits per invocation, accounting, OOM kills, pids, cleanup,
+//! and the off switch.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use nix::sys::signal::Signal;
+use wasmbox_integration::{Supervisor, skip_without_cgroups};
+
+/// CPU-measuring tests run one at a time so they do not compete with each other for the
+/// machine's cores.
+static CPU_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn required() -> wasmbox_integration::Builder {
+    Supervisor::builder().env("WASMBOX_CGROUPS", "required")
+}
+
+/// The parent cgroup directories the supervisor reports on /stats.
+async fn parents(s: &Supervisor) -> anyhow::Result<Vec<PathBuf>> {
+    let stats = s.get("/stats").await?.json();
+    let dirs = stats["cgroups"]["parents"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no cgroups in /stats: {stats}"))?
+        .iter()
+        .filter_map(|p| p.as_str().map(PathBuf::from))
+        .collect();
+    Ok(dirs)
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn slot_of(worker_header: &str) -> usize {
+    worker_header.split('.').next().and_then(|s| s.parse().ok()).expect("worker header is slot.generation")
+}
+
+/// The directory of `parents` that carries `file` (v1: one hierarchy per controller).
+fn dir_with(parents: &[PathBuf], slot: usize, file: &str) -> PathBuf {
+    parents
+        .iter()
+        .map(|p| p.join(format!("worker-{slot}")))
+        .find(|d| d.join(file).exists())
+        .unwrap_or_else(|| panic!("no worker-{slot} cgroup has {file}"))
+}
+
+/// CPU time the kernel accounted to a cgroup (v1 cpuacct.usage, v2 cpu.stat usage_usec).
+fn kernel_cpu(parents: &[PathBuf], slot: usize) -> Duration {
+    for p in parents {
+        let dir = p.join(format!("worker-{slot}"));
+        if let Ok(ns) = std::fs::read_to_string(dir.join("cpuacct.usage")) {
+            return Duration::from_nanos(ns.trim().parse().expect("cpuacct.usage"));
+        }
+        if let Ok(stat) = std::fs::read_to_string(dir.join("cpu.stat")) {
+            if let Some(us) = stat.lines().find_map(|l| l.strip_prefix("usage_usec ")) {
+                return Duration::from_micros(us.trim().parse().expect("usage_usec"));
+            }
+        }
+    }
+    panic!("no CPU accounting for worker-{slot}")
+}
+
+#[tokio::test]
+async fn every_worker_is_confined_to_its_own_cgroup_from_its_start() -> anyhow::Result<()> {
+    if skip_without_cgroups("every_worker_is_confined_to_its_own_cgroup_from_its_start") {
+        return Ok(());
+    }
+    let s = required().workers(3).function("hello").start()?;
+    s.wait_pool_full(3, Duration::from_secs(30)).await?;
+    let parents = parents(&s).await?;
+    assert!(!parents.is_empty());
+    let mut slots_seen = Vec::new();
+    for pid in s.worker_pids() {
+        let membership = read(Path::new(&format!("/proc/{pid}/cgroup")));
+        let slot = membership
+            .lines()
+            .filter_map(|l| l.rsplit('/').next())
+            .find_map(|last| last.strip_prefix("worker-"))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("worker {pid} is in no worker cgroup:\n{membership}"));
+        slots_seen.push(slot);
+        for parent in &parents {
+            let dir = parent.join(format!("worker-{slot}"));
+            let procs = read(&dir.join("cgroup.procs"));
+            assert_eq!(procs.split_whitespace().collect::<Vec<_>>(), [pid.to_string()], "{}", dir.display());
+        }
+        // Everything the worker ever ran was accounted inside its cgroup (created empty at
+        // start): had it run unconfined first, its own CPU time would exceed the cgroup's.
+        let stat = procfs::process::Process::new(pid)?.stat()?;
+        let own = Duration::from_millis((stat.utime + stat.stime) * 1000 / procfs::ticks_per_second());
+        let accounted = kernel_cpu(&parents, slot);
+        assert!(accounted + Duration::from_millis(10) >= own, "worker {pid}: cgroup {accounted:?} < process {own:?}");
+    }
+    slots_seen.sort_unstable();
+    assert_eq!(slots_seen, [0, 1, 2], "one cgroup per slot");
+    let hello = s.get("/hello").await?;
+    assert_eq!(hello.status, StatusCode::OK);
+    assert!(s.logs().contains("cgroups: v"), "startup logs the layout:\n{}", s.logs());
+    Ok(())
+}
+
+async fn spin(s: &Supervisor, millicores: &str) -> anyhow::Result<(Duration, Duration)> {
+    let parents = parents(s).await?;
+    let r = s.request(Method::GET, "/cpu-spin?arg=1000", &[("cpu_quota", millicores)], Bytes::new()).await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let header = Duration::from_micros(r.header("x-wasmbox-cpu-time-us").expect("cpu time header").parse()?);
+    let slot = slot_of(r.header("x-wasmbox-worker").expect("worker header"));
+    Ok((header, kernel_cpu(&parents, slot)))
+}
+
+#[tokio::test]
+async fn cpu_quota_limits_the_cpu_time_of_a_spin() -> anyhow::Result<()> {
+    if skip_without_cgroups("cpu_quota_limits_the_cpu_time_of_a_spin") {
+        return Ok(());
+    }
+    let _serial = CPU_TESTS.lock().await;
+    let s = required().workers(1).function("cpu-spin").start()?;
+    s.get("/cpu-spin?arg=1").await?; // compile outside the measurement
+    let (_, kernel_before) = spin(&s, "1000").await?;
+    let (quarter, kernel_after) = spin(&s, "250").await?;
+    let kernel_delta = kernel_after - kernel_before;
+    eprintln!("cpu_quota 250 for 1 s of wall time: header {quarter:?}, kernel delta {kernel_delta:?}");
+    assert!(
+        (Duration::from_millis(200)..=Duration::from_millis(300)).contains(&quarter),
+        "cpu_quota 250 used {quarter:?} of CPU in 1 s"
+    );
+    // The header is the kernel's own counter over the invocation.
+    assert!(kernel_delta >= quarter && kernel_delta <= quarter + Duration::from_millis(20), "{kernel_delta:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn four_times_the_quota_gives_about_four_times_the_cpu() -> anyhow::Result<()> {
+    if skip_without_cgroups("four_times_the_quota_gives_about_four_times_the_cpu") {
+        return Ok(());
+    }
+    let _serial = CPU_TESTS.lock().await;
+    let s = required().workers(1).function("cpu-spin").start()?;
+    s.get("/cpu-spin?arg=1").await?;
+    let (full, _) = spin(&s, "1000").await?;
+    let (quarter, _) = spin(&s, "250").await?;
+    let ratio = full.as_secs_f64() / quarter.as_secs_f64();
+    eprintln!("cpu_quota 1000: {full:?}, 250: {quarter:?}, ratio {ratio:.2}");
+    assert!((3.0..=5.0).contains(&ratio), "ratio {ratio:.2} ({full:?} / {quarter:?})");
+    Ok(())
+}
+
+/// A module whose host-side memory (16 tables of 2^20 function references, 8 bytes each:
+/// 128 MiB outside linear memory) passes any small Memory-Request's kernel limit.
+fn table_hog() -> Vec<u8> {
+    let tables: String = (0..16).map(|i| format!("(table $t{i} 0 funcref)\n")).collect();
+    let grows: String =
+        (0..16).map(|i| format!("(drop (table.grow $t{i} (ref.null func) (i32.const 1048576)))\n")).collect();
+    wat::parse_str(format!("(module {tables} (func (export \"_start\") {grows}))")).expect("valid wat")
+}
+
+#[tokio::test]
+async fn memory_over_the_cgroup_limit_is_oom_killed_and_the_pool_recovers() -> anyhow::Result<()> {
+    if skip_without_cgroups("memory_over_the_cgroup_limit_is_oom_killed_and_the_pool_recovers") {
+        return Ok(());
+    }
+    let s = required()
+        .workers(1)
+        .env("WASMBOX_CGROUP_MEMORY_HEADROOM_MB", 16)
+        .env("WASMBOX_MAX_OUTPUT_BYTES", 1 << 20)
+        .function("alloc")
+        .function("hello")
+        .module("table-hog", table_hog())
+        .start()?;
+
+    // Linear memory past Memory-Request: the engine refuses, the worker stays.
+    let r = s.request(Method::GET, "/alloc?arg=64", &[("Memory-Request", "32")], Bytes::new()).await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::INSUFFICIENT_STORAGE, "memory_limit_exceeded"));
+    let worker = r.header("x-wasmbox-worker").map(str::to_owned);
+    let limit: u64 = r.header("x-wasmbox-memory-limit-bytes").expect("limit header").parse()?;
+    assert!(limit >= 32 << 20, "kernel limit {limit} covers Memory-Request");
+    let ok = s.request(Method::GET, "/alloc?arg=16", &[("Memory-Request", "32")], Bytes::new()).await?;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    assert_eq!(ok.header("x-wasmbox-worker").map(str::to_owned), worker, "same worker reused");
+    let peak: u64 = ok.header("x-wasmbox-memory-peak-bytes").expect("peak header").parse()?;
+    assert!(peak >= 16 << 20, "peak {peak} includes the 16 MiB the guest touched");
+
+    // Host-side memory past the kernel limit: OOM-killed, reported as such.
+    let r = s.request(Method::GET, "/table-hog", &[("Memory-Request", "1")], Bytes::new()).await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::INSUFFICIENT_STORAGE, "oom_killed"), "{}", r.text());
+    assert_eq!(r.json()["memory_request_mb"], 1);
+    assert!(r.json()["cgroup_memory_limit_bytes"].as_u64().is_some_and(|l| l < 128 << 20), "{}", r.text());
+
+    // The pool replaced the worker and counted the kill.
+    s.wait_pool_full(1, Duration::from_secs(30)).await?;
+    let hello = s.get("/hello").await?;
+    assert_eq!(hello.status, StatusCode::OK);
+    assert_ne!(hello.header("x-wasmbox-worker").map(str::to_owned), worker, "a new worker");
+    let stats = s.get("/stats").await?.json();
+    assert_eq!(stats["pool"]["oom_kills"], 1, "{stats}");
+    assert_eq!(stats["functions"]["table-hog"]["oom_kills"], 1, "{stats}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn pids_max_is_written_to_every_worker_cgroup() -> anyhow::Result<()> {
+    if skip_without_cgroups("pids_max_is_written_to_every_worker_cgroup") {
+        return Ok(());
+    }
+    let s = required().workers(2).env("WASMBOX_PIDS_MAX", 37).function("hello").start()?;
+    let parents = parents(&s).await?;
+    for slot in 0..2 {
+        let dir = dir_with(&parents, slot, "pids.max");
+        assert_eq!(read(&dir.join("pids.max")).trim(), "37", "{}", dir.display());
+    }
+    assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
+    Ok(())
+}
+
+#[tokio::test]
+async fn cgroups_are_removed_at_shutdown_and_after_a_crash() -> anyhow::Result<()> {
+    if skip_without_cgroups("cgroups_are_removed_at_shutdown_and_after_a_crash") {
+        return Ok(());
+    }
+    // Graceful: nothing remains.
+    let mut s = required().workers(2).function("hello").start()?;
+    let dirs = parents(&s).await?;
+    assert!(dirs.iter().all(|d| d.join("worker-1").is_dir()));
+    s.signal(Signal::SIGTERM)?;
+    assert!(s.wait_exit(Duration::from_secs(20)).await?.success());
+    for d in &dirs {
+        assert!(!d.exists(), "{} left after graceful shutdown", d.display());
+    }
+
+    // SIGKILL: the cgroups stay; the next start with the same parent removes them, and its
+    // own shutdown leaves nothing.
+    let parent = wasmbox_integration::unique_cgroup_parent();
+    let mut crashed = required().workers(2).env("WASMBOX_CGROUP_PARENT", &parent).function("hello").start()?;
+    let dirs = parents(&crashed).await?;
+    crashed.signal(Signal::SIGKILL)?;
+    let _ = crashed.wait_exit(Duration::from_secs(20)).await?;
+    assert!(dirs.iter().all(|d| d.join("worker-0").is_dir()), "a killed supervisor cannot clean up");
+    let mut next = required().workers(1).env("WASMBOX_CGROUP_PARENT", &parent).function("hello").start()?;
+    assert!(next.logs().contains("left by a previous run"), "{}", next.logs());
+    assert!(dirs.iter().all(|d| !d.join("worker-1").exists()), "leftover worker-1 removed");
+    assert_eq!(next.get("/hello").await?.status, StatusCode::OK);
+    next.signal(Signal::SIGTERM)?;
+    assert!(next.wait_exit(Duration::from_secs(20)).await?.success());
+    for d in &dirs {
+        assert!(!d.exists(), "{} left after the restart's shutdown", d.display());
+    }
+    Ok(())
+}
+
+/// Every directory named `name` in any mounted cgroup hierarchy, up to a few levels deep.
+fn cgroup_dirs_named(name: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, name: &str, depth: usize, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            if entry.file_name() == name {
+                out.push(path.clone());
+            }
+            if depth > 0 {
+                walk(&path, name, depth - 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), name, 4, &mut out);
+    out
+}
+
+#[tokio::test]
+async fn off_and_enable_cgroups_false_touch_no_cgroup() -> anyhow::Result<()> {
+    if skip_without_cgroups("off_and_enable_cgroups_false_touch_no_cgroup") {
+        return Ok(());
+    }
+    let supervisor_cgroup = read(Path::new("/proc/self/cgroup"));
+    for (key, value) in [("WASMBOX_CGROUPS", "off"), ("ENABLE_CGROUPS", "false")] {
+        let s = Supervisor::builder().workers(1).env(key, value).function("hello").start()?;
+        let r = s.get("/hello").await?;
+        assert_eq!(r.status, StatusCode::OK);
+        for header in ["x-wasmbox-cpu-time-us", "x-wasmbox-memory-peak-bytes", "x-wasmbox-memory-limit-bytes"] {
+            assert!(r.header(header).is_none(), "{key}={value}: {header} without cgroups");
+        }
+        assert!(s.get("/stats").await?.json()["cgroups"].is_null());
+        assert!(cgroup_dirs_named(&s.cgroup_parent).is_empty(), "{key}={value} created a cgroup");
+        // Workers stay where the supervisor is (the test harness's cgroups).
+        for pid in s.worker_pids() {
+            assert_eq!(read(Path::new(&format!("/proc/{pid}/cgroup"))), supervisor_cgroup, "{key}={value}");
+        }
+        assert!(s.logs().contains("cgroups: off"), "{}", s.logs());
+    }
+    Ok(())
+}
