@@ -25,7 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let slot = cgroups.slot(0).ok_or("no slot")?.clone();
     let request = SlotRequest { cpu_quota_millis: 1000, memory_request_bytes: 128 << 20, io_bytes: 32 << 20 };
-    let mut measure = |name: &str, vary: bool| -> Result<(), Box<dyn std::error::Error>> {
+    let measure = |name: &str, vary: bool| -> Result<(), Box<dyn std::error::Error>> {
         let started = Instant::now();
         for i in 0..iterations {
             let r = if vary {
