@@ -10,10 +10,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cgroups_rs::fs::MaxValue;
 use cgroups_rs::fs::cpu::CpuController;
 use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
+use cgroups_rs::fs::{Controller, MaxValue};
 
 use super::layout::{Hierarchy, Membership, Version};
 use super::{CPU_PERIOD_US, CgroupError, CgroupSettings, MIN_CPU_QUOTA_MILLIS};
@@ -101,19 +101,17 @@ impl SlotCgroup {
 
         let cpu = dir_for("cpu").map(|d| CpuController::new(d, PathBuf::new(), v2));
         if let Some(cpu) = &cpu {
-            let path = cpu_path(cpu);
             if v2 {
                 cpu.set_cfs_quota_and_period(None, Some(CPU_PERIOD_US))
             } else {
                 cpu.set_cfs_period(CPU_PERIOD_US)
             }
-            .map_err(controller_err("cannot set the CPU period of", &path))?;
+            .map_err(controller_err("cannot set the CPU period of", cpu.path()))?;
         }
         let pids = dir_for("pids").map(|d| PidController::new(d, PathBuf::new(), v2));
         if let Some(pids) = &pids {
             let max = i64::try_from(settings.pids_max).unwrap_or(i64::MAX);
-            pids.set_pid_max(MaxValue::Value(max))
-                .map_err(controller_err("cannot set pids.max in", &pid_path(pids)))?;
+            pids.set_pid_max(MaxValue::Value(max)).map_err(controller_err("cannot set pids.max in", pids.path()))?;
         }
         let memory_dir = dir_for("memory");
         let memory = memory_dir.clone().map(|d| MemController::new(d, PathBuf::new(), v2));
@@ -208,7 +206,7 @@ impl SlotCgroup {
                     Version::V1 => cpu.set_cfs_quota(q),
                     Version::V2 => cpu.set_cfs_quota_and_period(Some(q), Some(CPU_PERIOD_US)),
                 }
-                .map_err(controller_err("cannot set the CPU quota of", &cpu_path(cpu)))?;
+                .map_err(controller_err("cannot set the CPU quota of", cpu.path()))?;
                 applied.cpu_quota_us = Some(quota);
             }
         }
@@ -351,26 +349,6 @@ pub fn flat_keyed(text: &str, key: &str) -> Option<u64> {
 
 fn round_up_mib(bytes: u64) -> u64 {
     bytes.div_ceil(1 << 20).saturating_mul(1 << 20)
-}
-
-fn cpu_path(cpu: &CpuController) -> PathBuf {
-    use cgroups_rs::fs::Controller;
-    cpu.path().to_path_buf()
-}
-
-fn pid_path(pids: &PidController) -> PathBuf {
-    use cgroups_rs::fs::Controller;
-    pids.path().to_path_buf()
-}
-
-trait ControllerPath {
-    fn path(&self) -> &Path;
-}
-
-impl ControllerPath for MemController {
-    fn path(&self) -> &Path {
-        cgroups_rs::fs::Controller::path(self)
-    }
 }
 
 fn controller_err(
