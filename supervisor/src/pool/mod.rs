@@ -560,7 +560,10 @@ impl Lease {
 
     /// Runs one invocation. A worker that fails in any way is killed and replaced.
     pub async fn invoke(mut self, mut invocation: Invocation, stdin: Bytes) -> Result<Completed, InvokeFailure> {
-        let config = self.pool.0.config.clone();
+        // The pool handle is one Arc; cloning the config would copy the launch settings and
+        // every slot's cgroup handle on each invocation.
+        let pool = self.pool.clone();
+        let config = &pool.0.config;
         let Some(worker) = self.worker.as_mut() else {
             return Err(InvokeFailure::ShuttingDown);
         };
@@ -587,7 +590,7 @@ impl Lease {
             request,
             checkpoint: cp,
         });
-        match exchange(worker, &config, invocation, &stdin, limits).await {
+        match exchange(worker, config, invocation, &stdin, limits).await {
             Ok(mut done) => {
                 worker.note_module(&hash, config.launch.module_cache_entries);
                 self.clean = true;
