@@ -95,6 +95,11 @@ pub struct Config {
     #[arg(long, env = "WASMBOX_WORKER_MODULE_CACHE", default_value_t = 64)]
     pub worker_module_cache: usize,
 
+    /// Replace each worker process after this many invocations (0: never), so nothing a
+    /// long-lived process accumulates outlives a bounded number of tenants' requests.
+    #[arg(long, env = "WASMBOX_WORKER_MAX_INVOCATIONS")]
+    pub worker_max_invocations: Option<u64>,
+
     /// Time a client has to send complete request headers.
     #[arg(long, env = "WASMBOX_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,

@@ -114,6 +114,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         max_reply_bytes: config.max_output_bytes.saturating_mul(2).saturating_add(1 << 16),
         cgroups: slot_cgroups,
         compile_memory_bytes: config.cgroup_compile_memory_mb.saturating_mul(1 << 20),
+        max_invocations: config.worker_max_invocations.filter(|&n| n > 0),
     };
     tracing::info!(
         workers = pool_config.size,

@@ -126,3 +126,21 @@ async fn drain_timeout_answers_unfinished_invocations_with_503() -> anyhow::Resu
     wait_gone(&worker, Duration::from_secs(5)).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn workers_are_recycled_after_max_invocations() -> anyhow::Result<()> {
+    let s = Supervisor::builder().workers(1).env("WASMBOX_WORKER_MAX_INVOCATIONS", 3).function("hello").start()?;
+    let mut workers = Vec::new();
+    for _ in 0..7 {
+        let r = s.get("/hello").await?;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        workers.push(r.header("x-wasmbox-worker").unwrap_or_default().to_owned());
+    }
+    // Three invocations per worker process, then a fresh one in the same slot.
+    assert_eq!(workers[0], workers[2]);
+    assert_ne!(workers[2], workers[3]);
+    assert_eq!(workers[3], workers[5]);
+    assert_ne!(workers[5], workers[6]);
+    assert!(workers.iter().all(|w| w.starts_with("0.")), "{workers:?}");
+    Ok(())
+}

@@ -40,6 +40,8 @@ pub struct PoolConfig {
     pub cgroups: Vec<Arc<SlotCgroup>>,
     /// Extra memory a worker's cgroup allows while it compiles a module it has not seen.
     pub compile_memory_bytes: u64,
+    /// Replace a worker after this many invocations (None: never).
+    pub max_invocations: Option<u64>,
 }
 
 /// Identifies one worker process: its slot and which incarnation of that slot.
@@ -146,6 +148,8 @@ pub struct Worker {
     /// Hashes of modules the worker most likely has compiled, most recent last. Mirrors
     /// the worker's own LRU closely enough to steer dispatch.
     modules: VecDeque<String>,
+    /// Invocations this worker completed.
+    invocations: u64,
 }
 
 impl Worker {
@@ -514,7 +518,7 @@ impl Pool {
         };
         let life =
             Arc::new(Life { kill: Notify::new(), exit: watch::channel(None).0, oom_killed: AtomicBool::new(false) });
-        let worker = Worker { id, pid: hello.pid, conn, life, modules: VecDeque::new() };
+        let worker = Worker { id, pid: hello.pid, conn, life, modules: VecDeque::new(), invocations: 0 };
         Ok((child, worker, hello))
     }
 }
@@ -593,7 +597,13 @@ impl Lease {
         match exchange(worker, config, invocation, &stdin, limits).await {
             Ok(mut done) => {
                 worker.note_module(&hash, config.launch.module_cache_entries);
-                self.clean = true;
+                worker.invocations += 1;
+                // Recycling: a worker that served its quota is replaced instead of reused.
+                let retire = config.max_invocations.is_some_and(|max| worker.invocations >= max);
+                if retire {
+                    tracing::debug!(worker = %worker.id, invocations = worker.invocations, "recycling worker");
+                }
+                self.clean = !retire;
                 done.accounting = cgroup.zip(checkpoint).map(|(cg, cp)| cg.finish(&cp));
                 Ok(done)
             }
