@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use self::fs::CgroupFs;
 use self::layout::{Hierarchy, Layout, Version};
 pub use self::slot::{Accounting, Checkpoint, SlotCgroup, SlotRequest, place_in_child};
+use crate::error_chain;
 
 /// CFS bandwidth period; `cpu_quota` millicores become `millicores x 100 us` per period.
 pub const CPU_PERIOD_US: u64 = 100_000;
@@ -563,17 +564,6 @@ fn remove_with_retry(fs: &dyn CgroupFs, dir: &Path, within: Duration) -> Result<
             }
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 impl fmt::Display for Description {

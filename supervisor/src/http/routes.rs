@@ -13,10 +13,10 @@ use wasmbox_protocol::{Invocation, InvocationResult, Outcome};
 
 use super::error::{ApiError, stderr_tail};
 use super::request;
-use crate::App;
 use crate::cgroup::Accounting;
 use crate::pool::{AcquireError, InvokeFailure};
 use crate::registry::{FunctionName, RegistryError};
+use crate::{App, error_chain};
 
 pub const HEADER_REQUEST_ID: &str = "x-wasmbox-request-id";
 pub const HEADER_WORKER: &str = "x-wasmbox-worker";
@@ -285,7 +285,7 @@ fn registry_error(e: RegistryError) -> ApiError {
         }
         RegistryError::InvalidConfig { message, .. } => ApiError::InvalidFunctionConfig(message),
         RegistryError::Io { .. } => {
-            tracing::error!(error = %anyhow_chain(&e), "registry i/o failed");
+            tracing::error!(error = %error_chain(&e), "registry i/o failed");
             ApiError::Internal("cannot read the function".into())
         }
     }
@@ -314,15 +314,4 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-fn anyhow_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
