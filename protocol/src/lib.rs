@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Bumped whenever a message changes shape. Supervisor and worker must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// First bytes of every frame; a stream that loses sync fails fast on the next frame.
 pub const MAGIC: [u8; 4] = *b"WBX\x01";
@@ -170,7 +170,18 @@ pub struct Hello {
     /// supervisor checks it was placed in its slot's cgroup before it ran any code.
     #[serde(default)]
     pub cgroup: String,
+    /// The hardening layers this worker applied before it said hello, by name (see
+    /// [`HARDENING_LAYERS`]); the supervisor refuses a worker missing one it asked for.
+    #[serde(default)]
+    pub hardening: Vec<String>,
 }
+
+/// Names of the worker hardening layers, as reported in [`Hello::hardening`].
+pub const HARDENING_LAYERS: [&str; 7] =
+    ["close_fds", "rlimits", "netns", "user", "pdeathsig", "no_new_privs", "seccomp"];
+
+/// Most descriptors one frame may carry: the module file and one per preopened directory.
+pub const MAX_PASSED_FDS: usize = 64;
 
 /// A module as the supervisor's registry knows it: where it lives and what it hashes to.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -210,6 +221,12 @@ pub struct Invocation {
     /// compile allowance to the invocation's own memory limit first.
     #[serde(default)]
     pub confirm_start: bool,
+    /// Descriptors sent with this frame (SCM_RIGHTS): the module file, opened read-only,
+    /// then one directory per entry of `preopens`, in order. The worker opens no host path
+    /// itself, so it needs no access to the functions directory or the preopened
+    /// directories' parents once it runs as an unprivileged user.
+    #[serde(default)]
+    pub passed_fds: u32,
 }
 
 /// How the module got into the worker for this invocation.
@@ -278,6 +295,7 @@ mod tests {
             cpu_quota_millis: 1000,
             max_output_bytes: 1 << 20,
             confirm_start: true,
+            passed_fds: 2,
         }
     }
 

@@ -5,9 +5,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Parser, ValueEnum};
 
 use crate::cgroup::{CgroupMode, CgroupSettings};
+use crate::hardening::SeccompMode;
 
 /// WasmBox: a serverless runtime multiplexer for WebAssembly. Serves WASI functions over
 /// HTTP, running each invocation in a pre-forked, sandboxed worker process.
@@ -100,9 +102,66 @@ pub struct Config {
     #[arg(long, env = "WASMBOX_WORKER_MAX_INVOCATIONS")]
     pub worker_max_invocations: Option<u64>,
 
-    /// Time a client has to send complete request headers.
+    /// Time a client has to send complete request headers, counted from the accept or, on a
+    /// kept-alive connection, from the previous response: also the idle timeout.
     #[arg(long, env = "WASMBOX_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
+
+    /// Largest request head (request line and headers) in bytes; beyond it 431 and the
+    /// connection is closed. At least 8192, at most 262144.
+    #[arg(long, env = "WASMBOX_MAX_HEADER_BYTES", default_value_t = 16 << 10)]
+    pub max_header_bytes: usize,
+
+    /// Open client connections; at the limit the server stops accepting until one closes
+    /// (new connections wait in the kernel's listen backlog).
+    #[arg(long, env = "WASMBOX_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Close every descriptor a worker inherits except its socket.
+    #[arg(long, env = "WASMBOX_WORKER_CLOSE_FDS", default_value_t = true, action = ArgAction::Set,
+        value_parser = BoolishValueParser::new())]
+    pub worker_close_fds: bool,
+
+    /// Resource limits on each worker: no core dumps, WASMBOX_WORKER_NOFILE open files,
+    /// WASMBOX_WORKER_FSIZE_MB per file written, and (with a worker user) a process count.
+    #[arg(long, env = "WASMBOX_WORKER_RLIMITS", default_value_t = true, action = ArgAction::Set,
+        value_parser = BoolishValueParser::new())]
+    pub worker_rlimits: bool,
+
+    /// RLIMIT_NOFILE of each worker.
+    #[arg(long, env = "WASMBOX_WORKER_NOFILE", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(64..))]
+    pub worker_nofile: u64,
+
+    /// RLIMIT_FSIZE of each worker in MiB: the largest file a function (or an artifact)
+    /// may write; beyond it writes fail with EFBIG.
+    #[arg(long, env = "WASMBOX_WORKER_FSIZE_MB", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub worker_fsize_mb: u64,
+
+    /// User (name, uid or uid:gid) workers run as when the supervisor runs as root
+    /// [default: nobody]; empty keeps the supervisor's user.
+    #[arg(long, env = "WASMBOX_WORKER_USER")]
+    pub worker_user: Option<String>,
+
+    /// Give each worker a network namespace of its own with no interface up: functions get
+    /// no network (needs CAP_SYS_ADMIN; skipped with a log line where not permitted).
+    #[arg(long, env = "WASMBOX_WORKER_NETNS", default_value_t = true, action = ArgAction::Set,
+        value_parser = BoolishValueParser::new())]
+    pub worker_netns: bool,
+
+    /// Set PR_SET_NO_NEW_PRIVS on workers: nothing they run can gain privileges.
+    #[arg(long, env = "WASMBOX_WORKER_NO_NEW_PRIVS", default_value_t = true, action = ArgAction::Set,
+        value_parser = BoolishValueParser::new())]
+    pub worker_no_new_privs: bool,
+
+    /// Seccomp allow-list on workers: enforce kills a worker making any other syscall
+    /// (SIGSYS, 502 seccomp_violation), log only logs it (kernel audit log).
+    #[arg(long, env = "WASMBOX_WORKER_SECCOMP", value_enum, default_value_t = SeccompMode::Enforce)]
+    pub worker_seccomp: SeccompMode,
+
+    /// Test hooks in workers (debug builds only; refused by release builds).
+    #[arg(long, env = "WASMBOX_TEST_HOOKS", hide = true, default_value_t = false, action = ArgAction::Set,
+        value_parser = BoolishValueParser::new())]
+    pub test_hooks: bool,
 
     /// Per-worker cgroups: auto uses them where the cgroup file system is writable (else
     /// warns once), required refuses to start without them, off never touches cgroup files.
@@ -243,6 +302,7 @@ impl Config {
             }
         }
         self.cgroup_settings()?;
+        crate::hardening::WorkerHardening::resolve(self)?;
         if limits.default_cpu_quota < crate::cgroup::MIN_CPU_QUOTA_MILLIS {
             return Err(ConfigError(format!(
                 "WASMBOX_DEFAULT_CPU_QUOTA must be at least {} millicores",
@@ -251,6 +311,31 @@ impl Config {
         }
         if self.max_body_bytes == 0 || self.max_output_bytes == 0 || self.max_module_bytes == 0 {
             return Err(ConfigError("byte limits must be at least 1".into()));
+        }
+        self.validate_http()?;
+        Ok(())
+    }
+
+    /// The HTTP front end's settings (`crate::http`).
+    fn validate_http(&self) -> Result<(), ConfigError> {
+        use crate::http::{MAX_CONNECTIONS_CEILING, MAX_HEADER_BYTES_CEILING, MIN_HEADER_BYTES};
+        if self.header_read_timeout_ms == 0 {
+            return Err(ConfigError(
+                "WASMBOX_HEADER_READ_TIMEOUT_MS must be at least 1: it also bounds idle connections".into(),
+            ));
+        }
+        let header_bytes = self.max_header_bytes;
+        if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES_CEILING).contains(&header_bytes) {
+            return Err(ConfigError(format!(
+                "WASMBOX_MAX_HEADER_BYTES={header_bytes} is outside {MIN_HEADER_BYTES}..={MAX_HEADER_BYTES_CEILING} \
+                 (hyper's smallest read buffer is {MIN_HEADER_BYTES} bytes; ordinary clients need that much)"
+            )));
+        }
+        if !(1..=MAX_CONNECTIONS_CEILING).contains(&self.max_connections) {
+            return Err(ConfigError(format!(
+                "WASMBOX_MAX_CONNECTIONS={} is outside 1..={MAX_CONNECTIONS_CEILING}",
+                self.max_connections
+            )));
         }
         Ok(())
     }
@@ -290,6 +375,25 @@ mod tests {
         assert_eq!(parse(&["--enable-cgroups", "true"]).cgroup_settings().unwrap().mode, CgroupMode::Auto);
         let c = parse(&["--enable-cgroups", "false", "--cgroups", "required"]);
         assert!(c.validate().unwrap_err().to_string().contains("ENABLE_CGROUPS=false"));
+    }
+
+    #[test]
+    fn http_limits_are_checked_and_named() {
+        let c = parse(&[]);
+        assert_eq!((c.max_header_bytes, c.max_connections, c.header_read_timeout_ms), (16 << 10, 1024, 10_000));
+        for (args, named) in [
+            (&["--max-header-bytes", "8191"][..], "WASMBOX_MAX_HEADER_BYTES=8191"),
+            (&["--max-header-bytes", "262145"], "WASMBOX_MAX_HEADER_BYTES=262145"),
+            (&["--max-connections", "0"], "WASMBOX_MAX_CONNECTIONS=0"),
+            (&["--max-connections", "1048577"], "WASMBOX_MAX_CONNECTIONS=1048577"),
+            (&["--header-read-timeout-ms", "0"], "WASMBOX_HEADER_READ_TIMEOUT_MS"),
+        ] {
+            let err = parse(args).validate().unwrap_err().to_string();
+            assert!(err.contains(named), "{args:?}: {err}");
+        }
+        parse(&["--max-header-bytes", "8192", "--max-connections", "1"]).validate().unwrap();
+        parse(&["--max-header-bytes", "262144", "--max-connections", "1048576"]).validate().unwrap();
+        assert!(Config::try_parse_from(["wasmbox", "--max-connections", "-1"]).is_err());
     }
 
     #[test]

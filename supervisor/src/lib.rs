@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod config;
+pub mod hardening;
 pub mod http;
 pub mod pool;
 pub mod registry;
@@ -56,6 +57,8 @@ pub struct App {
     /// The worker cgroups in use, if any.
     pub cgroups: Option<Description>,
     pub usage: UsageLedger,
+    /// Open client connections against `WASMBOX_MAX_CONNECTIONS`.
+    pub connections: http::Connections,
     draining: AtomicBool,
 }
 
@@ -87,6 +90,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tracing::warn!(dir = %registry.dir().display(), "functions directory does not exist yet; every function is 404 until it does");
     }
     let cache_dir = config.resolved_cache_dir();
+    let hardening = hardening::WorkerHardening::resolve(&config)?;
+    tracing::info!("worker hardening: {hardening}");
     let cgroup_settings = config.cgroup_settings()?;
     let slots = config.worker_count();
     let mut cgroups = tokio::task::spawn_blocking(move || {
@@ -106,6 +111,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             module_cache_entries: config.worker_module_cache,
             max_module_bytes: config.max_module_bytes,
             log_filter: worker_log_filter(),
+            hardening_args: hardening.worker_args(),
+            hardening_layers: hardening.expected_layers(),
         },
         handshake_timeout: Duration::from_secs(30),
         kill_grace: Duration::from_millis(config.kill_grace_ms),
@@ -146,6 +153,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         pool: pool.clone(),
         cgroups: cgroups.as_ref().map(Cgroups::describe),
         usage: UsageLedger::default(),
+        connections: http::Connections::new(config.max_connections),
         draining: AtomicBool::new(false),
         config,
     });

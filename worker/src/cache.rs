@@ -75,11 +75,31 @@ impl<E: Engine> ModuleCache<E> {
         capacity: usize,
         max_module_bytes: u64,
     ) -> Result<Self, CacheDirError> {
+        Self::new_owned(engine, cache_dir, None, capacity, max_module_bytes)
+    }
+
+    /// Like [`ModuleCache::new`], for a worker that will run as `owner` (`uid`, `gid`):
+    /// the engine's artifact directory gets a name of its own for that uid and belongs to
+    /// it, while the root stays with the current user. Artifacts are native code, so a
+    /// directory anyone else can write to is refused.
+    pub fn new_owned(
+        engine: E,
+        cache_dir: Option<&Path>,
+        owner: Option<(u32, u32)>,
+        capacity: usize,
+        max_module_bytes: u64,
+    ) -> Result<Self, CacheDirError> {
         let artifact_dir = match (cache_dir, engine.artifact_extension()) {
             (Some(root), Some(_)) => {
-                let dir = root.join(format!("{}-{}", engine.name(), engine.version()));
-                create_private_dir(root)?;
-                create_private_dir(&dir)?;
+                let euid = nix::unistd::geteuid().as_raw();
+                let owner = owner.filter(|&(uid, _)| uid != euid);
+                let name = match owner {
+                    Some((uid, _)) => format!("{}-{}-uid{uid}", engine.name(), engine.version()),
+                    None => format!("{}-{}", engine.name(), engine.version()),
+                };
+                let dir = root.join(name);
+                create_private_dir(root, None)?;
+                create_private_dir(&dir, owner)?;
                 Some(dir)
             }
             _ => None,
@@ -103,8 +123,27 @@ impl<E: Engine> ModuleCache<E> {
         self.artifact_dir.as_deref()
     }
 
-    /// Returns the module ready to run, and where it came from.
-    pub fn get(&mut self, module: &ModuleRef) -> Result<(E::Module, ModuleSource), PrepareError> {
+    /// Makes the artifact directory (or `/` without one) the working directory and refers
+    /// to artifacts relative to it from then on, so a worker that drops to an unprivileged
+    /// user keeps reaching it even when its parents are closed to that user.
+    pub fn enter_artifact_dir(&mut self) -> std::io::Result<()> {
+        match &self.artifact_dir {
+            Some(dir) => {
+                std::env::set_current_dir(dir)?;
+                self.artifact_dir = Some(PathBuf::from("."));
+            }
+            None => std::env::set_current_dir("/")?,
+        }
+        Ok(())
+    }
+
+    /// Returns the module ready to run, and where it came from. `file`: the module file
+    /// opened by the supervisor; without it the module is read from `module.path`.
+    pub fn get(
+        &mut self,
+        module: &ModuleRef,
+        file: Option<fs::File>,
+    ) -> Result<(E::Module, ModuleSource), PrepareError> {
         if !is_sha256_hex(&module.sha256) {
             return Err(PrepareError::BadHash);
         }
@@ -116,7 +155,7 @@ impl<E: Engine> ModuleCache<E> {
         if let Some(message) = self.invalid.get(&module.sha256) {
             return Err(PrepareError::Invalid(message.clone()));
         }
-        let (compiled, source) = match self.load_or_compile(module) {
+        let (compiled, source) = match self.load_or_compile(module, file) {
             Ok(found) => found,
             Err(PrepareError::Invalid(message)) => {
                 if self.invalid.len() >= self.capacity {
@@ -140,7 +179,11 @@ impl<E: Engine> ModuleCache<E> {
         self.entries.insert(hash, Entry { module, last_used: self.clock });
     }
 
-    fn load_or_compile(&self, module: &ModuleRef) -> Result<(E::Module, ModuleSource), PrepareError> {
+    fn load_or_compile(
+        &self,
+        module: &ModuleRef,
+        file: Option<fs::File>,
+    ) -> Result<(E::Module, ModuleSource), PrepareError> {
         let artifact = self.artifact_path(&module.sha256);
         if let Some(path) = &artifact {
             if is_trusted_artifact(path) {
@@ -153,7 +196,7 @@ impl<E: Engine> ModuleCache<E> {
                 }
             }
         }
-        let wasm = read_module(&module.path, self.max_module_bytes)?;
+        let wasm = read_module(&module.path, file, self.max_module_bytes)?;
         if sha256_hex(&wasm) != module.sha256 {
             return Err(PrepareError::Changed);
         }
@@ -208,9 +251,12 @@ fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-fn read_module(path: &Path, limit: u64) -> Result<Vec<u8>, PrepareError> {
+fn read_module(path: &Path, file: Option<fs::File>, limit: u64) -> Result<Vec<u8>, PrepareError> {
     let read_err = |source| PrepareError::Read { path: path.into(), source };
-    let file = fs::File::open(path).map_err(read_err)?;
+    let file = match file {
+        Some(file) => file,
+        None => fs::File::open(path).map_err(read_err)?,
+    };
     let mut wasm = Vec::new();
     file.take(limit + 1).read_to_end(&mut wasm).map_err(read_err)?;
     if wasm.len() as u64 > limit {
@@ -219,15 +265,22 @@ fn read_module(path: &Path, limit: u64) -> Result<Vec<u8>, PrepareError> {
     Ok(wasm)
 }
 
-fn create_private_dir(path: &Path) -> Result<(), CacheDirError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(|source| CacheDirError::Create { path: path.into(), source })?;
-    let uid = nix::unistd::geteuid().as_raw();
-    let meta = fs::metadata(path).map_err(|source| CacheDirError::Create { path: path.into(), source })?;
-    if meta.uid() != uid || meta.mode() & 0o022 != 0 {
+/// Creates `path` (mode 0700) if needed and checks that it belongs to the current user, or
+/// to `owner`, to whom a directory this process just created is handed over.
+fn create_private_dir(path: &Path, owner: Option<(u32, u32)>) -> Result<(), CacheDirError> {
+    let create_err = |source| CacheDirError::Create { path: path.into(), source };
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(create_err)?;
+    let euid = nix::unistd::geteuid().as_raw();
+    let mut uid = euid;
+    if let Some((owner_uid, owner_gid)) = owner {
+        uid = owner_uid;
+        let meta = fs::symlink_metadata(path).map_err(create_err)?;
+        if meta.is_dir() && meta.uid() == euid {
+            std::os::unix::fs::lchown(path, Some(owner_uid), Some(owner_gid)).map_err(create_err)?;
+        }
+    }
+    let meta = fs::symlink_metadata(path).map_err(create_err)?;
+    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
         return Err(CacheDirError::Untrusted { path: path.into(), uid });
     }
     Ok(())
@@ -265,38 +318,38 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let m = module_file(tmp.path(), r#"(module (func (export "_start")))"#);
         let cache_dir = tmp.path().join("cache");
-        let mut a = ModuleCache::new(WasmtimeEngine::new().unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
-        assert_eq!(a.get(&m).unwrap().1, ModuleSource::Compiled);
-        assert_eq!(a.get(&m).unwrap().1, ModuleSource::Memory);
+        let mut a = ModuleCache::new(WasmtimeEngine::new(false).unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
+        assert_eq!(a.get(&m, None).unwrap().1, ModuleSource::Compiled);
+        assert_eq!(a.get(&m, None).unwrap().1, ModuleSource::Memory);
         // A second worker finds the artifact the first one wrote.
-        let mut b = ModuleCache::new(WasmtimeEngine::new().unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
-        assert_eq!(b.get(&m).unwrap().1, ModuleSource::Artifact);
+        let mut b = ModuleCache::new(WasmtimeEngine::new(false).unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
+        assert_eq!(b.get(&m, None).unwrap().1, ModuleSource::Artifact);
         let artifact = b.artifact_path(&m.sha256).unwrap();
         assert_eq!(fs::metadata(&artifact).unwrap().mode() & 0o077, 0, "artifact must be owner-only");
         // An artifact others can write is never loaded.
         fs::set_permissions(&artifact, fs::Permissions::from_mode(0o666)).unwrap();
-        let mut c = ModuleCache::new(WasmtimeEngine::new().unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
-        assert_eq!(c.get(&m).unwrap().1, ModuleSource::Compiled);
+        let mut c = ModuleCache::new(WasmtimeEngine::new(false).unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
+        assert_eq!(c.get(&m, None).unwrap().1, ModuleSource::Compiled);
     }
 
     #[test]
     fn changed_file_and_bad_hash_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let mut m = module_file(tmp.path(), r#"(module (func (export "_start")))"#);
-        let mut cache = ModuleCache::new(WasmtimeEngine::new().unwrap(), None, 4, 1 << 20).unwrap();
+        let mut cache = ModuleCache::new(WasmtimeEngine::new(false).unwrap(), None, 4, 1 << 20).unwrap();
         let good = m.sha256.clone();
         m.sha256 = "0".repeat(64);
-        assert!(matches!(cache.get(&m), Err(PrepareError::Changed)));
+        assert!(matches!(cache.get(&m, None), Err(PrepareError::Changed)));
         m.sha256 = "../../etc/passwd".into();
-        assert!(matches!(cache.get(&m), Err(PrepareError::BadHash)));
+        assert!(matches!(cache.get(&m, None), Err(PrepareError::BadHash)));
         m.sha256 = good;
-        assert!(cache.get(&m).is_ok());
+        assert!(cache.get(&m, None).is_ok());
     }
 
     #[test]
     fn lru_evicts_least_recently_used() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut cache = ModuleCache::new(WasmtimeEngine::new().unwrap(), None, 2, 1 << 20).unwrap();
+        let mut cache = ModuleCache::new(WasmtimeEngine::new(false).unwrap(), None, 2, 1 << 20).unwrap();
         let refs: Vec<ModuleRef> = (0..3)
             .map(|i| {
                 let dir = tmp.path().join(i.to_string());
@@ -304,11 +357,11 @@ mod tests {
                 module_file(&dir, &format!(r#"(module (func (export "_start")) (func (export "f{i}")))"#))
             })
             .collect();
-        cache.get(&refs[0]).unwrap();
-        cache.get(&refs[1]).unwrap();
-        cache.get(&refs[0]).unwrap();
-        cache.get(&refs[2]).unwrap(); // evicts 1
-        assert_eq!(cache.get(&refs[0]).unwrap().1, ModuleSource::Memory);
-        assert_eq!(cache.get(&refs[1]).unwrap().1, ModuleSource::Compiled);
+        cache.get(&refs[0], None).unwrap();
+        cache.get(&refs[1], None).unwrap();
+        cache.get(&refs[0], None).unwrap();
+        cache.get(&refs[2], None).unwrap(); // evicts 1
+        assert_eq!(cache.get(&refs[0], None).unwrap().1, ModuleSource::Memory);
+        assert_eq!(cache.get(&refs[1], None).unwrap().1, ModuleSource::Compiled);
     }
 }

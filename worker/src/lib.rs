@@ -4,6 +4,8 @@
 pub mod cache;
 pub mod capture;
 pub mod engine;
+pub mod fdpass;
+pub mod harden;
 pub mod server;
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -39,9 +41,15 @@ pub struct WorkerArgs {
     #[arg(long, default_value = "warn")]
     pub log: String,
 
+    #[command(flatten)]
+    pub hardening: harden::HardeningArgs,
+
     /// `/proc/self/cgroup` as read at the start of `main` (not a flag).
     #[arg(skip)]
     pub initial_cgroup: String,
+    /// The parent process at the start of `main` (the supervisor; not a flag).
+    #[arg(skip)]
+    pub supervisor_pid: Option<nix::unistd::Pid>,
 }
 
 /// Errors that end a worker.
@@ -57,21 +65,37 @@ pub enum WorkerError {
     Socket(RawFd),
     #[error("supervisor connection failed")]
     Protocol(#[from] wasmbox_protocol::FrameError),
+    #[error(transparent)]
+    Hardening(#[from] harden::HardeningError),
+    #[error("cannot enter the artifact directory")]
+    WorkDir(#[source] std::io::Error),
 }
 
-/// Runs the worker until the supervisor closes its socket.
-pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
+/// Runs the worker until the supervisor closes its socket. `applied` lists the hardening
+/// layers `main` already applied (closing inherited descriptors).
+pub fn run(args: WorkerArgs, mut applied: harden::Applied) -> Result<(), WorkerError> {
     let socket = adopt_socket(args.socket_fd)?;
+    let hardening = &args.hardening;
+    // Namespaces belong to threads: enter the new one while this is the only thread.
+    if hardening.netns {
+        harden::enter_network_namespace(&mut applied)?;
+    }
+    // Test hooks exist only in debug builds, whatever the flag says.
+    let test_hooks = cfg!(debug_assertions) && hardening.test_hooks;
+    let supervisor = args.supervisor_pid.unwrap_or_else(nix::unistd::getppid);
     match args.engine.as_str() {
         "wasmtime" => {
-            let engine = engine::wasmtime::WasmtimeEngine::new().map_err(WorkerError::Engine)?;
-            let cache = cache::ModuleCache::new(
+            let engine = engine::wasmtime::WasmtimeEngine::new(test_hooks).map_err(WorkerError::Engine)?;
+            let mut cache = cache::ModuleCache::new_owned(
                 engine,
                 args.cache_dir.as_deref(),
+                hardening.user,
                 args.module_cache_entries,
                 args.max_module_bytes,
             )?;
-            server::serve(socket, cache, args.initial_cgroup)?;
+            cache.enter_artifact_dir().map_err(WorkerError::WorkDir)?;
+            harden::lock_down(hardening, supervisor, &mut applied)?;
+            server::serve(socket, cache, args.initial_cgroup, applied.0)?;
             Ok(())
         }
         other => Err(WorkerError::UnknownEngine(other.into())),

@@ -5,12 +5,21 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     // Before anything else: where the kernel put this process (reported in the handshake).
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let parent = nix::unistd::getppid();
     let mut args = wasmbox_worker::WorkerArgs::parse();
     args.initial_cgroup = cgroup;
+    args.supervisor_pid = Some(parent);
+    let mut applied = wasmbox_worker::harden::Applied::default();
+    if args.hardening.close_fds {
+        if let Err(e) = wasmbox_worker::harden::close_inherited_fds(args.socket_fd, &mut applied) {
+            eprintln!("wasmbox-worker: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "warn".into());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
     let slot = args.slot;
-    match wasmbox_worker::run(args) {
+    match wasmbox_worker::run(args, applied) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(slot, error = %anyhow::Error::from(e), "worker stopped");

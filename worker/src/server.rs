@@ -1,7 +1,8 @@
 //! The worker's serve loop: handshake, then one invocation at a time until the supervisor
 //! says stop or closes the socket.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -12,14 +13,21 @@ use wasmbox_protocol::{
 
 use crate::cache::{ModuleCache, PrepareError};
 use crate::engine::{Engine, RunRequest, RunResult};
+use crate::fdpass::FdReader;
 
 /// Largest stdin a worker accepts in one frame; the supervisor enforces the real (smaller)
 /// body limit, this only bounds what a confused peer can make the worker allocate.
 pub const MAX_STDIN_BYTES: u64 = 1 << 30;
 
 /// Serves invocations on `socket` until the supervisor closes it or sends `Shutdown`.
-pub fn serve<E: Engine>(socket: UnixStream, mut cache: ModuleCache<E>, cgroup: String) -> Result<(), FrameError> {
-    let mut reader = BufReader::new(socket.try_clone().map_err(FrameError::Io)?);
+/// `hardening` names the layers applied before this point, reported in the hello.
+pub fn serve<E: Engine>(
+    socket: UnixStream,
+    mut cache: ModuleCache<E>,
+    cgroup: String,
+    hardening: Vec<String>,
+) -> Result<(), FrameError> {
+    let mut reader = FdReader::new(socket.try_clone().map_err(FrameError::Io)?);
     let mut writer = BufWriter::new(socket);
     let hello = FromWorker::Hello(Hello {
         protocol: PROTOCOL_VERSION,
@@ -28,6 +36,7 @@ pub fn serve<E: Engine>(socket: UnixStream, mut cache: ModuleCache<E>, cgroup: S
         engine_version: cache.engine().version(),
         pid: std::process::id(),
         cgroup,
+        hardening,
     });
     write_frame(&mut writer, &hello, &[])?;
     loop {
@@ -38,7 +47,12 @@ pub fn serve<E: Engine>(socket: UnixStream, mut cache: ModuleCache<E>, cgroup: S
             ToWorker::Shutdown => return Ok(()),
             ToWorker::Proceed => return Err(FrameError::Unexpected("proceed outside an invocation")),
             ToWorker::Invoke(invocation) => {
-                let (result, run) = invoke(&mut cache, &invocation, stdin, &mut reader, &mut writer)?;
+                let count = usize::try_from(invocation.passed_fds).unwrap_or(usize::MAX);
+                let fds = reader.take_fds(count).map_err(|e| {
+                    tracing::error!(error = %e, "descriptor count mismatch");
+                    FrameError::Unexpected("descriptors do not match the invocation")
+                })?;
+                let (result, run) = invoke(&mut cache, &invocation, stdin, fds, &mut reader, &mut writer)?;
                 write_frame(&mut writer, &FromWorker::Result(result), &[&run.stdout, &run.stderr])?;
             }
         }
@@ -49,13 +63,21 @@ fn invoke<E: Engine, R: Read, W: Write>(
     cache: &mut ModuleCache<E>,
     invocation: &Invocation,
     stdin: Vec<u8>,
+    fds: Vec<OwnedFd>,
     reader: &mut R,
     writer: &mut W,
 ) -> Result<(InvocationResult, RunResult), FrameError> {
     let span = tracing::debug_span!("invoke", request_id = %invocation.request_id, function = %invocation.function);
     let _enter = span.enter();
     let prepare_started = Instant::now();
-    let prepared = cache.get(&invocation.module);
+    // With descriptors: the module file first, then one directory per preopen.
+    let mut fds = fds.into_iter();
+    let module_file = if invocation.passed_fds > 0 { fds.next().map(std::fs::File::from) } else { None };
+    let preopen_dirs: Vec<OwnedFd> = fds.collect();
+    if !preopen_dirs.is_empty() && preopen_dirs.len() != invocation.preopens.len() {
+        return Err(FrameError::Unexpected("preopen descriptors do not match the preopens"));
+    }
+    let prepared = cache.get(&invocation.module, module_file);
     let prepare_us = micros(prepare_started.elapsed());
     let (module, source) = match prepared {
         Ok(found) => found,
@@ -88,6 +110,7 @@ fn invoke<E: Engine, R: Read, W: Write>(
             argv: &invocation.argv,
             env: &invocation.env,
             preopens: &invocation.preopens,
+            preopen_dirs: &preopen_dirs,
             stdin,
             memory_limit_bytes: invocation.memory_limit_bytes,
             timeout: Duration::from_millis(invocation.timeout_ms),

@@ -51,6 +51,11 @@ pub enum ApiError {
     OomKilled { memory_request_mb: u64, limit_bytes: Option<u64> },
     #[error("worker process died during the invocation: {detail}")]
     WorkerDied { detail: String },
+    #[error(
+        "the function's worker made a system call outside its seccomp allow-list and was killed \
+         (SIGSYS); the worker was replaced"
+    )]
+    SeccompViolation,
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("function exceeded its deadline of {timeout_ms} ms")]
@@ -81,7 +86,7 @@ impl ApiError {
             // Both memory failures are 507; the kind says which layer stopped the function:
             // the engine's linear-memory cap or the kernel's cgroup OOM killer.
             ApiError::MemoryLimitExceeded { .. } | ApiError::OomKilled { .. } => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::WorkerDied { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::WorkerDied { .. } | ApiError::SeccompViolation => StatusCode::BAD_GATEWAY,
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -107,6 +112,7 @@ impl ApiError {
             ApiError::MemoryLimitExceeded { .. } => "memory_limit_exceeded",
             ApiError::OomKilled { .. } => "oom_killed",
             ApiError::WorkerDied { .. } => "worker_died",
+            ApiError::SeccompViolation => "seccomp_violation",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::DeadlineExceeded { .. } => "deadline_exceeded",
             ApiError::Internal(_) => "internal_error",
@@ -205,6 +211,7 @@ mod tests {
             (ApiError::MemoryLimitExceeded { limit_mb: 1, stderr: s() }, 507, "memory_limit_exceeded"),
             (ApiError::OomKilled { memory_request_mb: 1, limit_bytes: Some(1 << 20) }, 507, "oom_killed"),
             (ApiError::WorkerDied { detail: s() }, 502, "worker_died"),
+            (ApiError::SeccompViolation, 502, "seccomp_violation"),
             (ApiError::ShuttingDown, 503, "shutting_down"),
             (ApiError::DeadlineExceeded { timeout_ms: 1, worker_killed: false }, 504, "deadline_exceeded"),
         ];

@@ -72,6 +72,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Resu
                 "pool": app.pool.status(),
                 "cgroups": app.cgroups,
                 "functions": app.usage.snapshot(),
+                "http": app.connections.stats(),
             });
             Ok(json_response(StatusCode::OK, &body))
         }
@@ -131,6 +132,7 @@ async fn invoke(
         cpu_quota_millis: limits.cpu_quota_millis,
         max_output_bytes: app.config.max_output_bytes,
         confirm_start: false,
+        passed_fds: 0,
     };
     drop(_entered);
 
@@ -270,6 +272,8 @@ fn invoke_failure(failure: InvokeFailure, invocation: &Invocation) -> ApiError {
         InvokeFailure::OomKilled { limit_bytes } => {
             ApiError::OomKilled { memory_request_mb: invocation.memory_limit_bytes >> 20, limit_bytes }
         }
+        InvokeFailure::SeccompViolation => ApiError::SeccompViolation,
+        InvokeFailure::Setup(message) => ApiError::Internal(message),
         InvokeFailure::Limits(message) => {
             tracing::error!(error = %message, "cannot apply cgroup limits");
             ApiError::Internal("cannot apply the invocation's resource limits".into())

@@ -1,6 +1,11 @@
 //! Async framing over a worker's socket (the supervisor side of `wasmbox_protocol`).
 
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
 use bytes::{Bytes, BytesMut};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use wasmbox_protocol::{FrameError, FromWorker, PREFIX_LEN, ToWorker, decode_header, encode_head, parse_prefix};
@@ -19,6 +24,44 @@ impl Connection {
     pub async fn send(&mut self, message: &ToWorker, payload: &[u8]) -> Result<(), FrameError> {
         let head = encode_head(message, payload.len());
         self.stream.write_all(&head).await.map_err(FrameError::Io)?;
+        if !payload.is_empty() {
+            self.stream.write_all(payload).await.map_err(FrameError::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Sends a message with descriptors attached to its first bytes (SCM_RIGHTS); the
+    /// kernel duplicates them into the worker, the caller keeps and closes its own.
+    pub async fn send_with_fds(
+        &mut self,
+        message: &ToWorker,
+        payload: &[u8],
+        fds: &[OwnedFd],
+    ) -> Result<(), FrameError> {
+        if fds.is_empty() {
+            return self.send(message, payload).await;
+        }
+        let head = encode_head(message, payload.len());
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let sent = loop {
+            self.stream.writable().await.map_err(FrameError::Io)?;
+            let attempt = self.stream.try_io(Interest::WRITABLE, || {
+                sendmsg::<()>(
+                    self.stream.as_raw_fd(),
+                    &[IoSlice::new(&head)],
+                    &[ControlMessage::ScmRights(&raw)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match attempt {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(FrameError::Io(e)),
+            }
+        };
+        self.stream.write_all(&head[sent..]).await.map_err(FrameError::Io)?;
         if !payload.is_empty() {
             self.stream.write_all(payload).await.map_err(FrameError::Io)?;
         }
@@ -61,6 +104,7 @@ mod tests {
             engine_version: "x".into(),
             pid: 1,
             cgroup: "0::/\n".into(),
+            hardening: vec!["pdeathsig".into()],
         })
     }
 

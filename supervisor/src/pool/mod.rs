@@ -11,6 +11,7 @@ pub mod spawn;
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use nix::sys::signal::Signal;
 use tokio::sync::{Notify, oneshot, watch};
 use wasmbox_protocol::{FrameError, FromWorker, Hello, Invocation, InvocationResult, PROTOCOL_VERSION, ToWorker};
 
@@ -99,6 +101,13 @@ pub enum InvokeFailure {
     /// The worker's cgroup limits could not be written; the invocation did not run.
     #[error("cannot apply the invocation's limits: {0}")]
     Limits(String),
+    /// The worker made a syscall outside its seccomp allow-list and the kernel killed it.
+    #[error("worker was killed by its seccomp filter (SIGSYS)")]
+    SeccompViolation,
+    /// The module file or a preopened directory could not be opened for the worker; the
+    /// invocation did not run.
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// A finished invocation.
@@ -505,6 +514,21 @@ impl Pool {
             }
             (hello, _) => hello,
         };
+        // Nor one that left out a hardening layer it was asked for.
+        let hello = hello.and_then(|h| {
+            let missing: Vec<&str> = config
+                .launch
+                .hardening_layers
+                .iter()
+                .copied()
+                .filter(|l| !h.hardening.iter().any(|a| a == l))
+                .collect();
+            if missing.is_empty() || h.protocol != PROTOCOL_VERSION {
+                Ok(h)
+            } else {
+                Err(format!("worker did not apply hardening layers {missing:?}"))
+            }
+        });
         let hello = match hello {
             Ok(h) if h.protocol == PROTOCOL_VERSION => h,
             other => {
@@ -572,6 +596,9 @@ impl Lease {
             return Err(InvokeFailure::ShuttingDown);
         };
         let hash = invocation.module.sha256.clone();
+        // Nothing was sent yet: on failure the worker goes back to the pool unharmed.
+        let files = open_passed_files(&invocation).map_err(InvokeFailure::Setup)?;
+        invocation.passed_fds = files.len() as u32;
         let cgroup = self.pool.slot_cgroup(worker.id.slot).cloned();
         let request = SlotRequest {
             cpu_quota_millis: invocation.cpu_quota_millis,
@@ -594,7 +621,7 @@ impl Lease {
             request,
             checkpoint: cp,
         });
-        match exchange(worker, config, invocation, &stdin, limits).await {
+        match exchange(worker, config, invocation, &stdin, &files, limits).await {
             Ok(mut done) => {
                 worker.note_module(&hash, config.launch.module_cache_entries);
                 worker.invocations += 1;
@@ -629,6 +656,9 @@ impl Lease {
                     Exchange::HardDeadline => InvokeFailure::HardDeadline,
                     Exchange::Protocol(detail) => InvokeFailure::WorkerDied { detail },
                     // The connection broke: the exit status says why (crash, OOM kill...).
+                    Exchange::Lost(_) if status.and_then(|s| s.signal()) == Some(Signal::SIGSYS as i32) => {
+                        InvokeFailure::SeccompViolation
+                    }
                     Exchange::Lost(detail) => {
                         InvokeFailure::WorkerDied { detail: status.map(describe_exit).unwrap_or(detail) }
                     }
@@ -672,6 +702,7 @@ async fn exchange(
     config: &PoolConfig,
     invocation: Invocation,
     stdin: &[u8],
+    files: &[OwnedFd],
     mut limits: Option<StartLimits<'_>>,
 ) -> Result<Completed, Exchange> {
     let timeout = Duration::from_millis(invocation.timeout_ms);
@@ -682,7 +713,7 @@ async fn exchange(
         FrameError::Io(_) | FrameError::Truncated => Exchange::Lost(e.to_string()),
         other => Exchange::Protocol(format!("protocol violation: {other}")),
     };
-    worker.conn.send(&ToWorker::Invoke(invocation), stdin).await.map_err(broken)?;
+    worker.conn.send_with_fds(&ToWorker::Invoke(invocation), stdin, files).await.map_err(broken)?;
     loop {
         match tokio::time::timeout_at(hard_deadline, worker.conn.recv()).await {
             Err(_) => return Err(Exchange::HardDeadline),
@@ -727,6 +758,29 @@ pub fn describe_exit(status: ExitStatus) -> String {
         },
         None => "ended".into(),
     }
+}
+
+/// Opens what the worker may use for this invocation, in the order of
+/// `Invocation::passed_fds`: the module file, then each preopened directory (as a path
+/// handle: the worker reaches the directory through it, never through its parents).
+fn open_passed_files(invocation: &Invocation) -> Result<Vec<OwnedFd>, String> {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::Mode;
+    if invocation.preopens.len() + 1 > wasmbox_protocol::MAX_PASSED_FDS {
+        return Err(format!("at most {} preopened directories", wasmbox_protocol::MAX_PASSED_FDS - 1));
+    }
+    let module = &invocation.module.path;
+    let mut files = Vec::with_capacity(1 + invocation.preopens.len());
+    files.push(
+        open(module, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| format!("cannot open module {}: {e}", module.display()))?,
+    );
+    for preopen in &invocation.preopens {
+        let dir = open(&preopen.host, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| format!("preopen {} -> {}: {e}", preopen.host.display(), preopen.guest))?;
+        files.push(dir);
+    }
+    Ok(files)
 }
 
 /// Resolves once the pool is closed (owning nothing across awaits, so it stays `Send`).

@@ -27,6 +27,10 @@ pub struct WorkerLaunch {
     pub module_cache_entries: usize,
     pub max_module_bytes: u64,
     pub log_filter: String,
+    /// Hardening flags for `wasmbox-worker` (see `crate::hardening`).
+    pub hardening_args: Vec<String>,
+    /// Layers a worker's hello must report.
+    pub hardening_layers: Vec<&'static str>,
 }
 
 /// A started worker process and the supervisor's end of its socket.
@@ -91,6 +95,7 @@ fn spawn_worker(launch: &WorkerLaunch, slot: usize, placement: Vec<RawFd>) -> io
     if let Some(dir) = &launch.cache_dir {
         cmd.arg("--cache-dir").arg(dir);
     }
+    cmd.args(&launch.hardening_args);
     // The worker needs nothing from the supervisor's environment; guests get only the env
     // their function declares.
     cmd.env_clear()

@@ -172,6 +172,11 @@ fn load(
         None => FunctionConfig::default(),
         Some(_) => {
             let text = read_bounded(&config_path, function_config::MAX_CONFIG_BYTES)?;
+            // Never parse a cut-off prefix: it can be valid TOML that drops the rest.
+            if text.len() as u64 > function_config::MAX_CONFIG_BYTES {
+                let message = format!("larger than the limit of {} bytes", function_config::MAX_CONFIG_BYTES);
+                return Err(RegistryError::InvalidConfig { name, message });
+            }
             let text = String::from_utf8(text)
                 .map_err(|_| RegistryError::InvalidConfig { name: name.clone(), message: "not UTF-8".into() })?;
             function_config::parse(&text, base)
@@ -248,5 +253,13 @@ mod tests {
         fs::write(dir.path().join("ok.wasm"), b"1").unwrap();
         fs::write(dir.path().join("ok.toml"), "nonsense = true").unwrap();
         assert!(matches!(reg.lookup(&name("ok")).await, Err(RegistryError::InvalidConfig { .. })));
+        // Over the size cap: refused, even when the part within the cap is a valid config.
+        let mut big = "args = []\n".to_string();
+        while big.len() as u64 <= function_config::MAX_CONFIG_BYTES {
+            big.push_str("# padding padding padding padding padding padding padding padding\n");
+        }
+        fs::write(dir.path().join("ok.toml"), big).unwrap();
+        let err = reg.lookup(&name("ok")).await.unwrap_err();
+        assert!(matches!(&err, RegistryError::InvalidConfig { message, .. } if message.contains("limit")), "{err:?}");
     }
 }

@@ -37,6 +37,9 @@ pub struct RunRequest<'a> {
     pub argv: &'a [String],
     pub env: &'a [(String, String)],
     pub preopens: &'a [Preopen],
+    /// The preopened directories, opened by the supervisor, one per entry of `preopens`;
+    /// empty means open `Preopen::host` by path.
+    pub preopen_dirs: &'a [std::os::fd::OwnedFd],
     pub stdin: Vec<u8>,
     pub memory_limit_bytes: u64,
     pub timeout: Duration,

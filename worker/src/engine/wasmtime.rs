@@ -76,7 +76,9 @@ pub struct WasmtimeEngine {
 }
 
 impl WasmtimeEngine {
-    pub fn new() -> anyhow::Result<Self> {
+    /// `test_hooks` adds the host function `wasmbox_test.forbidden_syscall` (the worker
+    /// passes true only in debug builds started with `--test-hooks`).
+    pub fn new(test_hooks: bool) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config
             .epoch_interruption(true)
@@ -87,6 +89,9 @@ impl WasmtimeEngine {
         let engine = wasmtime::Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut StoreState| &mut s.wasi)?;
+        if test_hooks {
+            linker.func_wrap("wasmbox_test", "forbidden_syscall", || -> i64 { crate::harden::forbidden_syscall() })?;
+        }
         let watchdog = Watchdog::start(engine.clone())?;
         Ok(WasmtimeEngine { engine, linker, watchdog })
     }
@@ -182,13 +187,8 @@ impl WasmtimeEngine {
             .stdout(stdout.clone())
             .stderr(stderr.clone())
             .allow_blocking_current_thread(true);
-        for preopen in request.preopens {
-            let perms = if preopen.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
-            if let Err(e) = wasi.preopened_dir(&preopen.host, &preopen.guest, perms) {
-                return Outcome::SetupFailed {
-                    message: bounded(format!("preopen {} -> {}: {e:#}", preopen.host.display(), preopen.guest)),
-                };
-            }
+        if let Err(message) = add_preopens(&mut wasi, request) {
+            return Outcome::SetupFailed { message: bounded(message) };
         }
         let memory_bytes = usize::try_from(request.memory_limit_bytes).unwrap_or(usize::MAX);
         let state = StoreState { wasi: wasi.build_p1(), limits: Limits { memory_bytes, memory_denied: false } };
@@ -222,6 +222,39 @@ impl WasmtimeEngine {
             }
         }
     }
+}
+
+/// Adds the request's preopened directories. With descriptors from the supervisor, each
+/// one becomes the working directory for a moment and is opened as "." (WASI's builder only
+/// takes paths), so no path to it, nor search permission on its parents, is needed.
+fn add_preopens(wasi: &mut WasiCtxBuilder, request: &RunRequest<'_>) -> Result<(), String> {
+    use nix::fcntl::{OFlag, open};
+    let describe = |p: &wasmbox_protocol::Preopen, e: &str| format!("preopen {} -> {}: {e}", p.host.display(), p.guest);
+    let home = if request.preopen_dirs.is_empty() {
+        None
+    } else {
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        Some(open(".", flags, nix::sys::stat::Mode::empty()).map_err(|e| format!("working directory: {e}"))?)
+    };
+    let mut result = Ok(());
+    for (i, preopen) in request.preopens.iter().enumerate() {
+        let perms = if preopen.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+        let added = match request.preopen_dirs.get(i) {
+            Some(dir) => match nix::unistd::fchdir(dir) {
+                Ok(()) => wasi.preopened_dir(".", &preopen.guest, perms).map(drop).map_err(|e| format!("{e:#}")),
+                Err(e) => Err(e.to_string()),
+            },
+            None => wasi.preopened_dir(&preopen.host, &preopen.guest, perms).map(drop).map_err(|e| format!("{e:#}")),
+        };
+        if let Err(e) = added {
+            result = Err(describe(preopen, &e));
+            break;
+        }
+    }
+    if let Some(home) = home {
+        nix::unistd::fchdir(&home).map_err(|e| format!("working directory: {e}"))?;
+    }
+    result
 }
 
 /// Major version of the linked Wasmtime, for display; the compatibility hash is the real key.
@@ -318,7 +351,7 @@ mod tests {
     use std::time::Duration;
 
     fn engine() -> WasmtimeEngine {
-        WasmtimeEngine::new().unwrap()
+        WasmtimeEngine::new(false).unwrap()
     }
 
     fn request<'a>(argv: &'a [String], timeout_ms: u64, memory: u64) -> RunRequest<'a> {
@@ -326,6 +359,7 @@ mod tests {
             argv,
             env: &[],
             preopens: &[],
+            preopen_dirs: &[],
             stdin: Vec::new(),
             memory_limit_bytes: memory,
             timeout: Duration::from_millis(timeout_ms),
