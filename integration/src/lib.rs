@@ -110,12 +110,16 @@ pub fn skip_without_cgroups(test: &str) -> bool {
     }
 }
 
+/// Where [`Builder::inherit`] puts its file in the supervisor.
+pub const INHERITED_FD: i32 = 9;
+
 /// How to start a supervisor.
 pub struct Builder {
     workers: usize,
     env: Vec<(String, String)>,
     functions: Vec<(String, Vec<u8>)>,
     files: Vec<(String, Vec<u8>)>,
+    inherited: Option<std::fs::File>,
 }
 
 impl Builder {
@@ -138,6 +142,13 @@ impl Builder {
     /// Installs arbitrary module bytes as `name.wasm`.
     pub fn module(mut self, name: &str, bytes: Vec<u8>) -> Self {
         self.functions.push((name.into(), bytes));
+        self
+    }
+
+    /// Starts the supervisor with `file` open at descriptor [`INHERITED_FD`] without
+    /// close-on-exec, as a careless parent process would leave it.
+    pub fn inherit(mut self, file: std::fs::File) -> Self {
+        self.inherited = Some(file);
         self
     }
 
@@ -185,6 +196,22 @@ impl Builder {
             .stderr(Stdio::piped());
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(file) = &self.inherited {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = file.as_raw_fd();
+            // SAFETY: dup2 is async-signal-safe and only touches descriptors; `fd` stays
+            // open in the parent until the spawn returns. dup2 to a new number clears
+            // close-on-exec on the copy, which is the point.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if nix::libc::dup2(fd, INHERITED_FD) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().with_context(|| format!("starting {}", wasmbox.display()))?;
         let stderr = child.stderr.take().context("stderr pipe")?;
@@ -287,7 +314,7 @@ impl Supervisor {
     }
 
     pub fn builder() -> Builder {
-        Builder { workers: 2, env: Vec::new(), functions: Vec::new(), files: Vec::new() }
+        Builder { workers: 2, env: Vec::new(), functions: Vec::new(), files: Vec::new(), inherited: None }
     }
 
     pub fn pid(&self) -> i32 {

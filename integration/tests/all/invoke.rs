@@ -75,10 +75,18 @@ async fn env_and_preopened_directories_from_toml() -> anyhow::Result<()> {
     let r = s.get("/fs?arg=ls&arg=/data").await?;
     assert_eq!(r.text(), "note.txt\n");
 
-    // Writable preopen: the write lands on the host.
+    // Writable preopen: the write lands on the host, once the directory is writable by the
+    // user workers run as (nobody, when the tests run as root).
+    let scratch = s.functions_dir().join("scratch");
+    if nix::unistd::geteuid().is_root() {
+        let r = s.post("/fs?arg=write&arg=/scratch/out.txt", "x").await?;
+        assert!(r.text().contains("Permission denied"), "root's 0755 directory is not nobody's: {}", r.text());
+        let nobody = nix::unistd::User::from_name("nobody")?.expect("nobody exists");
+        nix::unistd::chown(&scratch, Some(nobody.uid), Some(nobody.gid))?;
+    }
     let r = s.post("/fs?arg=write&arg=/scratch/out.txt", "written by the guest").await?;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    assert_eq!(std::fs::read_to_string(s.functions_dir().join("scratch/out.txt"))?, "written by the guest");
+    assert_eq!(std::fs::read_to_string(scratch.join("out.txt"))?, "written by the guest");
 
     // Read-only preopen refuses writes; paths outside any preopen do not exist for the guest.
     let r = s.post("/fs?arg=write&arg=/data/evil.txt", "x").await?;

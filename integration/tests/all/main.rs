@@ -4,5 +4,6 @@
 
 mod cgroups;
 mod faults;
+mod hardening;
 mod invoke;
 mod limits;

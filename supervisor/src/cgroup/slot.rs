@@ -74,6 +74,8 @@ pub struct SlotCgroup {
     /// v1 `memory.oom_control`; v2 `memory.events`: both carry `oom_kill N`.
     memory_events: Option<PathBuf>,
     memory_headroom: u64,
+    /// v2 `cgroup.kill` (Linux 5.14+), opened for writing.
+    kill: Option<File>,
     applied: Mutex<Applied>,
     oom_kills_seen: AtomicU64,
 }
@@ -138,7 +140,9 @@ impl SlotCgroup {
             Version::V1 => dir_for("cpuacct").map(|d| open(&d, "cpuacct.usage", false)).transpose()?,
             Version::V2 => dirs.first().map(|(_, d, _)| open(d, "cpu.stat", false)).transpose()?,
         };
+        let kill = if v2 { dirs.first().and_then(|(_, d, _)| open(d, "cgroup.kill", true).ok()) } else { None };
         let slot = SlotCgroup {
+            kill,
             index,
             version,
             dirs,
@@ -156,6 +160,25 @@ impl SlotCgroup {
         };
         slot.oom_kills_seen.store(slot.oom_kills().unwrap_or(0), Ordering::Relaxed);
         Ok(slot)
+    }
+
+    /// Kills every process in the slot's cgroup at once, without the worker's (or its
+    /// engine's) cooperation: v2 `cgroup.kill` where the kernel has it, otherwise SIGKILL
+    /// to each process listed in the cgroup. Returns how it was done, for the log.
+    pub fn kill_all(&self) -> std::io::Result<&'static str> {
+        if let Some(file) = &self.kill {
+            file.write_all_at(b"1", 0)?;
+            return Ok("cgroup.kill");
+        }
+        let Some((_, dir, _)) = self.dirs.first() else { return Ok("nothing") };
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs"))?;
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok("SIGKILL to each process in the cgroup")
     }
 
     /// Directories of this slot's cgroup, one per hierarchy.

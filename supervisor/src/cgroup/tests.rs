@@ -302,3 +302,13 @@ fn kernel_places_a_child_before_exec() {
         assert!(!dir.exists(), "{} left behind", dir.display());
     }
 }
+
+#[test]
+fn v2_kills_a_slot_through_cgroup_kill() {
+    let fs = Arc::new(FixtureFs::new(Kind::V2, "/"));
+    let cgroups = setup(&fs, CgroupMode::Required, 1).unwrap().unwrap();
+    let slot = cgroups.slot(0).unwrap();
+    assert_eq!(slot.kill_all().unwrap(), "cgroup.kill");
+    let kill_file = slot.dirs().next().unwrap().join("cgroup.kill");
+    assert_eq!(std::fs::read_to_string(kill_file).unwrap(), "1");
+}

@@ -433,6 +433,13 @@ impl Pool {
                     let status = tokio::select! {
                         status = child.wait() => status,
                         () = life.kill.notified() => {
+                            // The whole cgroup at once where the kernel can (v2 cgroup.kill),
+                            // then the worker itself in any case.
+                            if let Some(cg) = self.slot_cgroup(slot) {
+                                if let Err(e) = cg.kill_all() {
+                                    tracing::warn!(worker = %id, error = %e, "cannot kill the worker's cgroup");
+                                }
+                            }
                             let _ = child.start_kill();
                             child.wait().await
                         }
