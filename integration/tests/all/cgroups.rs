@@ -234,7 +234,7 @@ async fn cgroups_are_removed_at_shutdown_and_after_a_crash() -> anyhow::Result<(
 }
 
 /// Every directory named `name` in any mounted cgroup hierarchy, up to a few levels deep.
-fn cgroup_dirs_named(name: &str) -> Vec<PathBuf> {
+pub(crate) fn cgroup_dirs_named(name: &str) -> Vec<PathBuf> {
     fn walk(dir: &Path, name: &str, depth: usize, out: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let path = entry.path();

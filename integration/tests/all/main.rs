@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cgroups;
+mod chaos;
 mod faults;
 mod hardening;
 mod invoke;
