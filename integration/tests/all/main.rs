@@ -6,5 +6,6 @@ mod cgroups;
 mod chaos;
 mod faults;
 mod hardening;
+mod http_hardening;
 mod invoke;
 mod limits;

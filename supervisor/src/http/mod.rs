@@ -137,7 +137,8 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                         // EMFILE and friends: back off instead of spinning; a connection that
                         // closes meanwhile frees what the next accept needs.
                         if due(&mut last_accept_warning) {
-                            tracing::warn!(error = %e, open = app.connections.stats().open_connections, "accept failed; backing off");
+                            let open = app.connections.stats().open_connections;
+                            tracing::warn!(error = %e, open, "accept failed; backing off");
                         }
                         drop(permit);
                         tokio::select! {
