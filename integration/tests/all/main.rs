@@ -6,6 +6,7 @@ mod cgroups;
 mod chaos;
 mod faults;
 mod hardening;
+mod hostile;
 mod http_hardening;
 mod invoke;
 mod limits;
