@@ -362,6 +362,7 @@ pub fn allowed_syscalls() -> Vec<i64> {
         SYS_rename,
         SYS_unlink,
         SYS_readlink,
+        SYS_dup2,
         SYS_time,
     ]);
     list

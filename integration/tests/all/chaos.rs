@@ -23,8 +23,11 @@ const CLIENTS: usize = 8;
 const PACE: Duration = Duration::from_millis(40);
 const KILL_EVERY: Duration = Duration::from_millis(100);
 
+/// Whether a reply is the correct answer to a request with this body.
+type Check = fn(&Reply, &[u8]) -> bool;
+
 /// One request of the mix and what a correct answer looks like.
-fn request(n: u64) -> (&'static str, Bytes, fn(&Reply, &[u8]) -> bool) {
+fn request(n: u64) -> (&'static str, Bytes, Check) {
     match n % 4 {
         0 => ("/hello", Bytes::new(), |r, _| r.status == 200 && r.text() == "Hello from WasmBox!\n"),
         1 => ("/echo", Bytes::from(format!("chaos payload {n}").into_bytes()), |r, body| {
