@@ -180,6 +180,9 @@ pub struct Hello {
 pub const HARDENING_LAYERS: [&str; 7] =
     ["close_fds", "rlimits", "netns", "user", "pdeathsig", "no_new_privs", "seccomp"];
 
+/// Bytes of a function's stderr that are kept (its tail): what error responses carry.
+pub const STDERR_TAIL_BYTES: usize = 4096;
+
 /// Most descriptors one frame may carry: the module file and one per preopened directory.
 pub const MAX_PASSED_FDS: usize = 64;
 

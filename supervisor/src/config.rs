@@ -49,7 +49,7 @@ pub struct Config {
     #[arg(long, env = "WASMBOX_MAX_BODY_BYTES", default_value_t = 16 << 20)]
     pub max_body_bytes: u64,
 
-    /// Largest stdout a function may produce, and the stderr tail kept, in bytes.
+    /// Largest stdout a function may produce, in bytes (of stderr, the last 4 KiB are kept).
     #[arg(long, env = "WASMBOX_MAX_OUTPUT_BYTES", default_value_t = 16 << 20)]
     pub max_output_bytes: u64,
 

@@ -7,7 +7,7 @@ use hyper::Response;
 use serde_json::{Map, Value, json};
 
 /// How much of a function's stderr an error response carries.
-pub const STDERR_TAIL_BYTES: usize = 4096;
+pub use wasmbox_protocol::STDERR_TAIL_BYTES;
 
 /// A failed request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

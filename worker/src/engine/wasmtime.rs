@@ -89,6 +89,13 @@ impl WasmtimeEngine {
         let engine = wasmtime::Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut StoreState| &mut s.wasi)?;
+        // WASI's proc_exit takes any u32, but wasmtime-wasi turns codes of 126 and up into a
+        // trap without the code. Every code the guest passes is its exit code here.
+        linker.allow_shadowing(true);
+        linker.func_wrap("wasi_snapshot_preview1", "proc_exit", |code: i32| -> wasmtime::Result<()> {
+            Err(wasmtime::Error::new(I32Exit(code)))
+        })?;
+        linker.allow_shadowing(false);
         if test_hooks {
             linker.func_wrap("wasmbox_test", "forbidden_syscall", || -> i64 { crate::harden::forbidden_syscall() })?;
         }
@@ -157,18 +164,20 @@ impl Engine for WasmtimeEngine {
 
     fn run(&self, module: &WasmtimeModule, request: RunRequest<'_>) -> RunResult {
         let stdout = Capture::strict(request.max_output_bytes);
-        let stderr = Capture::tail(request.max_output_bytes);
+        // Only the tail of stderr ever reaches a client (in error bodies); keep no more.
+        let stderr = Capture::tail(request.max_output_bytes.min(wasmbox_protocol::STDERR_TAIL_BYTES as u64));
         let started = Instant::now();
         let outcome = self.run_guest(module, &request, &stdout, &stderr);
         let exec = started.elapsed();
         let out = stdout.take();
         let err = stderr.take();
-        let outcome = match outcome {
-            // A guest that swallowed the failed write and went on still produced a cut body.
-            _ if out.overflowed => Outcome::OutputTooLarge { limit_bytes: request.max_output_bytes },
-            other => other,
+        let (outcome, stdout) = match outcome {
+            // A guest that swallowed the failed write and went on still produced a cut body;
+            // no byte of it is sent anywhere.
+            _ if out.overflowed => (Outcome::OutputTooLarge { limit_bytes: request.max_output_bytes }, Vec::new()),
+            other => (other, out.data),
         };
-        RunResult { outcome, stdout: out.data, stderr: err.data, stderr_dropped: err.dropped, exec }
+        RunResult { outcome, stdout, stderr: err.data, stderr_dropped: err.dropped, exec }
     }
 }
 
@@ -212,10 +221,15 @@ impl WasmtimeEngine {
                 if let Some(exit) = e.downcast_ref::<I32Exit>() {
                     return Outcome::Exited { code: exit.0 };
                 }
+                // The deadline first: a guest that survived a refused growth and then ran
+                // out of time was stopped by the deadline, not by memory.
+                if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+                    return Outcome::DeadlineExceeded;
+                }
                 if store.data().limits.memory_denied {
                     return Outcome::MemoryLimitExceeded { limit_bytes: request.memory_limit_bytes };
                 }
-                if fired || matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+                if fired {
                     return Outcome::DeadlineExceeded;
                 }
                 Outcome::Trapped { message: bounded(format!("{e:#}")) }
