@@ -282,6 +282,9 @@ pub enum Outcome {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -9,6 +9,9 @@ pub mod pool;
 pub mod registry;
 pub mod usage;
 
+#[cfg(test)]
+mod proptests;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -72,8 +72,11 @@ pub fn parse(text: &str, base: &Path) -> Result<FunctionConfig, String> {
         }
     }
     for (key, value) in &file.env {
-        if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+        if key.is_empty() || key.contains(['=', '\0']) {
             return Err(format!("env key {key:?} must be non-empty, without '=' or NUL"));
+        }
+        if value.contains('\0') {
+            return Err(format!("env value of {key:?} must not contain NUL"));
         }
     }
     let mut preopens = Vec::with_capacity(file.preopens.len());
@@ -145,6 +148,7 @@ mod tests {
             ("unknown = 1", "unknown"),
             ("[[preopen]]\nhost = \"missing\"\nguest = \"/m\"", "missing"),
             ("[env]\n\"A=B\" = \"x\"", "A=B"),
+            ("[env]\nA = \"x\\u0000\"", "env value of \"A\""),
             ("[limits]\nmemory_mb = 10\nmax_memory_mb = 5", "exceeds"),
             ("[limits]\ntimeout_ms = 0", "at least 1"),
             ("args = \"not a list\"", "sequence"),
