@@ -309,6 +309,13 @@ impl Config {
                 crate::cgroup::MIN_CPU_QUOTA_MILLIS
             )));
         }
+        // Paths travel to workers in JSON frame headers (module path, preopen hosts under it).
+        if self.functions_dir.to_str().is_none() {
+            return Err(ConfigError(format!(
+                "WASMBOX_FUNCTIONS_DIR={} is not valid UTF-8",
+                self.functions_dir.display()
+            )));
+        }
         if self.max_body_bytes == 0 || self.max_output_bytes == 0 || self.max_module_bytes == 0 {
             return Err(ConfigError("byte limits must be at least 1".into()));
         }
@@ -394,6 +401,14 @@ mod tests {
         parse(&["--max-header-bytes", "8192", "--max-connections", "1"]).validate().unwrap();
         parse(&["--max-header-bytes", "262144", "--max-connections", "1048576"]).validate().unwrap();
         assert!(Config::try_parse_from(["wasmbox", "--max-connections", "-1"]).is_err());
+    }
+
+    #[test]
+    fn a_functions_dir_that_is_not_utf8_is_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut c = parse(&[]);
+        c.functions_dir = std::ffi::OsStr::from_bytes(b"/srv/fn\xff").into();
+        assert!(c.validate().unwrap_err().to_string().contains("WASMBOX_FUNCTIONS_DIR"));
     }
 
     #[test]
