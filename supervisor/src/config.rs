@@ -29,6 +29,15 @@ pub struct Config {
     #[arg(long, env = "WASMBOX_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
 
+    /// Wasm engine the workers run functions on [default: wasmtime]; wasmedge needs a
+    /// wasmbox-worker built with the `wasmedge` feature.
+    #[arg(long, env = "WASMBOX_ENGINE", value_enum)]
+    pub engine: Option<EngineKind>,
+
+    /// The original deployment's name for WASMBOX_ENGINE.
+    #[arg(long = "wasm-runtime", env = "WASM_RUNTIME", value_enum, hide = true)]
+    pub wasm_runtime: Option<EngineKind>,
+
     /// Worker processes (sandbox slots) kept running [default: number of CPUs].
     #[arg(long, env = "WASMBOX_WORKERS", value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub workers: Option<u64>,
@@ -202,6 +211,23 @@ pub struct Config {
     pub log_level: String,
 }
 
+/// The Wasm engines a worker can be built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    Wasmtime,
+    Wasmedge,
+}
+
+impl EngineKind {
+    /// The name workers know it by (`wasmbox-worker --engine`).
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Wasmtime => "wasmtime",
+            EngineKind::Wasmedge => "wasmedge",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -253,6 +279,17 @@ impl Config {
         Duration::from_millis(self.drain_timeout_ms)
     }
 
+    /// The engine, from WASMBOX_ENGINE or its alias WASM_RUNTIME.
+    pub fn engine(&self) -> Result<EngineKind, ConfigError> {
+        match (self.engine, self.wasm_runtime) {
+            (Some(a), Some(b)) if a != b => {
+                Err(ConfigError(format!("WASMBOX_ENGINE={} contradicts WASM_RUNTIME={}", a.name(), b.name())))
+            }
+            (Some(e), _) | (None, Some(e)) => Ok(e),
+            (None, None) => Ok(EngineKind::Wasmtime),
+        }
+    }
+
     /// Cache directory, resolved from the flag or the per-user default.
     pub fn resolved_cache_dir(&self) -> PathBuf {
         if let Some(dir) = &self.cache_dir {
@@ -302,6 +339,7 @@ impl Config {
             }
         }
         self.cgroup_settings()?;
+        self.engine()?;
         crate::hardening::WorkerHardening::resolve(self)?;
         if limits.default_cpu_quota < crate::cgroup::MIN_CPU_QUOTA_MILLIS {
             return Err(ConfigError(format!(
@@ -409,6 +447,20 @@ mod tests {
         let mut c = parse(&[]);
         c.functions_dir = std::ffi::OsStr::from_bytes(b"/srv/fn\xff").into();
         assert!(c.validate().unwrap_err().to_string().contains("WASMBOX_FUNCTIONS_DIR"));
+    }
+
+    #[test]
+    fn engine_from_wasmbox_engine_or_its_alias() {
+        assert_eq!(parse(&[]).engine().unwrap(), EngineKind::Wasmtime);
+        assert_eq!(parse(&["--engine", "wasmedge"]).engine().unwrap(), EngineKind::Wasmedge);
+        assert_eq!(parse(&["--wasm-runtime", "wasmedge"]).engine().unwrap(), EngineKind::Wasmedge);
+        assert_eq!(
+            parse(&["--engine", "wasmedge", "--wasm-runtime", "wasmedge"]).engine().unwrap(),
+            EngineKind::Wasmedge
+        );
+        let err = parse(&["--engine", "wasmtime", "--wasm-runtime", "wasmedge"]).validate().unwrap_err();
+        assert!(err.to_string().contains("WASM_RUNTIME=wasmedge"), "{err}");
+        assert!(Config::try_parse_from(["wasmbox", "--engine", "v8"]).is_err());
     }
 
     #[test]

@@ -109,7 +109,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         queue_depth: config.queue_depth,
         launch: WorkerLaunch {
             binary: worker_bin,
-            engine: "wasmtime".into(),
+            engine: config.engine()?.name().into(),
             cache_dir: Some(cache_dir.clone()),
             module_cache_entries: config.worker_module_cache,
             max_module_bytes: config.max_module_bytes,
@@ -141,6 +141,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             return Err(e.into());
         }
     };
+    if let Some((engine, version)) = pool.engine() {
+        tracing::info!(%engine, %version, "engine");
+    }
     let listener = match TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(source) => {

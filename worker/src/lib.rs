@@ -55,7 +55,10 @@ pub struct WorkerArgs {
 /// Errors that end a worker.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("unknown engine {0:?} (this build has: wasmtime)")]
+    #[error(
+        "engine {0:?} is not in this wasmbox-worker (it has: wasmtime); WasmEdge needs a build with \
+         `--features wasmedge` against libwasmedge 0.17 (see the README's Engines section)"
+    )]
     UnknownEngine(String),
     #[error("engine failed to start")]
     Engine(#[source] anyhow::Error),

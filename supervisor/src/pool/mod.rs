@@ -218,6 +218,8 @@ struct Shared {
     generations: AtomicU64,
     restarts: AtomicU64,
     oom_kills: AtomicU64,
+    /// (engine, version) from the first hello.
+    engine: Mutex<Option<(String, String)>>,
     slots: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -238,6 +240,7 @@ impl Pool {
             generations: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             oom_kills: AtomicU64::new(0),
+            engine: Mutex::new(None),
             slots: Mutex::new(Vec::new()),
             config,
         }));
@@ -266,6 +269,11 @@ impl Pool {
 
     pub fn config(&self) -> &PoolConfig {
         &self.0.config
+    }
+
+    /// The engine and its version, as the first worker reported them.
+    pub fn engine(&self) -> Option<(String, String)> {
+        lock(&self.0.engine).clone()
     }
 
     pub fn status(&self) -> PoolStatus {
@@ -536,11 +544,30 @@ impl Pool {
                 Err(format!("worker did not apply hardening layers {missing:?}"))
             }
         });
+        // Nor one running another engine than the one configured.
+        let hello = hello.and_then(|h| {
+            if h.protocol == PROTOCOL_VERSION && h.engine != config.launch.engine {
+                Err(format!("worker runs engine {:?}, not the configured {:?}", h.engine, config.launch.engine))
+            } else {
+                Ok(h)
+            }
+        });
         let hello = match hello {
-            Ok(h) if h.protocol == PROTOCOL_VERSION => h,
+            Ok(h) if h.protocol == PROTOCOL_VERSION => {
+                lock(&self.0.engine).get_or_insert_with(|| (h.engine.clone(), h.engine_version.clone()));
+                h
+            }
             other => {
-                let _ = child.start_kill();
-                let status = child.wait().await.map(describe_exit).unwrap_or_default();
+                // A worker that gave up on its own says why in its exit status (and its log
+                // line); give it a moment before killing it.
+                let status = match tokio::time::timeout(Duration::from_millis(200), child.wait()).await {
+                    Ok(status) => status,
+                    Err(_) => {
+                        let _ = child.start_kill();
+                        child.wait().await
+                    }
+                };
+                let status = status.map(describe_exit).unwrap_or_default();
                 return Err(match other {
                     Ok(h) => SpawnError::ProtocolMismatch { binary, theirs: h.protocol, ours: PROTOCOL_VERSION },
                     Err(detail) => SpawnError::Handshake { binary, detail: format!("{detail} (worker {status})") },
