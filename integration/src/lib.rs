@@ -128,6 +128,11 @@ impl Builder {
         self
     }
 
+    /// Runs the workers on `engine` (WASMBOX_ENGINE).
+    pub fn engine(self, engine: &str) -> Self {
+        self.env("WASMBOX_ENGINE", engine)
+    }
+
     pub fn env(mut self, key: &str, value: impl ToString) -> Self {
         self.env.push((key.into(), value.to_string()));
         self

@@ -4,6 +4,7 @@
 
 mod cgroups;
 mod chaos;
+mod conformance;
 mod engines;
 mod faults;
 mod hardening;

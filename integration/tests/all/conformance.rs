@@ -1,0 +1,255 @@
+//! The engine conformance suite: every behaviour a function can observe, run against each
+//! engine the workers are built with. Both engines must give the same answers.
+//!
+//! Each behaviour is one function taking the engine's name; `conformance!` turns it into one
+//! test per engine (`conformance::wasmtime::...`, and `conformance::wasmedge::...` in builds
+//! with the `wasmedge` feature).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use wasmbox_integration::Supervisor;
+
+macro_rules! conformance {
+    ($engine:ident: $($behaviour:ident),+ $(,)?) => {
+        mod $engine {
+            $(
+                #[tokio::test]
+                async fn $behaviour() -> anyhow::Result<()> {
+                    super::$behaviour(stringify!($engine)).await
+                }
+            )+
+        }
+    };
+}
+
+macro_rules! suite {
+    ($engine:ident) => {
+        conformance!($engine:
+            hello_answers_with_stdout_and_invocation_headers,
+            echo_round_trips_one_mebibyte,
+            args_come_from_the_query_and_default_from_toml,
+            env_and_preopened_directories_from_toml,
+            exit_codes_map_to_200_or_500_with_code_and_stderr,
+            trap_is_500_and_the_worker_keeps_serving,
+            invalid_modules_are_422,
+            realistic_workloads_give_deterministic_results,
+            allocation_beyond_memory_request_fails_cleanly_then_next_succeeds,
+            infinite_loop_is_504_within_a_second_and_the_pool_goes_on,
+            stdout_over_the_cap_is_an_error_not_a_cut_body,
+        );
+    };
+}
+
+suite!(wasmtime);
+
+pub async fn hello_answers_with_stdout_and_invocation_headers(engine: &str) -> anyhow::Result<()> {
+    let s = Supervisor::builder().engine(engine).function("hello").start()?;
+    let r = s.get("/hello").await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.text(), "Hello from WasmBox!\n");
+    assert_eq!(r.header("x-wasmbox-exit-code"), Some("0"));
+    for h in ["x-wasmbox-queue-wait-us", "x-wasmbox-exec-time-us", "x-wasmbox-request-id"] {
+        assert!(r.header(h).is_some_and(|v| !v.is_empty()), "missing {h}");
+    }
+    assert!(r.header("x-wasmbox-worker").is_some_and(|w| w.contains('.')));
+    // A client's request id is echoed back.
+    let r = s.request(Method::GET, "/hello", &[("x-request-id", "trace-123")], Bytes::new()).await?;
+    assert_eq!(r.header("x-wasmbox-request-id"), Some("trace-123"));
+    Ok(())
+}
+
+pub async fn echo_round_trips_one_mebibyte(engine: &str) -> anyhow::Result<()> {
+    let s = Supervisor::builder().engine(engine).function("echo").start()?;
+    let body: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let r = s.post("/echo", body.clone()).await?;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body.len(), body.len());
+    assert!(r.body == body, "echoed bytes differ");
+    // GET runs with empty stdin.
+    let r = s.get("/echo").await?;
+    assert_eq!((r.status, r.body.len()), (StatusCode::OK, 0));
+    Ok(())
+}
+
+pub async fn args_come_from_the_query_and_default_from_toml(engine: &str) -> anyhow::Result<()> {
+    let s = Supervisor::builder()
+        .engine(engine)
+        .function("args-env")
+        .file("args-env.toml", "args = [\"--default\"]")
+        .start()?;
+    let r = s.get("/args-env?arg=one&arg=two%20words&arg=%2Fslash").await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["args"], serde_json::json!(["args-env", "one", "two words", "/slash"]));
+    let r = s.get("/args-env").await?;
+    assert_eq!(r.json()["args"], serde_json::json!(["args-env", "--default"]));
+    Ok(())
+}
+
+pub async fn env_and_preopened_directories_from_toml(engine: &str) -> anyhow::Result<()> {
+    let config = r#"
+        [env]
+        GREETING = "hi there"
+        [[preopen]]
+        host = "data"
+        guest = "/data"
+        [[preopen]]
+        host = "scratch"
+        guest = "/scratch"
+        read_only = false
+    "#;
+    let s = Supervisor::builder()
+        .engine(engine)
+        .function("args-env")
+        .file("args-env.toml", config)
+        .function("fs")
+        .file("fs.toml", config)
+        .file("data/note.txt", "from the host\n")
+        .file("scratch/.keep", "")
+        .start()?;
+    let r = s.get("/args-env").await?;
+    assert_eq!(r.json()["env"], serde_json::json!({"GREETING": "hi there"}), "only declared env is visible");
+
+    let r = s.get("/fs?arg=cat&arg=/data/note.txt").await?;
+    assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "from the host\n"));
+    let r = s.get("/fs?arg=ls&arg=/data").await?;
+    assert_eq!(r.text(), "note.txt\n");
+
+    // Writable preopen: the write lands on the host, once the directory is writable by the
+    // user workers run as (nobody, when the tests run as root).
+    let scratch = s.functions_dir().join("scratch");
+    if nix::unistd::geteuid().is_root() {
+        let r = s.post("/fs?arg=write&arg=/scratch/out.txt", "x").await?;
+        assert!(r.text().contains("Permission denied"), "root's 0755 directory is not nobody's: {}", r.text());
+        let nobody = nix::unistd::User::from_name("nobody")?.expect("nobody exists");
+        nix::unistd::chown(&scratch, Some(nobody.uid), Some(nobody.gid))?;
+    }
+    let r = s.post("/fs?arg=write&arg=/scratch/out.txt", "written by the guest").await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(std::fs::read_to_string(scratch.join("out.txt"))?, "written by the guest");
+
+    // Read-only preopen refuses writes; paths outside any preopen do not exist for the guest.
+    let r = s.post("/fs?arg=write&arg=/data/evil.txt", "x").await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "nonzero_exit"));
+    assert!(!s.functions_dir().join("data/evil.txt").exists());
+    for outside in ["/etc/passwd", "/data/../fs.toml", "../fs.toml"] {
+        let r = s.get(&format!("/fs?arg=cat&arg={outside}")).await?;
+        assert_eq!(r.kind(), "nonzero_exit", "{outside}: {}", r.text());
+    }
+    Ok(())
+}
+
+pub async fn exit_codes_map_to_200_or_500_with_code_and_stderr(engine: &str) -> anyhow::Result<()> {
+    let s = Supervisor::builder().engine(engine).function("exit-code").start()?;
+    let r = s.get("/exit-code?arg=0").await?;
+    assert_eq!((r.status, r.header("x-wasmbox-exit-code")), (StatusCode::OK, Some("0")));
+    for code in [1, 3, 42, 125, 126, 255] {
+        let r = s.get(&format!("/exit-code?arg={code}")).await?;
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(r.header("x-wasmbox-exit-code"), Some(code.to_string().as_str()));
+        let body = r.json();
+        assert_eq!(body["error"], "nonzero_exit");
+        assert_eq!(body["exit_code"], code);
+        assert_eq!(body["stderr"], format!("about to exit with status {code}\n"));
+    }
+    Ok(())
+}
+
+pub async fn trap_is_500_and_the_worker_keeps_serving(engine: &str) -> anyhow::Result<()> {
+    let s = Supervisor::builder().engine(engine).workers(1).function("trap").function("hello").start()?;
+    let r = s.get("/trap").await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "trap"));
+    assert!(r.json()["message"].as_str().unwrap().contains("unreachable"));
+    assert_eq!(r.json()["stderr"], "about to trap\n");
+    let worker = r.header("x-wasmbox-worker").unwrap().to_owned();
+    let r = s.get("/hello").await?;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("x-wasmbox-worker"), Some(worker.as_str()), "a trap does not cost the worker");
+    Ok(())
+}
+
+pub async fn invalid_modules_are_422(engine: &str) -> anyhow::Result<()> {
+    let no_start = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "main")))"#)?;
+    let unknown_import =
+        wat::parse_str(r#"(module (import "env" "launch_missiles" (func)) (func (export "_start")))"#)?;
+    let s = Supervisor::builder()
+        .engine(engine)
+        .workers(1)
+        .module("garbage", b"\0asm\x01\0\0\0this is not wasm".to_vec())
+        .module("text", b"hello, I am a text file".to_vec())
+        .module("no-start", no_start)
+        .module("unknown-import", unknown_import)
+        .function("hello")
+        .start()?;
+    for name in ["garbage", "text", "no-start", "unknown-import"] {
+        let r = s.get(&format!("/{name}")).await?;
+        assert_eq!((r.status, r.kind().as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_module"), "{name}");
+        // Asking again is answered from the worker's memory of the failure.
+        let again = s.get(&format!("/{name}")).await?;
+        assert_eq!(again.status, StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
+    Ok(())
+}
+
+pub async fn realistic_workloads_give_deterministic_results(engine: &str) -> anyhow::Result<()> {
+    let s = Supervisor::builder().engine(engine).function("json-compress").function("password-hash").start()?;
+    let a = s.get("/json-compress?arg=2000").await?;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+    assert_eq!(a.json()["records"], 2000);
+    assert!(a.json()["deflated_bytes"].as_u64().unwrap() < a.json()["json_bytes"].as_u64().unwrap());
+    let b = s.get("/json-compress?arg=2000").await?;
+    assert_eq!(a.body, b.body);
+    let h = s.post("/password-hash?arg=1000", "correct horse").await?;
+    assert_eq!(h.status, StatusCode::OK);
+    assert_eq!(h.text().trim().len(), 64);
+    assert_eq!(h.body, s.post("/password-hash?arg=1000", "correct horse").await?.body);
+    assert_ne!(h.body, s.post("/password-hash?arg=1000", "battery staple").await?.body);
+    Ok(())
+}
+
+pub async fn allocation_beyond_memory_request_fails_cleanly_then_next_succeeds(engine: &str) -> anyhow::Result<()> {
+    let s = Supervisor::builder().engine(engine).workers(1).function("alloc").start()?;
+    let r = s.request(Method::GET, "/alloc?arg=64", &[("Memory-Request", "16")], Bytes::new()).await?;
+    assert_eq!(
+        (r.status, r.kind().as_str()),
+        (StatusCode::INSUFFICIENT_STORAGE, "memory_limit_exceeded"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(r.json()["memory_limit_mb"], 16);
+    let worker = r.header("x-wasmbox-worker").unwrap().to_owned();
+    let r = s.request(Method::GET, "/alloc?arg=8", &[("Memory-Request", "16")], Bytes::new()).await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.header("x-wasmbox-worker"), Some(worker.as_str()), "same worker, still healthy");
+    let r = s.request(Method::GET, "/alloc?arg=64", &[("Memory-Request", "128")], Bytes::new()).await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    Ok(())
+}
+
+pub async fn infinite_loop_is_504_within_a_second_and_the_pool_goes_on(engine: &str) -> anyhow::Result<()> {
+    let spin = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start") (loop (br 0))))"#)?;
+    let s = Supervisor::builder().engine(engine).workers(1).module("forever", spin).function("hello").start()?;
+    // Compile first so the measured call is pure execution.
+    let _ = s.request(Method::GET, "/forever", &[("Timeout-Ms", "50")], Bytes::new()).await?;
+    let started = Instant::now();
+    let r = s.request(Method::GET, "/forever", &[("Timeout-Ms", "200")], Bytes::new()).await?;
+    let took = started.elapsed();
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"));
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(took >= Duration::from_millis(200), "took {took:?}");
+    assert_eq!(r.json()["worker_killed"], false, "the engine stopped it, not the backstop");
+    let r = s.get("/hello").await?;
+    assert_eq!(r.status, StatusCode::OK);
+    Ok(())
+}
+
+pub async fn stdout_over_the_cap_is_an_error_not_a_cut_body(engine: &str) -> anyhow::Result<()> {
+    let s = Supervisor::builder().engine(engine).function("echo").env("WASMBOX_MAX_OUTPUT_BYTES", 1000).start()?;
+    let r = s.post("/echo", vec![b'z'; 1000]).await?;
+    assert_eq!((r.status, r.body.len()), (StatusCode::OK, 1000));
+    let r = s.post("/echo", vec![b'z'; 1001]).await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "output_too_large"), "{}", r.text());
+    Ok(())
+}
