@@ -4,7 +4,7 @@
 
 CARGO ?= cargo
 
-.PHONY: run test lint functions build
+.PHONY: run test test-wasmedge lint functions build
 
 run: functions build
 	./target/debug/wasmbox
@@ -14,9 +14,19 @@ test: lint
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
+# The last step type-checks the WasmEdge engine against wasmedge-sys's bundled bindings (no
+# libwasmedge needed), in its own target directory so the normal build is untouched.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	DOCS_RS=1 CARGO_TARGET_DIR=target/docs-rs $(CARGO) clippy -p wasmbox-worker -p wasmbox-integration \
+		--features wasmbox-worker/wasmedge,wasmbox-integration/wasmedge --all-targets -- -D warnings
+
+# Where libwasmedge 0.17 is installed (WASMEDGE_DIR, /usr/local or ~/.wasmedge): the worker
+# with both engines, and the conformance suite against each.
+test-wasmedge:
+	./scripts/build-functions target/test-functions
+	$(CARGO) test -p wasmbox-worker -p wasmbox-integration --features wasmbox-worker/wasmedge,wasmbox-integration/wasmedge
 
 functions:
 	./scripts/build-functions

@@ -38,6 +38,9 @@ pub fn built() -> (PathBuf, PathBuf) {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let mut build = Command::new(&cargo);
         build.current_dir(&root).args(["build", "--bins", "-p", "wasmbox-supervisor", "-p", "wasmbox-worker"]);
+        if cfg!(feature = "wasmedge") {
+            build.args(["--features", "wasmbox-worker/wasmedge"]);
+        }
         if release {
             build.arg("--release");
         }

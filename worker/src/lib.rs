@@ -52,12 +52,20 @@ pub struct WorkerArgs {
     pub supervisor_pid: Option<nix::unistd::Pid>,
 }
 
+/// The engines compiled into this worker.
+pub const ENGINES: &[&str] = &[
+    "wasmtime",
+    #[cfg(feature = "wasmedge")]
+    "wasmedge",
+];
+
 /// Errors that end a worker.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(
-        "engine {0:?} is not in this wasmbox-worker (it has: wasmtime); WasmEdge needs a build with \
-         `--features wasmedge` against libwasmedge 0.17 (see the README's Engines section)"
+        "engine {0:?} is not in this wasmbox-worker (it has: {engines}); WasmEdge needs a build with \
+         `--features wasmedge` against libwasmedge 0.17 (see the README's Engines section)",
+        engines = ENGINES.join(", ")
     )]
     UnknownEngine(String),
     #[error("engine failed to start")]
@@ -89,20 +97,36 @@ pub fn run(args: WorkerArgs, mut applied: harden::Applied) -> Result<(), WorkerE
     match args.engine.as_str() {
         "wasmtime" => {
             let engine = engine::wasmtime::WasmtimeEngine::new(test_hooks).map_err(WorkerError::Engine)?;
-            let mut cache = cache::ModuleCache::new_owned(
-                engine,
-                args.cache_dir.as_deref(),
-                hardening.user,
-                args.module_cache_entries,
-                args.max_module_bytes,
-            )?;
-            cache.enter_artifact_dir().map_err(WorkerError::WorkDir)?;
-            harden::lock_down(hardening, supervisor, &mut applied)?;
-            server::serve(socket, cache, args.initial_cgroup, applied.0)?;
-            Ok(())
+            serve_on(engine, socket, &args, supervisor, applied)
+        }
+        #[cfg(feature = "wasmedge")]
+        "wasmedge" => {
+            let engine = engine::wasmedge::WasmEdgeEngine::new().map_err(WorkerError::Engine)?;
+            serve_on(engine, socket, &args, supervisor, applied)
         }
         other => Err(WorkerError::UnknownEngine(other.into())),
     }
+}
+
+/// Sets up the module cache on `engine`, applies the remaining hardening, then serves.
+fn serve_on<E: engine::Engine>(
+    engine: E,
+    socket: UnixStream,
+    args: &WorkerArgs,
+    supervisor: nix::unistd::Pid,
+    mut applied: harden::Applied,
+) -> Result<(), WorkerError> {
+    let mut cache = cache::ModuleCache::new_owned(
+        engine,
+        args.cache_dir.as_deref(),
+        args.hardening.user,
+        args.module_cache_entries,
+        args.max_module_bytes,
+    )?;
+    cache.enter_artifact_dir().map_err(WorkerError::WorkDir)?;
+    harden::lock_down(&args.hardening, supervisor, &mut applied)?;
+    server::serve(socket, cache, args.initial_cgroup.clone(), applied.0)?;
+    Ok(())
 }
 
 fn adopt_socket(fd: RawFd) -> Result<UnixStream, WorkerError> {

@@ -43,6 +43,8 @@ macro_rules! suite {
 }
 
 suite!(wasmtime);
+#[cfg(feature = "wasmedge")]
+suite!(wasmedge);
 
 pub async fn hello_answers_with_stdout_and_invocation_headers(engine: &str) -> anyhow::Result<()> {
     let s = Supervisor::builder().engine(engine).function("hello").start()?;

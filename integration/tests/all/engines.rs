@@ -14,6 +14,7 @@ async fn the_engine_and_its_version_are_logged_and_the_alias_works() -> anyhow::
     Ok(())
 }
 
+#[cfg(not(feature = "wasmedge"))]
 #[tokio::test]
 async fn wasmedge_without_the_feature_fails_at_start_saying_how_to_build_it() -> anyhow::Result<()> {
     let Err(e) = Supervisor::builder().workers(1).env("WASMBOX_ENGINE", "wasmedge").start() else {

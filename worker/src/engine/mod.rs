@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use wasmbox_protocol::{Outcome, Preopen};
 
+#[cfg(feature = "wasmedge")]
+pub mod wasmedge;
 pub mod wasmtime;
 
 /// Why a module could not be prepared.

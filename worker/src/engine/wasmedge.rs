@@ -1,0 +1,515 @@
+//! WasmEdge engine (cargo feature `wasmedge`), on libwasmedge 0.17 through the C API that
+//! wasmedge-sys exposes.
+//!
+//! Same semantics as the Wasmtime engine:
+//! - validation and linking at compile time: a module whose imports WASI does not provide,
+//!   or without a `_start: () -> ()`, is an invalid module, never a run-time surprise;
+//! - AOT: where libwasmedge has its LLVM compiler, each module is compiled once into
+//!   WasmEdge's native format in the artifact directory (interruptible code, so deadlines
+//!   work), else the interpreter runs it;
+//! - per invocation a fresh store, executor and WASI instance: argv, env, preopens (through
+//!   the supervisor's descriptors, `/proc/self/fd/N`), stdin from a sealed memfd, stdout and
+//!   stderr through pipes drained into the same [`Capture`]s as Wasmtime's;
+//! - linear memory capped at Memory-Request (the executor's maximum page count);
+//! - the deadline through WasmEdge's asynchronous invocation: wait for it, then cancel.
+//!   A function the engine cannot interrupt (inside a host call) is left to the
+//!   supervisor's hard kill.
+
+use std::ffi::{CStr, CString};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Instant;
+
+use wasmbox_protocol::Outcome;
+use wasmedge_sys::ffi;
+
+use super::{Engine, EngineError, RunRequest, RunResult};
+use crate::capture::Capture;
+
+const PAGE: u64 = 64 * 1024;
+const MAX_MESSAGE: usize = 4096;
+
+/// Owns one C context and frees it with the matching delete function.
+struct Owned<T> {
+    ptr: *mut T,
+    free: unsafe extern "C" fn(*mut T),
+}
+
+impl<T> Owned<T> {
+    fn new(ptr: *mut T, free: unsafe extern "C" fn(*mut T), what: &str) -> Result<Self, String> {
+        if ptr.is_null() { Err(format!("cannot create the WasmEdge {what}")) } else { Ok(Owned { ptr, free }) }
+    }
+}
+
+impl<T> Drop for Owned<T> {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from the matching create function, is non-null, and is freed
+        // exactly once, here.
+        unsafe { (self.free)(self.ptr) }
+    }
+}
+
+/// A loaded and validated module. WasmEdge's AST modules are immutable once validated and
+/// may be instantiated any number of times (by the worker's one serving thread).
+#[derive(Clone)]
+pub struct WasmEdgeModule {
+    ast: Rc<Owned<ffi::WasmEdge_ASTModuleContext>>,
+    /// Pages of the module's own linear memory at instantiation (its minimum).
+    min_pages: u64,
+}
+
+/// WasmEdge behind the [`Engine`] trait.
+pub struct WasmEdgeEngine {
+    loader: Owned<ffi::WasmEdge_LoaderContext>,
+    validator: Owned<ffi::WasmEdge_ValidatorContext>,
+    /// A WASI instance with nothing in it: the reference for which imports WASI provides.
+    wasi_reference: Owned<ffi::WasmEdge_ModuleInstanceContext>,
+    /// The AOT compiler, where libwasmedge has one.
+    compiler: Option<Owned<ffi::WasmEdge_CompilerContext>>,
+    version: String,
+}
+
+fn message(result: ffi::WasmEdge_Result) -> String {
+    // SAFETY: WasmEdge returns a static, NUL-terminated message for every result code.
+    let text = unsafe { CStr::from_ptr(ffi::WasmEdge_ResultGetMessage(result)) };
+    bounded(text.to_string_lossy().into_owned())
+}
+
+fn code(result: ffi::WasmEdge_Result) -> u32 {
+    // SAFETY: plain value accessor.
+    unsafe { ffi::WasmEdge_ResultGetCode(result) }
+}
+
+fn ok(result: ffi::WasmEdge_Result) -> bool {
+    // SAFETY: plain value accessor.
+    unsafe { ffi::WasmEdge_ResultOK(result) }
+}
+
+/// WasmEdge result codes this engine tells apart (include/common/enum.inc).
+const TERMINATED: u32 = 0x01;
+const INTERRUPTED: u32 = 0x07;
+
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(" [...]");
+    }
+    message
+}
+
+fn wstr(s: &str) -> ffi::WasmEdge_String {
+    // SAFETY: wraps the borrowed bytes without copying; callers use it only while `s` lives.
+    unsafe { ffi::WasmEdge_StringWrap(s.as_ptr().cast(), s.len() as u32) }
+}
+
+fn rstr(s: ffi::WasmEdge_String) -> String {
+    if s.Buf.is_null() {
+        return String::new();
+    }
+    // SAFETY: a WasmEdge_String from WasmEdge points at `Length` valid bytes owned by the
+    // context it came from, alive for this call.
+    let bytes = unsafe { std::slice::from_raw_parts(s.Buf.cast::<u8>(), s.Length as usize) };
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Parameter and result types of a function type, for comparing signatures.
+fn signature(
+    ty: *const ffi::WasmEdge_FunctionTypeContext,
+) -> Option<(Vec<ffi::WasmEdge_ValType>, Vec<ffi::WasmEdge_ValType>)> {
+    if ty.is_null() {
+        return None;
+    }
+    // SAFETY: `ty` is a live function type owned by an AST module or instance; the lists are
+    // filled up to the lengths WasmEdge reports.
+    unsafe {
+        let np = ffi::WasmEdge_FunctionTypeGetParametersLength(ty);
+        let nr = ffi::WasmEdge_FunctionTypeGetReturnsLength(ty);
+        let mut params = vec![std::mem::zeroed::<ffi::WasmEdge_ValType>(); np as usize];
+        let mut returns = vec![std::mem::zeroed::<ffi::WasmEdge_ValType>(); nr as usize];
+        ffi::WasmEdge_FunctionTypeGetParameters(ty, params.as_mut_ptr(), np);
+        ffi::WasmEdge_FunctionTypeGetReturns(ty, returns.as_mut_ptr(), nr);
+        Some((params, returns))
+    }
+}
+
+fn same_types(a: &[ffi::WasmEdge_ValType], b: &[ffi::WasmEdge_ValType]) -> bool {
+    // SAFETY: plain value comparison.
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| unsafe { ffi::WasmEdge_ValTypeIsEqual(*x, *y) })
+}
+
+fn c_path(path: &Path) -> Result<CString, EngineError> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| EngineError::Io { path: path.into(), source: std::io::Error::other("NUL in path") })
+}
+
+impl WasmEdgeEngine {
+    pub fn new() -> anyhow::Result<Self> {
+        // SAFETY: creating and configuring fresh contexts; each is owned by an `Owned`.
+        unsafe {
+            ffi::WasmEdge_LogOff();
+            let conf = Owned::new(ffi::WasmEdge_ConfigureCreate(), ffi::WasmEdge_ConfigureDelete, "configuration")
+                .map_err(anyhow::Error::msg)?;
+            // One linear memory, as with Wasmtime: the cap then covers all of the guest's.
+            ffi::WasmEdge_ConfigureRemoveProposal(conf.ptr, ffi::WasmEdge_Proposal_MultiMemories);
+            ffi::WasmEdge_ConfigureRemoveProposal(conf.ptr, ffi::WasmEdge_Proposal_Threads);
+            ffi::WasmEdge_ConfigureCompilerSetInterruptible(conf.ptr, true);
+            ffi::WasmEdge_ConfigureCompilerSetOptimizationLevel(conf.ptr, ffi::WasmEdge_CompilerOptimizationLevel_O2);
+            ffi::WasmEdge_ConfigureCompilerSetOutputFormat(conf.ptr, ffi::WasmEdge_CompilerOutputFormat_Native);
+            let loader = Owned::new(ffi::WasmEdge_LoaderCreate(conf.ptr), ffi::WasmEdge_LoaderDelete, "loader")
+                .map_err(anyhow::Error::msg)?;
+            let validator =
+                Owned::new(ffi::WasmEdge_ValidatorCreate(conf.ptr), ffi::WasmEdge_ValidatorDelete, "validator")
+                    .map_err(anyhow::Error::msg)?;
+            let wasi_reference = Owned::new(
+                ffi::WasmEdge_ModuleInstanceCreateWASI(std::ptr::null(), 0, std::ptr::null(), 0, std::ptr::null(), 0),
+                ffi::WasmEdge_ModuleInstanceDelete,
+                "WASI module",
+            )
+            .map_err(anyhow::Error::msg)?;
+            let compiler =
+                Owned::new(ffi::WasmEdge_CompilerCreate(conf.ptr), ffi::WasmEdge_CompilerDelete, "compiler").ok();
+            if compiler.is_none() {
+                tracing::warn!("libwasmedge has no AOT compiler: functions run in WasmEdge's interpreter");
+            }
+            let version = CStr::from_ptr(ffi::WasmEdge_VersionGet()).to_string_lossy().into_owned();
+            let version = if compiler.is_some() { format!("{version}-aot") } else { format!("{version}-interp") };
+            // The contexts above copied the configuration; `conf` is freed here.
+            Ok(WasmEdgeEngine { loader, validator, wasi_reference, compiler, version })
+        }
+    }
+
+    /// Validates a parsed module and checks that it is a WASI command whose every import
+    /// WASI provides with the same signature.
+    fn check(&self, ast: Owned<ffi::WasmEdge_ASTModuleContext>) -> Result<WasmEdgeModule, EngineError> {
+        let invalid = |m: String| EngineError::InvalidModule(bounded(m));
+        // SAFETY: `ast` is a live module just parsed by this engine's loader; every list is
+        // sized by the length WasmEdge reports and read only while `ast` lives.
+        unsafe {
+            let res = ffi::WasmEdge_ValidatorValidate(self.validator.ptr, ast.ptr);
+            if !ok(res) {
+                return Err(invalid(message(res)));
+            }
+            let n = ffi::WasmEdge_ASTModuleListImportsLength(ast.ptr);
+            let mut imports = vec![std::ptr::null(); n as usize];
+            ffi::WasmEdge_ASTModuleListImports(ast.ptr, imports.as_mut_ptr(), n);
+            for import in imports {
+                let module = rstr(ffi::WasmEdge_ImportTypeGetModuleName(import));
+                let name = rstr(ffi::WasmEdge_ImportTypeGetExternalName(import));
+                let unknown = || invalid(format!("unknown import `{module}::{name}`"));
+                if module != "wasi_snapshot_preview1"
+                    || ffi::WasmEdge_ImportTypeGetExternalType(import) != ffi::WasmEdge_ExternalType_Function
+                {
+                    return Err(unknown());
+                }
+                let provided = ffi::WasmEdge_ModuleInstanceFindFunction(self.wasi_reference.ptr, wstr(&name));
+                if provided.is_null() {
+                    return Err(unknown());
+                }
+                let wanted = signature(ffi::WasmEdge_ImportTypeGetFunctionType(ast.ptr, import));
+                let given = signature(ffi::WasmEdge_FunctionInstanceGetFunctionType(provided));
+                match (wanted, given) {
+                    (Some(w), Some(g)) if same_types(&w.0, &g.0) && same_types(&w.1, &g.1) => {}
+                    _ => return Err(invalid(format!("incompatible import type for `{module}::{name}`"))),
+                }
+            }
+            let n = ffi::WasmEdge_ASTModuleListExportsLength(ast.ptr);
+            let mut exports = vec![std::ptr::null(); n as usize];
+            ffi::WasmEdge_ASTModuleListExports(ast.ptr, exports.as_mut_ptr(), n);
+            let mut start = None;
+            let mut min_pages = 0;
+            for export in exports {
+                let name = rstr(ffi::WasmEdge_ExportTypeGetExternalName(export));
+                match ffi::WasmEdge_ExportTypeGetExternalType(export) {
+                    t if t == ffi::WasmEdge_ExternalType_Function && name == "_start" => {
+                        start = signature(ffi::WasmEdge_ExportTypeGetFunctionType(ast.ptr, export));
+                    }
+                    t if t == ffi::WasmEdge_ExternalType_Memory => {
+                        let ty = ffi::WasmEdge_ExportTypeGetMemoryType(ast.ptr, export);
+                        if !ty.is_null() {
+                            min_pages = min_pages.max(ffi::WasmEdge_LimitGetMin(ffi::WasmEdge_MemoryTypeGetLimit(ty)));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            match start {
+                Some((p, r)) if p.is_empty() && r.is_empty() => {}
+                Some(_) => return Err(invalid("export `_start` is not a function () -> ()".into())),
+                None => return Err(invalid("module has no `_start` export (not a WASI command module)".into())),
+            }
+            Ok(WasmEdgeModule { ast: Rc::new(ast), min_pages })
+        }
+    }
+
+    fn parse_buffer(&self, wasm: &[u8]) -> Result<Owned<ffi::WasmEdge_ASTModuleContext>, EngineError> {
+        let mut ast = std::ptr::null_mut();
+        // SAFETY: the loader reads `wasm` for the duration of the call and hands back a new
+        // AST module (or null with an error result).
+        let res =
+            unsafe { ffi::WasmEdge_LoaderParseFromBuffer(self.loader.ptr, &mut ast, wasm.as_ptr(), wasm.len() as u32) };
+        if !ok(res) {
+            return Err(EngineError::InvalidModule(message(res)));
+        }
+        Owned::new(ast, ffi::WasmEdge_ASTModuleDelete, "AST module").map_err(EngineError::InvalidModule)
+    }
+}
+
+impl Engine for WasmEdgeEngine {
+    type Module = WasmEdgeModule;
+
+    fn name(&self) -> &'static str {
+        "wasmedge"
+    }
+
+    fn version(&self) -> String {
+        self.version.clone()
+    }
+
+    fn compile(&self, wasm: &[u8]) -> Result<WasmEdgeModule, EngineError> {
+        if wasm.len() > u32::MAX as usize {
+            return Err(EngineError::InvalidModule("module larger than 4 GiB".into()));
+        }
+        let ast = self.parse_buffer(wasm)?;
+        self.check(ast)
+    }
+
+    fn artifact_extension(&self) -> Option<&'static str> {
+        self.compiler.as_ref().map(|_| "so")
+    }
+
+    fn precompile(&self, wasm: &[u8], artifact: &Path) -> Result<(), EngineError> {
+        let Some(compiler) = &self.compiler else { return Err(EngineError::Unsupported("precompiling")) };
+        // Validate first: the compiler's own errors are less precise.
+        self.compile(wasm)?;
+        let out = c_path(artifact)?;
+        // SAFETY: the compiler reads `wasm` and writes the native library at `out`.
+        let res = unsafe {
+            ffi::WasmEdge_CompilerCompileFromBuffer(compiler.ptr, wasm.as_ptr(), wasm.len() as u64, out.as_ptr())
+        };
+        if !ok(res) {
+            return Err(EngineError::InvalidModule(message(res)));
+        }
+        Ok(())
+    }
+
+    fn load_artifact(&self, artifact: &Path) -> Result<WasmEdgeModule, EngineError> {
+        let path = c_path(artifact)?;
+        let mut ast = std::ptr::null_mut();
+        // SAFETY: loading trusts the file to be native code produced by this engine version:
+        // the module cache passes only artifacts from its own directory, owned by this uid
+        // and not writable by others; WasmEdge checks the version recorded in the file.
+        let res = unsafe { ffi::WasmEdge_LoaderParseFromFile(self.loader.ptr, &mut ast, path.as_ptr()) };
+        if !ok(res) {
+            return Err(EngineError::StaleArtifact { path: artifact.into(), reason: message(res) });
+        }
+        let ast = Owned::new(ast, ffi::WasmEdge_ASTModuleDelete, "AST module")
+            .map_err(|reason| EngineError::StaleArtifact { path: artifact.into(), reason })?;
+        self.check(ast)
+    }
+
+    fn run(&self, module: &WasmEdgeModule, request: RunRequest<'_>) -> RunResult {
+        let stdout = Capture::strict(request.max_output_bytes);
+        let stderr = Capture::tail(request.max_output_bytes.min(wasmbox_protocol::STDERR_TAIL_BYTES as u64));
+        let started = Instant::now();
+        let outcome = match self.run_guest(module, &request, &stdout, &stderr) {
+            Ok(outcome) => outcome,
+            Err(message) => Outcome::SetupFailed { message: bounded(message) },
+        };
+        let exec = started.elapsed();
+        let out = stdout.take();
+        let err = stderr.take();
+        let (outcome, stdout) = match outcome {
+            _ if out.overflowed => (Outcome::OutputTooLarge { limit_bytes: request.max_output_bytes }, Vec::new()),
+            other => (other, out.data),
+        };
+        RunResult { outcome, stdout, stderr: err.data, stderr_dropped: err.dropped, exec }
+    }
+}
+
+/// Drains a pipe into a capture on its own thread. A strict capture that overflows stops
+/// reading and closes the pipe, so the guest's next write fails (EPIPE) as with Wasmtime.
+fn drain(read: OwnedFd, capture: Capture) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("wasmedge-output".into()).spawn(move || {
+        let mut file = std::fs::File::from(read);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if capture.append(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    })
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+}
+
+/// Stdin as a memfd holding the request body, positioned at its start.
+fn stdin_file(bytes: &[u8]) -> std::io::Result<OwnedFd> {
+    let fd = nix::sys::memfd::memfd_create(c"wasmbox-stdin", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes)?;
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))?;
+    Ok(OwnedFd::from(file))
+}
+
+impl WasmEdgeEngine {
+    fn run_guest(
+        &self,
+        module: &WasmEdgeModule,
+        request: &RunRequest<'_>,
+        stdout: &Capture,
+        stderr: &Capture,
+    ) -> Result<Outcome, String> {
+        let max_pages = request.memory_limit_bytes / PAGE;
+        if module.min_pages > max_pages {
+            return Ok(Outcome::MemoryLimitExceeded { limit_bytes: request.memory_limit_bytes });
+        }
+        let cstrings = |items: Vec<String>| -> Result<Vec<CString>, String> {
+            items
+                .into_iter()
+                .map(|s| CString::new(s).map_err(|_| "NUL in an argument, variable or path".to_string()))
+                .collect()
+        };
+        let args = cstrings(request.argv.to_vec())?;
+        let envs = cstrings(request.env.iter().map(|(k, v)| format!("{k}={v}")).collect())?;
+        let mut preopens = Vec::new();
+        for (i, preopen) in request.preopens.iter().enumerate() {
+            if preopen.guest.contains(':') {
+                return Err(format!("preopen guest path {:?} contains ':', which WasmEdge cannot map", preopen.guest));
+            }
+            let host = match request.preopen_dirs.get(i) {
+                // The descriptor's own link: reachable by this process whatever its uid.
+                Some(dir) => format!("/proc/self/fd/{}", dir.as_raw_fd()),
+                None => preopen.host.display().to_string(),
+            };
+            let mode = if preopen.read_only { ":readonly" } else { "" };
+            preopens.push(format!("{}:{host}{mode}", preopen.guest));
+        }
+        let preopens = cstrings(preopens)?;
+        let ptrs = |v: &[CString]| v.iter().map(|c| c.as_ptr()).collect::<Vec<_>>();
+        let (arg_ptrs, env_ptrs, preopen_ptrs) = (ptrs(&args), ptrs(&envs), ptrs(&preopens));
+
+        let stdin = stdin_file(&request.stdin).map_err(|e| format!("stdin: {e}"))?;
+        let (out_read, out_write) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
+        let (err_read, err_write) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
+        let out_thread = drain(out_read, stdout.clone()).map_err(|e| format!("stdout thread: {e}"))?;
+        let err_thread = drain(err_read, stderr.clone()).map_err(|e| format!("stderr thread: {e}"))?;
+
+        // SAFETY: every context below is created here, owned by an `Owned` dropped at the end
+        // of this block in reverse order (instances before the store and executor), and used
+        // only on this thread except by WasmEdge's own async worker, which is joined (waited
+        // for) before anything is dropped. The WASI instance takes ownership of the three
+        // descriptors passed to it and closes them when deleted.
+        let outcome = unsafe {
+            let conf = Owned::new(ffi::WasmEdge_ConfigureCreate(), ffi::WasmEdge_ConfigureDelete, "configuration")?;
+            ffi::WasmEdge_ConfigureRemoveProposal(conf.ptr, ffi::WasmEdge_Proposal_MultiMemories);
+            ffi::WasmEdge_ConfigureRemoveProposal(conf.ptr, ffi::WasmEdge_Proposal_Threads);
+            ffi::WasmEdge_ConfigureSetMaxMemoryPage(conf.ptr, max_pages);
+            let store = Owned::new(ffi::WasmEdge_StoreCreate(), ffi::WasmEdge_StoreDelete, "store")?;
+            let executor = Owned::new(
+                ffi::WasmEdge_ExecutorCreate(conf.ptr, std::ptr::null_mut()),
+                ffi::WasmEdge_ExecutorDelete,
+                "executor",
+            )?;
+            let wasi = Owned::new(
+                ffi::WasmEdge_ModuleInstanceCreateWASIWithFds(
+                    arg_ptrs.as_ptr(),
+                    arg_ptrs.len() as u32,
+                    env_ptrs.as_ptr(),
+                    env_ptrs.len() as u32,
+                    preopen_ptrs.as_ptr(),
+                    preopen_ptrs.len() as u32,
+                    stdin.into_raw_fd(),
+                    out_write.into_raw_fd(),
+                    err_write.into_raw_fd(),
+                ),
+                ffi::WasmEdge_ModuleInstanceDelete,
+                "WASI module",
+            )?;
+            let res = ffi::WasmEdge_ExecutorRegisterImport(executor.ptr, store.ptr, wasi.ptr);
+            if !ok(res) {
+                return Err(format!("registering WASI: {}", message(res)));
+            }
+            let mut instance = std::ptr::null_mut();
+            let res = ffi::WasmEdge_ExecutorInstantiate(executor.ptr, &mut instance, store.ptr, module.ast.ptr);
+            let outcome = if !ok(res) {
+                Outcome::Trapped { message: message(res) }
+            } else {
+                let instance = Owned::new(instance, ffi::WasmEdge_ModuleInstanceDelete, "instance")?;
+                let start = ffi::WasmEdge_ModuleInstanceFindFunction(instance.ptr, wstr("_start"));
+                if start.is_null() {
+                    return Err("`_start` vanished".into());
+                }
+                let job = Owned::new(
+                    ffi::WasmEdge_ExecutorAsyncInvoke(executor.ptr, start, std::ptr::null(), 0),
+                    ffi::WasmEdge_AsyncDelete,
+                    "async invocation",
+                )?;
+                let millis = u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX);
+                let finished = ffi::WasmEdge_AsyncWaitFor(job.ptr, millis);
+                if !finished {
+                    ffi::WasmEdge_AsyncCancel(job.ptr);
+                }
+                // Waits for the execution to end (at once after a cancel at the next
+                // interruption check).
+                let res = ffi::WasmEdge_AsyncGet(job.ptr, std::ptr::null_mut(), 0);
+                let pages = {
+                    let memory = ffi::WasmEdge_ModuleInstanceFindMemory(instance.ptr, wstr("memory"));
+                    if memory.is_null() { 0 } else { ffi::WasmEdge_MemoryInstanceGetPageSize(memory) }
+                };
+                if ok(res) {
+                    let code =
+                        if code(res) == TERMINATED { ffi::WasmEdge_ModuleInstanceWASIGetExitCode(wasi.ptr) } else { 0 };
+                    Outcome::Exited { code: code as i32 }
+                } else if !finished || code(res) == INTERRUPTED {
+                    Outcome::DeadlineExceeded
+                } else if max_pages > 0 && pages >= max_pages {
+                    // WasmEdge does not say that it refused a memory.grow; a trap with the
+                    // memory at its cap is taken as the guest running out of it.
+                    Outcome::MemoryLimitExceeded { limit_bytes: request.memory_limit_bytes }
+                } else {
+                    Outcome::Trapped { message: message(res) }
+                }
+            };
+            drop(wasi);
+            outcome
+        };
+        // The WASI instance closed the write ends: the drain threads see EOF.
+        let _ = out_thread.join();
+        let _ = err_thread.join();
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // The conformance suite (integration/tests/all/conformance.rs) runs every behaviour
+    // against this engine in builds with the `wasmedge` feature where libwasmedge is found.
+    use super::*;
+
+    #[test]
+    fn unknown_imports_and_missing_start_are_invalid_modules() {
+        let engine = WasmEdgeEngine::new().expect("libwasmedge");
+        let unknown = wat::parse_str(r#"(module (import "env" "launch" (func)) (func (export "_start")))"#).unwrap();
+        assert!(matches!(engine.compile(&unknown), Err(EngineError::InvalidModule(m)) if m.contains("env::launch")));
+        let no_start = wat::parse_str(r#"(module (func (export "main")))"#).unwrap();
+        assert!(matches!(engine.compile(&no_start), Err(EngineError::InvalidModule(m)) if m.contains("_start")));
+        let fine = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#).unwrap();
+        assert_eq!(engine.compile(&fine).unwrap().min_pages, 1);
+    }
+}
