@@ -219,7 +219,10 @@ impl<E: Engine> ModuleCache<E> {
     /// Writes the artifact under a unique temporary name and renames it into place, so a
     /// concurrent reader sees either no artifact or a whole one.
     fn precompile_to(&self, wasm: &[u8], path: &Path) -> Result<E::Module, EngineError> {
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        // The extension stays last: some engines (WasmEdge's compiler) pick the output
+        // format from it.
+        let ext = path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = path.with_extension(format!("tmp-{}.{ext}", std::process::id()));
         let result = self
             .engine
             .precompile(wasm, &tmp)

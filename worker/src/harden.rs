@@ -277,6 +277,7 @@ pub fn allowed_syscalls() -> Vec<i64> {
         SYS_restart_syscall,
         SYS_getrandom,
         SYS_uname,
+        SYS_sysinfo,
         // Memory.
         SYS_brk,
         SYS_mmap,

@@ -17,7 +17,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::rc::Rc;
 use std::time::Instant;
@@ -293,7 +293,9 @@ impl Engine for WasmEdgeEngine {
             ffi::WasmEdge_CompilerCompileFromBuffer(compiler.ptr, wasm.as_ptr(), wasm.len() as u64, out.as_ptr())
         };
         if !ok(res) {
-            return Err(EngineError::InvalidModule(message(res)));
+            // The module validated above: this is the compiler or the file system failing,
+            // and the cache falls back to compiling in memory.
+            return Err(EngineError::Io { path: artifact.into(), source: std::io::Error::other(message(res)) });
         }
         Ok(())
     }
@@ -413,8 +415,8 @@ impl WasmEdgeEngine {
         // SAFETY: every context below is created here, owned by an `Owned` dropped at the end
         // of this block in reverse order (instances before the store and executor), and used
         // only on this thread except by WasmEdge's own async worker, which is joined (waited
-        // for) before anything is dropped. The WASI instance takes ownership of the three
-        // descriptors passed to it and closes them when deleted.
+        // for) before anything is dropped. The WASI instance borrows the three descriptors
+        // passed to it; they outlive it and are closed after it.
         let outcome = unsafe {
             let conf = Owned::new(ffi::WasmEdge_ConfigureCreate(), ffi::WasmEdge_ConfigureDelete, "configuration")?;
             ffi::WasmEdge_ConfigureRemoveProposal(conf.ptr, ffi::WasmEdge_Proposal_MultiMemories);
@@ -434,9 +436,9 @@ impl WasmEdgeEngine {
                     env_ptrs.len() as u32,
                     preopen_ptrs.as_ptr(),
                     preopen_ptrs.len() as u32,
-                    stdin.into_raw_fd(),
-                    out_write.into_raw_fd(),
-                    err_write.into_raw_fd(),
+                    stdin.as_raw_fd(),
+                    out_write.as_raw_fd(),
+                    err_write.as_raw_fd(),
                 ),
                 ffi::WasmEdge_ModuleInstanceDelete,
                 "WASI module",
@@ -489,7 +491,9 @@ impl WasmEdgeEngine {
             drop(wasi);
             outcome
         };
-        // The WASI instance closed the write ends: the drain threads see EOF.
+        // WASI borrowed the three descriptors (it never closes them): with the instance gone,
+        // closing the write ends here lets the drain threads see EOF.
+        drop((stdin, out_write, err_write));
         let _ = out_thread.join();
         let _ = err_thread.join();
         Ok(outcome)
