@@ -12,6 +12,22 @@ use wasmbox_protocol::{Outcome, Preopen};
 pub mod wasmedge;
 pub mod wasmtime;
 
+/// Longest message kept from a trap or compile error (they can carry long backtraces).
+const MAX_MESSAGE: usize = 4096;
+
+/// Cuts an engine's message to [`MAX_MESSAGE`] bytes (on a character boundary).
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(" [...]");
+    }
+    message
+}
+
 /// Why a module could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

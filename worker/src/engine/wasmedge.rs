@@ -25,11 +25,10 @@ use std::time::Instant;
 use wasmbox_protocol::Outcome;
 use wasmedge_sys::ffi;
 
-use super::{Engine, EngineError, RunRequest, RunResult};
+use super::{Engine, EngineError, RunRequest, RunResult, bounded};
 use crate::capture::Capture;
 
 const PAGE: u64 = 64 * 1024;
-const MAX_MESSAGE: usize = 4096;
 
 /// Owns one C context and frees it with the matching delete function.
 struct Owned<T> {
@@ -90,18 +89,6 @@ fn ok(result: ffi::WasmEdge_Result) -> bool {
 /// WasmEdge result codes this engine tells apart (include/common/enum.inc).
 const TERMINATED: u32 = 0x01;
 const INTERRUPTED: u32 = 0x07;
-
-fn bounded(mut message: String) -> String {
-    if message.len() > MAX_MESSAGE {
-        let mut cut = MAX_MESSAGE;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-        message.push_str(" [...]");
-    }
-    message
-}
 
 fn wstr(s: &str) -> ffi::WasmEdge_String {
     // SAFETY: wraps the borrowed bytes without copying; callers use it only while `s` lives.

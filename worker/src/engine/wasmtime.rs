@@ -12,11 +12,8 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
-use super::{Engine, EngineError, RunRequest, RunResult};
+use super::{Engine, EngineError, RunRequest, RunResult, bounded};
 use crate::capture::Capture;
-
-/// Longest message kept from a trap or compile error (they can carry long backtraces).
-const MAX_MESSAGE: usize = 4096;
 
 /// Per-invocation store data.
 struct StoreState {
@@ -273,18 +270,6 @@ fn add_preopens(wasi: &mut WasiCtxBuilder, request: &RunRequest<'_>) -> Result<(
 
 /// Major version of the linked Wasmtime, for display; the compatibility hash is the real key.
 const WASMTIME_MAJOR: &str = "48";
-
-fn bounded(mut message: String) -> String {
-    if message.len() > MAX_MESSAGE {
-        let mut cut = MAX_MESSAGE;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-        message.push_str(" [...]");
-    }
-    message
-}
 
 /// A single timer thread per worker that bumps the engine's epoch when the current
 /// invocation's deadline passes. Arming is generation-checked, so a deadline that fires
