@@ -70,6 +70,22 @@ pub struct WasmEdgeEngine {
     version: String,
 }
 
+/// Set when WasmEdge refuses to grow a linear memory past its page limit: WasmEdge reports
+/// it only through its log (memory.grow just returns -1 to the guest).
+static GROW_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+unsafe extern "C" fn on_log(msg: *const ffi::WasmEdge_LogMessage) {
+    if msg.is_null() {
+        return;
+    }
+    // SAFETY: WasmEdge passes a message valid for the duration of the call.
+    let text = rstr(unsafe { (*msg).Message });
+    if text.contains("Memory grow page failed") {
+        GROW_REFUSED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    tracing::debug!(message = %bounded(text), "wasmedge");
+}
+
 fn message(result: ffi::WasmEdge_Result) -> String {
     // SAFETY: WasmEdge returns a static, NUL-terminated message for every result code.
     let text = unsafe { CStr::from_ptr(ffi::WasmEdge_ResultGetMessage(result)) };
@@ -139,7 +155,10 @@ impl WasmEdgeEngine {
     pub fn new() -> anyhow::Result<Self> {
         // SAFETY: creating and configuring fresh contexts; each is owned by an `Owned`.
         unsafe {
-            ffi::WasmEdge_LogOff();
+            // WasmEdge's own log goes through this callback (its default sink is stdout,
+            // which is /dev/null in a worker); errors only.
+            ffi::WasmEdge_LogSetCallback(Some(on_log));
+            ffi::WasmEdge_LogSetErrorLevel();
             let conf = Owned::new(ffi::WasmEdge_ConfigureCreate(), ffi::WasmEdge_ConfigureDelete, "configuration")
                 .map_err(anyhow::Error::msg)?;
             // One linear memory, as with Wasmtime: the cap then covers all of the guest's.
@@ -383,7 +402,7 @@ impl WasmEdgeEngine {
             }
             let host = match request.preopen_dirs.get(i) {
                 // The descriptor's own link: reachable by this process whatever its uid.
-                Some(dir) => format!("/proc/self/fd/{}", dir.as_raw_fd()),
+                Some(dir) => format!("/proc/self/fd/{}/.", dir.as_raw_fd()),
                 None => preopen.host.display().to_string(),
             };
             let mode = if preopen.read_only { ":readonly" } else { "" };
@@ -444,6 +463,7 @@ impl WasmEdgeEngine {
                 if start.is_null() {
                     return Err("`_start` vanished".into());
                 }
+                GROW_REFUSED.store(false, std::sync::atomic::Ordering::Relaxed);
                 let job = Owned::new(
                     ffi::WasmEdge_ExecutorAsyncInvoke(executor.ptr, start, std::ptr::null(), 0),
                     ffi::WasmEdge_AsyncDelete,
@@ -467,9 +487,11 @@ impl WasmEdgeEngine {
                     Outcome::Exited { code: code as i32 }
                 } else if !finished || code(res) == INTERRUPTED {
                     Outcome::DeadlineExceeded
-                } else if max_pages > 0 && pages >= max_pages {
-                    // WasmEdge does not say that it refused a memory.grow; a trap with the
-                    // memory at its cap is taken as the guest running out of it.
+                } else if GROW_REFUSED.load(std::sync::atomic::Ordering::Relaxed)
+                    || (max_pages > 0 && pages >= max_pages)
+                {
+                    // A trap after a refused memory.grow (a Rust guest aborts when allocation
+                    // fails), or with the memory at its cap: the guest ran out of memory.
                     Outcome::MemoryLimitExceeded { limit_bytes: request.memory_limit_bytes }
                 } else {
                     Outcome::Trapped { message: message(res) }
