@@ -8,7 +8,7 @@
 //!   WasmEdge's native format in the artifact directory (interruptible code, so deadlines
 //!   work), else the interpreter runs it;
 //! - per invocation a fresh store, executor and WASI instance: argv, env, preopens (through
-//!   the supervisor's descriptors, `/proc/self/fd/N`), stdin from a sealed memfd, stdout and
+//!   the supervisor's descriptors, `/proc/self/fd/N/.`), stdin from a memfd, stdout and
 //!   stderr through pipes drained into the same [`Capture`]s as Wasmtime's;
 //! - linear memory capped at Memory-Request (the executor's maximum page count);
 //! - the deadline through WasmEdge's asynchronous invocation: wait for it, then cancel.
