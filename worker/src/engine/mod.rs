@@ -74,6 +74,29 @@ pub struct RunResult {
     pub exec: Duration,
 }
 
+/// Runs `guest` with fresh stdout/stderr captures and turns what it produced into a
+/// [`RunResult`]: stdout is capped (a guest that overflowed it gets `OutputTooLarge` and no
+/// byte of its cut body is kept), stderr keeps only the tail error responses carry.
+pub fn run_captured(
+    request: &RunRequest<'_>,
+    guest: impl FnOnce(&crate::capture::Capture, &crate::capture::Capture) -> Outcome,
+) -> RunResult {
+    use crate::capture::Capture;
+    let stdout = Capture::strict(request.max_output_bytes);
+    let stderr = Capture::tail(request.max_output_bytes.min(wasmbox_protocol::STDERR_TAIL_BYTES as u64));
+    let started = std::time::Instant::now();
+    let outcome = guest(&stdout, &stderr);
+    let exec = started.elapsed();
+    let out = stdout.take();
+    let err = stderr.take();
+    let (outcome, stdout) = match outcome {
+        // A guest that swallowed the failed write and went on still produced a cut body.
+        _ if out.overflowed => (Outcome::OutputTooLarge { limit_bytes: request.max_output_bytes }, Vec::new()),
+        other => (other, out.data),
+    };
+    RunResult { outcome, stdout, stderr: err.data, stderr_dropped: err.dropped, exec }
+}
+
 /// A WebAssembly engine able to run WASI preview1 command modules.
 pub trait Engine {
     /// A compiled, validated, linked module, cheap to clone and ready to instantiate.

@@ -20,7 +20,6 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::rc::Rc;
-use std::time::Instant;
 
 use wasmbox_protocol::Outcome;
 use wasmedge_sys::ffi;
@@ -322,21 +321,10 @@ impl Engine for WasmEdgeEngine {
     }
 
     fn run(&self, module: &WasmEdgeModule, request: RunRequest<'_>) -> RunResult {
-        let stdout = Capture::strict(request.max_output_bytes);
-        let stderr = Capture::tail(request.max_output_bytes.min(wasmbox_protocol::STDERR_TAIL_BYTES as u64));
-        let started = Instant::now();
-        let outcome = match self.run_guest(module, &request, &stdout, &stderr) {
-            Ok(outcome) => outcome,
-            Err(message) => Outcome::SetupFailed { message: bounded(message) },
-        };
-        let exec = started.elapsed();
-        let out = stdout.take();
-        let err = stderr.take();
-        let (outcome, stdout) = match outcome {
-            _ if out.overflowed => (Outcome::OutputTooLarge { limit_bytes: request.max_output_bytes }, Vec::new()),
-            other => (other, out.data),
-        };
-        RunResult { outcome, stdout, stderr: err.data, stderr_dropped: err.dropped, exec }
+        super::run_captured(&request, |stdout, stderr| {
+            self.run_guest(module, &request, stdout, stderr)
+                .unwrap_or_else(|message| Outcome::SetupFailed { message: bounded(message) })
+        })
     }
 }
 

@@ -160,21 +160,7 @@ impl Engine for WasmtimeEngine {
     }
 
     fn run(&self, module: &WasmtimeModule, request: RunRequest<'_>) -> RunResult {
-        let stdout = Capture::strict(request.max_output_bytes);
-        // Only the tail of stderr ever reaches a client (in error bodies); keep no more.
-        let stderr = Capture::tail(request.max_output_bytes.min(wasmbox_protocol::STDERR_TAIL_BYTES as u64));
-        let started = Instant::now();
-        let outcome = self.run_guest(module, &request, &stdout, &stderr);
-        let exec = started.elapsed();
-        let out = stdout.take();
-        let err = stderr.take();
-        let (outcome, stdout) = match outcome {
-            // A guest that swallowed the failed write and went on still produced a cut body;
-            // no byte of it is sent anywhere.
-            _ if out.overflowed => (Outcome::OutputTooLarge { limit_bytes: request.max_output_bytes }, Vec::new()),
-            other => (other, out.data),
-        };
-        RunResult { outcome, stdout, stderr: err.data, stderr_dropped: err.dropped, exec }
+        super::run_captured(&request, |stdout, stderr| self.run_guest(module, &request, stdout, stderr))
     }
 }
 
