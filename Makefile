@@ -19,14 +19,13 @@ test: lint
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	DOCS_RS=1 CARGO_TARGET_DIR=target/docs-rs $(CARGO) clippy -p wasmbox-worker -p wasmbox-integration \
-		--features wasmbox-worker/wasmedge,wasmbox-integration/wasmedge --all-targets -- -D warnings
+	DOCS_RS=1 CARGO_TARGET_DIR=target/docs-rs $(CARGO) clippy --workspace --all-targets --features wasmedge -- -D warnings
 
 # Where libwasmedge 0.17 is installed (WASMEDGE_DIR, /usr/local or ~/.wasmedge): the worker
 # with both engines, and the conformance suite against each.
 test-wasmedge:
 	./scripts/build-functions target/test-functions
-	$(CARGO) test -p wasmbox-worker -p wasmbox-integration --features wasmbox-worker/wasmedge,wasmbox-integration/wasmedge
+	$(CARGO) test --workspace --features wasmedge
 
 functions:
 	./scripts/build-functions

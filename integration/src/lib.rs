@@ -38,7 +38,9 @@ pub fn built() -> (PathBuf, PathBuf) {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let mut build = Command::new(&cargo);
         build.current_dir(&root).args(["build", "--bins", "-p", "wasmbox-supervisor", "-p", "wasmbox-worker"]);
-        if cfg!(feature = "wasmedge") {
+        if cfg!(feature = "wasmedge-bundled") {
+            build.args(["--features", "wasmbox-worker/wasmedge-bundled"]);
+        } else if cfg!(feature = "wasmedge") {
             build.args(["--features", "wasmbox-worker/wasmedge"]);
         }
         if release {
@@ -67,6 +69,13 @@ pub fn built() -> (PathBuf, PathBuf) {
 pub fn function_wasm(name: &str) -> PathBuf {
     built();
     repo_root().join("target/test-functions").join(format!("{name}.wasm"))
+}
+
+/// Lowercase hex SHA-256 of a file: the name the module cache gives its artifacts.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Artifact cache shared by all tests in a run, so each module compiles once.

@@ -38,6 +38,7 @@ macro_rules! suite {
             allocation_beyond_memory_request_fails_cleanly_then_next_succeeds,
             infinite_loop_is_504_within_a_second_and_the_pool_goes_on,
             stdout_over_the_cap_is_an_error_not_a_cut_body,
+            modules_compile_once_into_the_cache_and_load_from_it_after_a_restart,
         );
     };
 }
@@ -253,5 +254,78 @@ pub async fn stdout_over_the_cap_is_an_error_not_a_cut_body(engine: &str) -> any
     assert_eq!((r.status, r.body.len()), (StatusCode::OK, 1000));
     let r = s.post("/echo", vec![b'z'; 1001]).await?;
     assert_eq!((r.status, r.kind().as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "output_too_large"), "{}", r.text());
+    Ok(())
+}
+
+/// The engine's version as the supervisor logged it at startup.
+fn logged_engine_version(s: &Supervisor, engine: &str) -> String {
+    let logs = s.logs();
+    let line = logs.lines().find(|l| l.contains("engine engine=")).expect("startup logs the engine");
+    assert!(line.contains(&format!("engine={engine}")), "{line}");
+    line.split("version=").nth(1).and_then(|v| v.split_whitespace().next()).expect("version in the line").to_owned()
+}
+
+/// The artifact files in the cache's directory for `engine`: exactly one such directory, and
+/// its name carries the engine's name and version, so nothing crosses engines or versions.
+fn artifacts(cache: &std::path::Path, engine: &str, version: &str) -> Vec<std::path::PathBuf> {
+    let dirs: Vec<_> =
+        std::fs::read_dir(cache).map(|d| d.map_while(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(dirs.len() <= 1, "one artifact directory per engine version: {dirs:?}");
+    let Some(dir) = dirs.first() else { return Vec::new() };
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with(&format!("{engine}-{version}")), "{name}");
+    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map_while(Result::ok).map(|e| e.path()).collect();
+    files.sort();
+    files
+}
+
+pub async fn modules_compile_once_into_the_cache_and_load_from_it_after_a_restart(engine: &str) -> anyhow::Result<()> {
+    let cache = tempfile::tempdir()?;
+    let hash = wasmbox_integration::sha256_file(&wasmbox_integration::function_wasm("hello"));
+    let start = || {
+        Supervisor::builder()
+            .engine(engine)
+            .workers(1)
+            .env("WASMBOX_CACHE_DIR", cache.path().display())
+            .function("hello")
+            .start()
+    };
+
+    let s = start()?;
+    let version = logged_engine_version(&s, engine);
+    let r = s.get("/hello").await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.header("x-wasmbox-module-source"), Some("compiled"));
+    assert_eq!(s.get("/hello").await?.header("x-wasmbox-module-source"), Some("memory"));
+    let files = artifacts(cache.path(), engine, &version);
+    if version.ends_with("-interp") {
+        // A libwasmedge without its compiler: the interpreter runs the module, nothing is
+        // written, and the startup said so.
+        assert!(files.is_empty(), "{files:?}");
+        assert!(s.logs().contains("interpreter"), "{}", s.logs());
+        return Ok(());
+    }
+    let [artifact] = files.as_slice() else { panic!("one artifact, no temporary files: {files:?}") };
+    let file_name = artifact.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(file_name.starts_with(&format!("{hash}.")), "named after the module's hash: {file_name}");
+    let written = std::fs::metadata(artifact)?.modified()?;
+    drop(s);
+
+    // A restarted supervisor's worker loads the artifact instead of compiling.
+    let s = start()?;
+    let r = s.get("/hello").await?;
+    assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "Hello from WasmBox!\n"));
+    assert_eq!(r.header("x-wasmbox-module-source"), Some("artifact"));
+    assert_eq!(std::fs::metadata(artifact)?.modified()?, written, "loaded, not rewritten");
+    drop(s);
+
+    // A damaged artifact is discarded and rebuilt, never run.
+    std::fs::write(artifact, b"\x7fELF not really")?;
+    let s = start()?;
+    let r = s.get("/hello").await?;
+    assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "Hello from WasmBox!\n"));
+    assert_eq!(r.header("x-wasmbox-module-source"), Some("compiled"));
+    assert_eq!(artifacts(cache.path(), engine, &version), vec![artifact.clone()]);
+    assert!(std::fs::metadata(artifact)?.len() > 1000, "rebuilt");
     Ok(())
 }

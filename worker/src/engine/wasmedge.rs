@@ -145,9 +145,15 @@ fn same_types(a: &[ffi::WasmEdge_ValType], b: &[ffi::WasmEdge_ValType]) -> bool 
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| unsafe { ffi::WasmEdge_ValTypeIsEqual(*x, *y) })
 }
 
+/// A path for WasmEdge's file APIs. WasmEdge makes every path absolute (by prefixing the
+/// working directory's name), and the absolute name walks through the cache root's parents,
+/// which a worker that dropped to an unprivileged user may not be allowed to traverse (the
+/// root is private to the supervisor's user). A relative path is therefore given through
+/// /proc/self/cwd: the same directory, reached without walking its parents.
 fn c_path(path: &Path) -> Result<CString, EngineError> {
+    let path = if path.is_relative() { Path::new("/proc/self/cwd").join(path) } else { path.to_path_buf() };
     CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| EngineError::Io { path: path.into(), source: std::io::Error::other("NUL in path") })
+        .map_err(|_| EngineError::Io { path: path.clone(), source: std::io::Error::other("NUL in path") })
 }
 
 impl WasmEdgeEngine {
