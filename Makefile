@@ -22,10 +22,12 @@ lint:
 	DOCS_RS=1 CARGO_TARGET_DIR=target/docs-rs $(CARGO) clippy --workspace --all-targets --features wasmedge -- -D warnings
 
 # Where libwasmedge 0.17 is installed (WASMEDGE_DIR, /usr/local or ~/.wasmedge): the worker
-# with both engines, and the conformance suite against each.
+# with both engines and the conformance suite against each, then every end-to-end test
+# (hostile corpus, hardening, faults...) again with WasmEdge as the engine.
 test-wasmedge:
 	./scripts/build-functions target/test-functions
 	$(CARGO) test --workspace --features wasmedge
+	WASMBOX_TEST_ENGINE=wasmedge $(CARGO) test --features wasmedge -p wasmbox-integration --test all
 
 functions:
 	./scripts/build-functions

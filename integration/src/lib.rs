@@ -71,6 +71,12 @@ pub fn function_wasm(name: &str) -> PathBuf {
     repo_root().join("target/test-functions").join(format!("{name}.wasm"))
 }
 
+/// The engine tests run on unless they choose one: `WASMBOX_TEST_ENGINE` from the test's
+/// environment (to run any test against WasmEdge), else Wasmtime.
+pub fn test_engine() -> String {
+    std::env::var("WASMBOX_TEST_ENGINE").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| "wasmtime".into())
+}
+
 /// Lowercase hex SHA-256 of a file: the name the module cache gives its artifacts.
 pub fn sha256_file(path: &Path) -> String {
     use sha2::Digest;
@@ -142,7 +148,13 @@ impl Builder {
 
     /// Runs the workers on `engine` (WASMBOX_ENGINE).
     pub fn engine(self, engine: &str) -> Self {
-        self.env("WASMBOX_ENGINE", engine)
+        self.default_engine().env("WASMBOX_ENGINE", engine)
+    }
+
+    /// Leaves the engine to the supervisor's default (or to the variables the test sets).
+    pub fn default_engine(mut self) -> Self {
+        self.env.retain(|(k, _)| k != "WASMBOX_ENGINE");
+        self
     }
 
     pub fn env(mut self, key: &str, value: impl ToString) -> Self {
@@ -330,8 +342,15 @@ impl Supervisor {
         Client { addr: self.addr }
     }
 
+    /// A supervisor with two workers, on the engine `WASMBOX_TEST_ENGINE` names if the
+    /// test's environment has it (to run any test against WasmEdge), else the default.
     pub fn builder() -> Builder {
-        Builder { workers: 2, env: Vec::new(), functions: Vec::new(), files: Vec::new(), inherited: None }
+        let builder =
+            Builder { workers: 2, env: Vec::new(), functions: Vec::new(), files: Vec::new(), inherited: None };
+        match std::env::var("WASMBOX_TEST_ENGINE") {
+            Ok(engine) if !engine.is_empty() => builder.engine(&engine),
+            _ => builder,
+        }
     }
 
     pub fn pid(&self) -> i32 {

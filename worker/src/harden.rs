@@ -326,6 +326,10 @@ pub fn allowed_syscalls() -> Vec<i64> {
         SYS_epoll_ctl,
         SYS_epoll_pwait,
         SYS_epoll_pwait2,
+        // WasmEdge's poll_oneoff waits on timer descriptors.
+        SYS_timerfd_create,
+        SYS_timerfd_settime,
+        SYS_timerfd_gettime,
         SYS_eventfd2,
         SYS_pipe2,
         // Files, relative to open directories (WASI) or the artifact directory.

@@ -317,6 +317,11 @@ pub async fn modules_compile_once_into_the_cache_and_load_from_it_after_a_restar
     assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "Hello from WasmBox!\n"));
     assert_eq!(r.header("x-wasmbox-module-source"), Some("artifact"));
     assert_eq!(std::fs::metadata(artifact)?.modified()?, written, "loaded, not rewritten");
+    // The native code that ran is the artifact's: the worker has it mapped (an engine that
+    // took only the Wasm embedded in an artifact and interpreted it would not).
+    let [worker] = s.worker_pids()[..] else { panic!("one worker: {:?}", s.worker_pids()) };
+    let maps = std::fs::read_to_string(format!("/proc/{worker}/maps"))?;
+    assert!(maps.contains(&file_name), "{file_name} is not mapped in worker {worker}:\n{maps}");
     drop(s);
 
     // A damaged artifact is discarded and rebuilt, never run.

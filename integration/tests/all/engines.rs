@@ -5,7 +5,7 @@ use wasmbox_integration::Supervisor;
 #[tokio::test]
 async fn the_engine_and_its_version_are_logged_and_the_alias_works() -> anyhow::Result<()> {
     for (var, value) in [("WASMBOX_ENGINE", "wasmtime"), ("WASM_RUNTIME", "wasmtime")] {
-        let s = Supervisor::builder().workers(1).env(var, value).function("hello").start()?;
+        let s = Supervisor::builder().default_engine().workers(1).env(var, value).function("hello").start()?;
         assert_eq!(s.post("/hello", "").await?.status, 200);
         let logs = s.logs();
         let line = logs.lines().find(|l| l.contains(" engine ") || l.ends_with(" engine")).unwrap_or_default();
@@ -17,7 +17,7 @@ async fn the_engine_and_its_version_are_logged_and_the_alias_works() -> anyhow::
 #[cfg(not(feature = "wasmedge"))]
 #[tokio::test]
 async fn wasmedge_without_the_feature_fails_at_start_saying_how_to_build_it() -> anyhow::Result<()> {
-    let Err(e) = Supervisor::builder().workers(1).env("WASMBOX_ENGINE", "wasmedge").start() else {
+    let Err(e) = Supervisor::builder().workers(1).engine("wasmedge").start() else {
         anyhow::bail!("a supervisor without WasmEdge started with WASMBOX_ENGINE=wasmedge");
     };
     let message = format!("{e:#}");

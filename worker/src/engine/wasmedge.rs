@@ -73,6 +73,10 @@ pub struct WasmEdgeEngine {
 /// it only through its log (memory.grow just returns -1 to the guest).
 static GROW_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Set when WasmEdge's loader could not use a native artifact and quietly parsed the Wasm
+/// embedded in it for the interpreter instead ("falling back to interpreter", a warning).
+static AOT_FELL_BACK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 unsafe extern "C" fn on_log(msg: *const ffi::WasmEdge_LogMessage) {
     if msg.is_null() {
         return;
@@ -81,6 +85,9 @@ unsafe extern "C" fn on_log(msg: *const ffi::WasmEdge_LogMessage) {
     let text = rstr(unsafe { (*msg).Message });
     if text.contains("Memory grow page failed") {
         GROW_REFUSED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    if text.contains("falling back to interpreter") {
+        AOT_FELL_BACK.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     tracing::debug!(message = %bounded(text), "wasmedge");
 }
@@ -161,9 +168,11 @@ impl WasmEdgeEngine {
         // SAFETY: creating and configuring fresh contexts; each is owned by an `Owned`.
         unsafe {
             // WasmEdge's own log goes through this callback (its default sink is stdout,
-            // which is /dev/null in a worker); errors only.
+            // which is /dev/null in a worker); warnings and errors, which carry the two
+            // facts WasmEdge gives no other way (a refused memory.grow, an artifact it
+            // would not run natively).
             ffi::WasmEdge_LogSetCallback(Some(on_log));
-            ffi::WasmEdge_LogSetErrorLevel();
+            ffi::WasmEdge_LogSetLevel(ffi::WasmEdge_LogLevel_Warn);
             let conf = Owned::new(ffi::WasmEdge_ConfigureCreate(), ffi::WasmEdge_ConfigureDelete, "configuration")
                 .map_err(anyhow::Error::msg)?;
             // One linear memory, as with Wasmtime: the cap then covers all of the guest's.
@@ -172,6 +181,15 @@ impl WasmEdgeEngine {
             ffi::WasmEdge_ConfigureCompilerSetInterruptible(conf.ptr, true);
             ffi::WasmEdge_ConfigureCompilerSetOptimizationLevel(conf.ptr, ffi::WasmEdge_CompilerOptimizationLevel_O2);
             ffi::WasmEdge_ConfigureCompilerSetOutputFormat(conf.ptr, ffi::WasmEdge_CompilerOutputFormat_Native);
+            let compiler =
+                Owned::new(ffi::WasmEdge_CompilerCreate(conf.ptr), ffi::WasmEdge_CompilerDelete, "compiler").ok();
+            if compiler.is_some() {
+                // Only a loader in AOT mode runs a native artifact natively: in any other
+                // mode WasmEdge takes the Wasm embedded in it and interprets that.
+                ffi::WasmEdge_ConfigureSetRunMode(conf.ptr, ffi::WasmEdge_RunMode_AOT);
+            } else {
+                tracing::warn!("libwasmedge has no AOT compiler: functions run in WasmEdge's interpreter");
+            }
             let loader = Owned::new(ffi::WasmEdge_LoaderCreate(conf.ptr), ffi::WasmEdge_LoaderDelete, "loader")
                 .map_err(anyhow::Error::msg)?;
             let validator =
@@ -183,11 +201,6 @@ impl WasmEdgeEngine {
                 "WASI module",
             )
             .map_err(anyhow::Error::msg)?;
-            let compiler =
-                Owned::new(ffi::WasmEdge_CompilerCreate(conf.ptr), ffi::WasmEdge_CompilerDelete, "compiler").ok();
-            if compiler.is_none() {
-                tracing::warn!("libwasmedge has no AOT compiler: functions run in WasmEdge's interpreter");
-            }
             let version = CStr::from_ptr(ffi::WasmEdge_VersionGet()).to_string_lossy().into_owned();
             let version = if compiler.is_some() { format!("{version}-aot") } else { format!("{version}-interp") };
             // The contexts above copied the configuration; `conf` is freed here.
@@ -265,7 +278,8 @@ impl WasmEdgeEngine {
         let res =
             unsafe { ffi::WasmEdge_LoaderParseFromBuffer(self.loader.ptr, &mut ast, wasm.as_ptr(), wasm.len() as u32) };
         if !ok(res) {
-            return Err(EngineError::InvalidModule(message(res)));
+            // Worded as the Wasmtime engine words it, so clients see one message per failure.
+            return Err(EngineError::InvalidModule(format!("failed to parse WebAssembly module: {}", message(res))));
         }
         Owned::new(ast, ffi::WasmEdge_ASTModuleDelete, "AST module").map_err(EngineError::InvalidModule)
     }
@@ -314,6 +328,7 @@ impl Engine for WasmEdgeEngine {
     fn load_artifact(&self, artifact: &Path) -> Result<WasmEdgeModule, EngineError> {
         let path = c_path(artifact)?;
         let mut ast = std::ptr::null_mut();
+        AOT_FELL_BACK.store(false, std::sync::atomic::Ordering::Relaxed);
         // SAFETY: loading trusts the file to be native code produced by this engine version:
         // the module cache passes only artifacts from its own directory, owned by this uid
         // and not writable by others; WasmEdge checks the version recorded in the file.
@@ -323,6 +338,13 @@ impl Engine for WasmEdgeEngine {
         }
         let ast = Owned::new(ast, ffi::WasmEdge_ASTModuleDelete, "AST module")
             .map_err(|reason| EngineError::StaleArtifact { path: artifact.into(), reason })?;
+        if AOT_FELL_BACK.load(std::sync::atomic::Ordering::Relaxed) {
+            // Running it would interpret the embedded Wasm: rebuild it instead.
+            return Err(EngineError::StaleArtifact {
+                path: artifact.into(),
+                reason: "WasmEdge cannot run its native code".into(),
+            });
+        }
         self.check(ast)
     }
 

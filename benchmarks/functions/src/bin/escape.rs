@@ -49,18 +49,27 @@ mod guest {
     const RIGHT_FD_WRITE: u64 = 1 << 6;
 
     /// The descriptor of the preopen the guest sees as `name`.
+    /// The name the host gives descriptor `fd` as a preopen, if it is one.
+    fn preopen_name(fd: u32) -> Option<Vec<u8>> {
+        let mut prestat = [0u32; 2];
+        // SAFETY: `prestat` is 8 writable bytes, the size of a WASI `prestat`.
+        if unsafe { raw::fd_prestat_get(fd, prestat.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        let mut buf = vec![0u8; prestat[1] as usize];
+        // SAFETY: `buf` has exactly the length the host reported for the name.
+        let errno = unsafe { raw::fd_prestat_dir_name(fd, buf.as_mut_ptr(), buf.len()) };
+        (errno == 0).then_some(buf)
+    }
+
+    /// The preopen named `name` ("/data"); some hosts (WasmEdge) drop the leading slash.
     fn preopen_fd(name: &str) -> Option<u32> {
-        (3..64).find(|&fd| {
-            let mut prestat = [0u32; 2];
-            // SAFETY: `prestat` is 8 writable bytes, the size of a WASI `prestat`.
-            if unsafe { raw::fd_prestat_get(fd, prestat.as_mut_ptr()) } != 0 {
-                return false;
-            }
-            let mut buf = vec![0u8; prestat[1] as usize];
-            // SAFETY: `buf` has exactly the length the host reported for the name.
-            let errno = unsafe { raw::fd_prestat_dir_name(fd, buf.as_mut_ptr(), buf.len()) };
-            errno == 0 && buf == name.as_bytes()
-        })
+        let bare = name.trim_start_matches('/');
+        (3..64).find(|&fd| preopen_name(fd).is_some_and(|n| n == name.as_bytes() || n == bare.as_bytes()))
+    }
+
+    fn preopen_names() -> Vec<(u32, String)> {
+        (3..64).filter_map(|fd| preopen_name(fd).map(|n| (fd, String::from_utf8_lossy(&n).into_owned()))).collect()
     }
 
     /// `path_open` relative to a preopen's descriptor; the opened descriptor or the errno.
@@ -147,7 +156,7 @@ mod guest {
 
         // Raw path_open on the preopen descriptors: no wasi-libc path handling in between.
         let (Some(data), Some(scratch)) = (preopen_fd("/data"), preopen_fd("/scratch")) else {
-            println!("raw: preopens /data and /scratch not found");
+            println!("raw: preopens /data and /scratch not found among {:?}", preopen_names());
             return;
         };
         report(
