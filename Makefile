@@ -4,7 +4,7 @@
 
 CARGO ?= cargo
 
-.PHONY: run test test-wasmedge lint functions build
+.PHONY: run test test-wasmedge lint functions build bench bench-quick
 
 run: functions build
 	./target/debug/wasmbox
@@ -34,3 +34,13 @@ functions:
 
 build:
 	$(CARGO) build --workspace --bins
+
+# The benchmark report (benchmarks/results/full.md, .svg, .json): release binaries, every
+# mode side by side, about 8 minutes. bench-quick: the same in under a minute, for smoke runs.
+bench: functions
+	$(CARGO) build --release --bins
+	./target/release/wasmbox-bench run
+
+bench-quick: functions
+	$(CARGO) build --release --bins
+	./target/release/wasmbox-bench run --quick

@@ -6,6 +6,7 @@ pub mod capture;
 pub mod engine;
 pub mod fdpass;
 pub mod harden;
+pub mod oneshot;
 pub mod server;
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -43,6 +44,20 @@ pub struct WorkerArgs {
 
     #[command(flatten)]
     pub hardening: harden::HardeningArgs,
+
+    /// Run this module once instead of serving: stdin to stdout, the guest's exit code as
+    /// this process's (125 for a trap or limit). Arguments for the guest follow `--`.
+    #[arg(long, value_name = "MODULE")]
+    pub one_shot: Option<PathBuf>,
+    /// Linear memory limit of a one-shot run, in MiB.
+    #[arg(long, default_value_t = 128, requires = "one_shot")]
+    pub one_shot_memory_mb: u64,
+    /// Deadline of a one-shot run, in milliseconds.
+    #[arg(long, default_value_t = 10_000, requires = "one_shot")]
+    pub one_shot_timeout_ms: u64,
+    /// Arguments for the guest of a one-shot run.
+    #[arg(last = true, requires = "one_shot")]
+    pub guest_args: Vec<String>,
 
     /// `/proc/self/cgroup` as read at the start of `main` (not a flag).
     #[arg(skip)]
@@ -105,6 +120,25 @@ pub fn run(args: WorkerArgs, mut applied: harden::Applied) -> Result<(), WorkerE
             serve_on(engine, socket, &args, supervisor, applied)
         }
         other => Err(WorkerError::UnknownEngine(other.into())),
+    }
+}
+
+/// Runs `--one-shot`'s module once on the chosen engine; returns the exit status.
+pub fn run_one_shot(args: &WorkerArgs) -> anyhow::Result<u8> {
+    let job = oneshot::OneShot {
+        module: args.one_shot.clone().ok_or_else(|| anyhow::anyhow!("--one-shot needs a module"))?,
+        args: args.guest_args.clone(),
+        cache_dir: args.cache_dir.clone(),
+        memory_limit_bytes: args.one_shot_memory_mb << 20,
+        timeout: std::time::Duration::from_millis(args.one_shot_timeout_ms),
+        max_output_bytes: 16 << 20,
+        max_module_bytes: args.max_module_bytes,
+    };
+    match args.engine.as_str() {
+        "wasmtime" => oneshot::run(engine::wasmtime::WasmtimeEngine::new(false)?, &job),
+        #[cfg(feature = "wasmedge")]
+        "wasmedge" => oneshot::run(engine::wasmedge::WasmEdgeEngine::new()?, &job),
+        other => Err(WorkerError::UnknownEngine(other.into()).into()),
     }
 }
 

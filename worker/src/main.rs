@@ -7,6 +7,15 @@ fn main() -> std::process::ExitCode {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let parent = nix::unistd::getppid();
     let mut args = wasmbox_worker::WorkerArgs::parse();
+    if args.one_shot.is_some() {
+        return match wasmbox_worker::run_one_shot(&args) {
+            Ok(code) => std::process::ExitCode::from(code),
+            Err(e) => {
+                eprintln!("wasmbox-worker: {e:#}");
+                std::process::ExitCode::from(wasmbox_worker::oneshot::FAILED)
+            }
+        };
+    }
     args.initial_cgroup = cgroup;
     args.supervisor_pid = Some(parent);
     let mut applied = wasmbox_worker::harden::Applied::default();

@@ -1,0 +1,136 @@
+//! `wasmbox-bench`: runs the benchmark suite and writes its report; also the comparison
+//! servers it starts (`serve-*`, not meant to be run by hand).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use wasmbox_bench::modes::{Mode, Setup, absolute, sibling};
+use wasmbox_bench::{report, servers, suite};
+
+#[derive(Debug, Parser)]
+#[command(name = "wasmbox-bench", about = "WasmBox against an in-process runtime, spawn-per-request and plain hyper")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs every scenario against every mode and writes the report.
+    Run {
+        /// At most about a minute (smoke runs, CI); the default is the full run for reports.
+        #[arg(long)]
+        quick: bool,
+        /// Report name: <out>/<name>.md, .svg and .json [default: quick or full].
+        #[arg(long)]
+        name: Option<String>,
+        /// Directory for the report.
+        #[arg(long, default_value = "benchmarks/results")]
+        out: PathBuf,
+        /// Directory with the example functions (hello, echo, json-compress, alloc).
+        #[arg(long, default_value = "functions")]
+        functions: PathBuf,
+        /// Modes to run, by letter: a WasmBox, b in-process, c spawn per request, d plain.
+        #[arg(long, default_value = "abcd")]
+        modes: String,
+        /// Scenarios to run (hello, echo, compute, memory), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        scenarios: Vec<String>,
+        /// Workers of (a) and threads of (b) [default: the number of cores].
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Artifact cache for every mode [default: a fresh directory under the report dir's
+        /// target].
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
+    #[command(hide = true)]
+    ServeInproc {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[arg(long)]
+        functions: PathBuf,
+        #[arg(long)]
+        cache_dir: PathBuf,
+        #[arg(long)]
+        threads: usize,
+    },
+    #[command(hide = true)]
+    ServeSpawn {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[arg(long)]
+        functions: PathBuf,
+        #[arg(long)]
+        cache_dir: PathBuf,
+        #[arg(long)]
+        worker: PathBuf,
+    },
+    #[command(hide = true)]
+    ServePlain {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { quick, name, out, functions, modes, scenarios, workers, cache_dir } => {
+                let plan = if quick { suite::Plan::quick() } else { suite::Plan::full() };
+                let name = name.unwrap_or_else(|| plan.name.clone());
+                let modes: Vec<Mode> = modes
+                    .chars()
+                    .map(|c| Mode::parse(c).ok_or_else(|| anyhow::anyhow!("unknown mode {c:?} (a, b, c or d)")))
+                    .collect::<anyhow::Result<_>>()?;
+                let mut all = suite::Scenario::all();
+                if !scenarios.is_empty() {
+                    for s in &scenarios {
+                        anyhow::ensure!(all.iter().any(|a| a.key == s), "unknown scenario {s:?}");
+                    }
+                    all.retain(|a| scenarios.iter().any(|s| s == a.key));
+                }
+                let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+                let cache_dir = match cache_dir {
+                    Some(dir) => absolute(&dir),
+                    None => {
+                        let dir = std::env::temp_dir().join(format!("wasmbox-bench-cache-{}", std::process::id()));
+                        let _ = std::fs::remove_dir_all(&dir);
+                        dir
+                    }
+                };
+                let setup = Setup {
+                    wasmbox: sibling("wasmbox")?,
+                    worker: sibling("wasmbox-worker")?,
+                    harness: std::env::current_exe()?,
+                    functions: absolute(&functions),
+                    cache_dir,
+                    workers: workers.unwrap_or(cores),
+                };
+                for f in ["hello", "echo", "json-compress", "alloc"] {
+                    let path = setup.functions.join(format!("{f}.wasm"));
+                    anyhow::ensure!(
+                        path.is_file(),
+                        "{} missing: build the example functions (make functions)",
+                        path.display()
+                    );
+                }
+                let results = suite::run(plan, &setup, &modes, all).await?;
+                let md = report::write(&results, &out, &name)?;
+                print!("{}", report::markdown(&results, &format!("{name}.svg")));
+                eprintln!("report written to {}", md.display());
+                Ok(())
+            }
+            Command::ServeInproc { listen, functions, cache_dir, threads } => {
+                servers::in_process(servers::bind(listen).await?, &functions, cache_dir, threads).await
+            }
+            Command::ServeSpawn { listen, functions, cache_dir, worker } => {
+                servers::spawn_per_request(servers::bind(listen).await?, &functions, worker, cache_dir).await
+            }
+            Command::ServePlain { listen } => servers::plain(servers::bind(listen).await?).await,
+        }
+    })
+}

@@ -1,0 +1,264 @@
+//! The four servers under test, each started as its own process on a loopback port.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// Which server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Mode {
+    /// (a) WasmBox: supervisor and pre-forked worker pool, cgroups on where the host allows.
+    WasmBox,
+    /// (b) the same engine and module cache in one process, on a thread pool.
+    InProcess,
+    /// (c) a fresh worker process per request.
+    SpawnPerRequest,
+    /// (d) hyper without Wasm.
+    PlainHttp,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::WasmBox, Mode::InProcess, Mode::SpawnPerRequest, Mode::PlainHttp];
+
+    pub fn letter(self) -> char {
+        match self {
+            Mode::WasmBox => 'a',
+            Mode::InProcess => 'b',
+            Mode::SpawnPerRequest => 'c',
+            Mode::PlainHttp => 'd',
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Mode::WasmBox => "(a) WasmBox",
+            Mode::InProcess => "(b) in-process",
+            Mode::SpawnPerRequest => "(c) spawn per request",
+            Mode::PlainHttp => "(d) plain hyper",
+        }
+    }
+
+    pub fn parse(letter: char) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.letter() == letter)
+    }
+}
+
+/// Where the binaries and inputs are.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub wasmbox: PathBuf,
+    pub worker: PathBuf,
+    /// This harness's own binary (it runs the comparison servers).
+    pub harness: PathBuf,
+    pub functions: PathBuf,
+    /// Artifact cache shared by every mode (each engine/user keeps its own subdirectory).
+    pub cache_dir: PathBuf,
+    /// Workers of (a) and threads of (b): the same parallelism for both.
+    pub workers: usize,
+}
+
+/// A running server, stopped when dropped.
+#[derive(Debug)]
+pub struct Server {
+    pub mode: Mode,
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Server {
+    pub fn start(mode: Mode, setup: &Setup) -> anyhow::Result<Server> {
+        Server::start_with_env(mode, setup, &[])
+    }
+
+    /// Like [`Server::start`], with extra environment for the server process.
+    pub fn start_with_env(mode: Mode, setup: &Setup, env: &[(&str, &str)]) -> anyhow::Result<Server> {
+        let mut cmd;
+        match mode {
+            Mode::WasmBox => {
+                cmd = Command::new(&setup.wasmbox);
+                cmd.env("WASMBOX_LISTEN", "127.0.0.1:0")
+                    .env("WASMBOX_FUNCTIONS_DIR", &setup.functions)
+                    .env("WASMBOX_CACHE_DIR", &setup.cache_dir)
+                    .env("WASMBOX_WORKER_BIN", &setup.worker)
+                    .env("WASMBOX_WORKERS", setup.workers.to_string())
+                    .env("WASMBOX_CGROUP_PARENT", format!("wasmbox-bench-{}", std::process::id()));
+            }
+            Mode::InProcess => {
+                cmd = Command::new(&setup.harness);
+                cmd.arg("serve-inproc")
+                    .arg("--functions")
+                    .arg(&setup.functions)
+                    .arg("--cache-dir")
+                    .arg(&setup.cache_dir)
+                    .arg("--threads")
+                    .arg(setup.workers.to_string());
+            }
+            Mode::SpawnPerRequest => {
+                cmd = Command::new(&setup.harness);
+                cmd.arg("serve-spawn")
+                    .arg("--functions")
+                    .arg(&setup.functions)
+                    .arg("--cache-dir")
+                    .arg(&setup.cache_dir)
+                    .arg("--worker")
+                    .arg(&setup.worker);
+            }
+            Mode::PlainHttp => {
+                cmd = Command::new(&setup.harness);
+                cmd.arg("serve-plain");
+            }
+        }
+        cmd.envs(env.iter().copied());
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", mode.title()))?;
+        // The supervisor logs "listening on ... addr=A" to stderr; the comparison servers
+        // print "listening on A" to stdout. Drain both for the life of the process.
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().context("stdout")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        for (pipe, tail) in [(Box::new(stdout) as Box<dyn std::io::Read + Send>, 40), (Box::new(stderr), 40)] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut recent = std::collections::VecDeque::new();
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if let Some(addr) = listen_address(&line) {
+                        let _ = tx.send(Ok(addr));
+                    }
+                    recent.push_back(line);
+                    if recent.len() > tail {
+                        recent.pop_front();
+                    }
+                }
+                let _ = tx.send(Err(Vec::from(recent).join("\n")));
+            });
+        }
+        let mut server = Server { mode, addr: "127.0.0.1:0".parse()?, child };
+        let mut output = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(Ok(addr)) => {
+                    server.addr = addr;
+                    return Ok(server);
+                }
+                // One pipe closed: the other may still carry the address.
+                Ok(Err(tail)) if output.is_empty() => output.push(tail),
+                Ok(Err(tail)) => {
+                    output.push(tail);
+                    anyhow::bail!("{} exited before listening:\n{}", mode.title(), output.join("\n"));
+                }
+                Err(_) => anyhow::bail!("{} did not start listening within 60 s", mode.title()),
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Stops the server (SIGTERM, so WasmBox removes its cgroups; SIGKILL after 10 s).
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        let pid = nix::unistd::Pid::from_raw(self.pid());
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = kill(pid, Signal::SIGTERM);
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+fn listen_address(line: &str) -> Option<SocketAddr> {
+    if !line.contains("listening on") {
+        return None;
+    }
+    if let Some(rest) = line.split("addr=").nth(1) {
+        return rest.split_whitespace().next()?.parse().ok();
+    }
+    line.split("listening on ").nth(1)?.split_whitespace().next()?.trim_start_matches("http://").parse().ok()
+}
+
+/// The binary `name` next to this harness (cargo puts a workspace's binaries together).
+pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let dir = me.parent().context("harness binary has no directory")?;
+    // Test binaries live one level down, in deps/.
+    let candidates = [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()];
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| format!("{name} not found next to {} (build it: cargo build --bins)", me.display()))
+}
+
+/// Resident memory of process `pid`, in KiB (0 if it is gone).
+pub fn rss_kib(pid: i32) -> u64 {
+    procfs::process::Process::new(pid).and_then(|p| p.status()).ok().and_then(|s| s.vmrss).unwrap_or(0)
+}
+
+/// The live children of `pid` (of any of its threads: WasmBox forks from a thread of its own).
+pub fn children(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    let mut out: Vec<i32> = tasks
+        .filter_map(Result::ok)
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|s| s.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .filter(|&child| {
+            // A killed child stays listed as a zombie until it is reaped.
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')))
+                .unwrap_or(false)
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// A path as given, or made absolute against the working directory.
+pub fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_listening_lines_are_understood() {
+        let supervisor =
+            "2026-11-21T14:51:47Z  INFO wasmbox_supervisor: listening on http://127.0.0.1:18123 addr=127.0.0.1:18123";
+        assert_eq!(listen_address(supervisor), Some("127.0.0.1:18123".parse().unwrap()));
+        assert_eq!(listen_address("listening on 127.0.0.1:40001"), Some("127.0.0.1:40001".parse().unwrap()));
+        assert_eq!(listen_address("starting worker pool"), None);
+    }
+}

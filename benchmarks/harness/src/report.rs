@@ -1,0 +1,378 @@
+//! The report: a Markdown file with the machine, a table per scenario with the ratios of
+//! WasmBox to each alternative, the extra measurements, and an SVG latency plot.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+
+use crate::modes::Mode;
+use crate::stats::{Summary, ratio};
+use crate::suite::{Cell, Results};
+
+/// What the numbers were measured on.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub cgroup: String,
+}
+
+impl Machine {
+    pub fn describe() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem_kib: f64 = meminfo
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+        let cgroup = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+            && !std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default().trim().is_empty()
+        {
+            "v2".into()
+        } else if Path::new("/sys/fs/cgroup/memory").exists() {
+            "v1".into()
+        } else {
+            "none".into()
+        };
+        Machine {
+            cpu,
+            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            memory_gib: mem_kib / (1024.0 * 1024.0),
+            kernel,
+            cgroup,
+        }
+    }
+}
+
+fn ms(us: u64) -> String {
+    if us >= 100_000 { format!("{:.0}", us as f64 / 1000.0) } else { format!("{:.2}", us as f64 / 1000.0) }
+}
+
+fn x(r: Option<f64>) -> String {
+    r.map(|v| format!("{v:.2}x")).unwrap_or_else(|| "-".into())
+}
+
+fn row(out: &mut String, mode: Mode, s: &Summary) {
+    let errors = if s.errors.is_empty() {
+        "0".to_owned()
+    } else {
+        s.errors.iter().map(|(k, n)| format!("{n} x {k}")).collect::<Vec<_>>().join(", ")
+    };
+    let _ = writeln!(
+        out,
+        "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+        mode.title(),
+        s.requests,
+        s.throughput,
+        ms(s.p50_us),
+        ms(s.p90_us),
+        ms(s.p99_us),
+        ms(s.p999_us),
+        errors
+    );
+}
+
+fn find<'a>(cells: &'a [Cell], scenario: &str, mode: Mode) -> Option<&'a Summary> {
+    cells.iter().find(|c| c.scenario == scenario && c.mode == mode).map(|c| &c.summary)
+}
+
+/// The ratios of (a) to each other mode in one scenario: throughput and p99.
+fn ratios(out: &mut String, cells: &[Cell], scenario: &str) {
+    let Some(a) = find(cells, scenario, Mode::WasmBox) else { return };
+    let _ = writeln!(out, "\n| ratio | throughput | p50 | p99 |\n|---|---|---|---|");
+    for other in [Mode::InProcess, Mode::SpawnPerRequest, Mode::PlainHttp] {
+        if let Some(o) = find(cells, scenario, other) {
+            let _ = writeln!(
+                out,
+                "| (a)/({}) | {} | {} | {} |",
+                other.letter(),
+                x(ratio(a.throughput, o.throughput)),
+                x(ratio(a.p50_us as f64, o.p50_us as f64)),
+                x(ratio(a.p99_us as f64, o.p99_us as f64)),
+            );
+        }
+    }
+}
+
+/// Writes `<dir>/<name>.md`, `<name>.svg` and `<name>.json`; returns the Markdown's path.
+pub fn write(results: &Results, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let svg = dir.join(format!("{name}.svg"));
+    plot(results, &svg)?;
+    std::fs::write(dir.join(format!("{name}.json")), serde_json::to_vec_pretty(results)?)?;
+    let md = dir.join(format!("{name}.md"));
+    std::fs::write(&md, markdown(results, &format!("{name}.svg")))?;
+    Ok(md)
+}
+
+pub fn markdown(r: &Results, svg_name: &str) -> String {
+    let mut out = String::new();
+    let m = &r.machine;
+    let p = &r.plan;
+    let _ = writeln!(out, "# WasmBox benchmark: {}\n", p.name);
+    let _ = writeln!(
+        out,
+        "Machine: {} ({} cores), {:.1} GiB, Linux {}, cgroup {}. One run, {:.0} s of wall time; \
+         the servers ran one after another on the same machine, each alone.\n",
+        m.cpu,
+        m.cores,
+        m.memory_gib,
+        m.kernel,
+        m.cgroup,
+        r.wall.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "Closed loop: {} keep-alive connections on loopback, {:.1} s per scenario and mode, after {} \
+         warm-up requests. Latencies in ms, of successful requests; throughput counts 2xx answers.\n\n\
+         Modes: (a) WasmBox, supervisor and {} pre-forked workers, cgroups {}; (b) the same engine \
+         and module cache in one process on {} threads; (c) a fresh `wasmbox-worker --one-shot` \
+         process per request (artifacts precompiled); (d) hyper without Wasm.\n",
+        p.connections,
+        p.duration.as_secs_f64(),
+        p.warmup,
+        r.workers,
+        if r.extras.cgroups_active { "on" } else { "off (not available here)" },
+        r.workers,
+    );
+    for s in &r.scenarios {
+        let _ = writeln!(out, "## {}\n", s.title);
+        let _ = writeln!(
+            out,
+            "| mode | requests | req/s | p50 | p90 | p99 | p99.9 | errors |\n|---|---|---|---|---|---|---|---|"
+        );
+        for &mode in &r.modes {
+            if let Some(summary) = find(&r.closed, s.key, mode) {
+                row(&mut out, mode, summary);
+            }
+        }
+        ratios(&mut out, &r.closed, s.key);
+        out.push('\n');
+    }
+    if !r.open.is_empty() || !r.open_skipped.is_empty() {
+        let _ = writeln!(
+            out,
+            "## hello, open loop at {:.0} req/s for {:.0} s\n\nLatency from when each request was due, \
+             so queueing counts.\n\n| mode | requests | req/s | p50 | p90 | p99 | p99.9 | errors |\n\
+             |---|---|---|---|---|---|---|---|",
+            p.open_rate,
+            p.open_duration.as_secs_f64()
+        );
+        for c in &r.open {
+            row(&mut out, c.mode, &c.summary);
+        }
+        ratios(&mut out, &r.open, "hello");
+        for (mode, why) in &r.open_skipped {
+            let _ = writeln!(out, "\n{mode} not run open-loop: {why}.");
+        }
+        out.push('\n');
+    }
+    let e = &r.extras;
+    let _ = writeln!(out, "## Cold start, respawn, memory, cgroups (mode a)\n");
+    let _ = writeln!(out, "| measurement | value |\n|---|---|");
+    let _ = writeln!(
+        out,
+        "| first call of a never-seen module, empty artifact cache (compile), p50 / p99 of {} | {} / {} ms |",
+        e.cold_samples,
+        ms(e.cold_empty_cache_p50_us),
+        ms(e.cold_empty_cache_p99_us)
+    );
+    let _ = writeln!(
+        out,
+        "| first call of a module no worker has loaded, artifact on disk, p50 / p99 of {} | {} / {} ms |",
+        e.cold_samples,
+        ms(e.cold_warm_cache_p50_us),
+        ms(e.cold_warm_cache_p99_us)
+    );
+    let _ = writeln!(
+        out,
+        "| worker respawn, SIGKILL to pool full again, p50 / max of {} | {} / {} ms |",
+        e.respawn_samples,
+        ms(e.respawn_p50_us),
+        ms(e.respawn_max_us)
+    );
+    let workers: Vec<String> = e.worker_rss_kib.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect();
+    let _ = writeln!(
+        out,
+        "| idle RSS: supervisor / each worker (after one hello each) | {:.1} MiB / {} MiB |",
+        e.supervisor_rss_kib as f64 / 1024.0,
+        workers.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "| hello mean latency, one connection: cgroups {} / off | {:.0} / {:.0} us (difference {:+.0} us per invocation) |",
+        if e.cgroups_active { "on" } else { "requested but unavailable" },
+        e.hello_mean_cgroups_us,
+        e.hello_mean_no_cgroups_us,
+        e.hello_mean_cgroups_us - e.hello_mean_no_cgroups_us
+    );
+    let _ = writeln!(out, "\n## Latency\n\n![latency by percentile]({svg_name})");
+    out
+}
+
+const COLORS: [RGBColor; 4] =
+    [RGBColor(200, 40, 40), RGBColor(30, 90, 200), RGBColor(120, 120, 120), RGBColor(40, 150, 60)];
+
+/// Latency by percentile, one panel per scenario, one line per mode (log scale).
+pub fn plot(r: &Results, path: &Path) -> anyhow::Result<()> {
+    let panels = r.scenarios.len().max(1);
+    let cols = 2usize.min(panels);
+    let rows = panels.div_ceil(cols);
+    let root = SVGBackend::new(path, (560 * cols as u32, 360 * rows as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let areas = root.split_evenly((rows, cols));
+    for (scenario, area) in r.scenarios.iter().zip(areas) {
+        let cells: Vec<&Cell> = r.closed.iter().filter(|c| c.scenario == scenario.key).collect();
+        let curves: Vec<(Mode, Vec<(f64, f64)>)> = cells
+            .iter()
+            .map(|c| {
+                let points = c.recorder.percentile_curve().into_iter().map(|(p, us)| (p, us as f64 / 1000.0)).collect();
+                (c.mode, points)
+            })
+            .filter(|(_, pts): &(Mode, Vec<(f64, f64)>)| !pts.is_empty())
+            .collect();
+        let max = curves.iter().flat_map(|(_, p)| p.iter().map(|(_, y)| *y)).fold(0.01f64, f64::max);
+        let min = curves.iter().flat_map(|(_, p)| p.iter().map(|(_, y)| *y)).fold(max, f64::min).max(0.001);
+        let mut chart = ChartBuilder::on(&area)
+            .caption(scenario.key, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0f64..4f64, (min * 0.8..max * 1.25).log_scale())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("percentile")
+            .y_desc("latency (ms)")
+            .x_labels(5)
+            .x_label_formatter(&|v| match v.round() as i32 {
+                0 => "0".into(),
+                1 => "90".into(),
+                2 => "99".into(),
+                3 => "99.9".into(),
+                _ => "99.99".into(),
+            })
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (mode, points) in curves {
+            let color = COLORS[Mode::ALL.iter().position(|m| *m == mode).unwrap_or(0)];
+            // x: number of nines, so p90 is 1, p99 is 2 and the tail gets its room.
+            let line = points.into_iter().map(|(p, y)| (-(1.0 - p / 100.0).max(1e-4).log10(), y));
+            chart
+                .draw_series(LineSeries::new(line, color.stroke_width(2)))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(mode.title())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::stats::Recorder;
+    use crate::suite::{Plan, Scenario};
+
+    fn cell(scenario: &'static str, mode: Mode, throughput: f64, p50_us: u64, p99_us: u64) -> Cell {
+        let mut recorder = Recorder::default();
+        recorder.record(Duration::from_micros(p50_us));
+        recorder.record(Duration::from_micros(p99_us));
+        let summary = Summary {
+            requests: 100,
+            throughput,
+            p50_us,
+            p90_us: p99_us,
+            p99_us,
+            p999_us: p99_us,
+            max_us: p99_us,
+            errors: if mode == Mode::SpawnPerRequest { vec![("502".into(), 2), ("none".into(), 1)] } else { vec![] },
+        };
+        Cell { scenario, mode, summary, recorder }
+    }
+
+    fn results() -> Results {
+        let hello = Scenario::all().into_iter().find(|s| s.key == "hello").unwrap();
+        Results {
+            plan: Plan::quick(),
+            machine: Machine {
+                cpu: "Test CPU".into(),
+                cores: 2,
+                memory_gib: 24.0,
+                kernel: "6.1".into(),
+                cgroup: "v1".into(),
+            },
+            modes: Mode::ALL.to_vec(),
+            workers: 2,
+            scenarios: vec![hello],
+            closed: vec![
+                cell("hello", Mode::WasmBox, 800.0, 1000, 2000),
+                cell("hello", Mode::InProcess, 1000.0, 800, 1000),
+                cell("hello", Mode::SpawnPerRequest, 40.0, 20_000, 150_000),
+                cell("hello", Mode::PlainHttp, 0.0, 50, 100),
+            ],
+            open: vec![],
+            open_skipped: BTreeMap::from([("(c) spawn per request".to_string(), "too slow".to_string())]),
+            extras: crate::extras::Extras { cold_samples: 5, cold_warm_cache_p99_us: 3020, ..Default::default() },
+            wall: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn the_report_has_the_machine_a_row_per_mode_and_the_ratios() {
+        let md = markdown(&results(), "x.svg");
+        assert!(md.contains("Machine: Test CPU (2 cores), 24.0 GiB, Linux 6.1, cgroup v1."), "{md}");
+        assert!(md.contains("| (a) WasmBox | 100 | 800 | 1.00 | 2.00 | 2.00 | 2.00 | 0 |"), "{md}");
+        // Errors are listed by status, with requests that got no answer as "none".
+        assert!(
+            md.contains("| (c) spawn per request | 100 | 40 | 20.00 | 150 | 150 | 150 | 2 x 502, 1 x none |"),
+            "{md}"
+        );
+        // Ratios of (a) to each mode: throughput, p50, p99; a zero baseline gives "-".
+        assert!(md.contains("| (a)/(b) | 0.80x | 1.25x | 2.00x |"), "{md}");
+        assert!(md.contains("| (a)/(c) | 20.00x | 0.05x | 0.01x |"), "{md}");
+        assert!(md.contains("| (a)/(d) | - | 20.00x | 20.00x |"), "{md}");
+        assert!(md.contains("(c) spawn per request not run open-loop: too slow."), "{md}");
+        assert!(md.contains("artifact on disk, p50 / p99 of 5 | 0.00 / 3.02 ms"), "{md}");
+        assert!(md.contains("![latency by percentile](x.svg)"));
+    }
+
+    #[test]
+    fn the_plot_has_a_line_per_mode() {
+        let dir = std::env::temp_dir().join(format!("wasmbox-bench-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.svg");
+        plot(&results(), &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        // Each mode: its curve and its legend mark, in its colour; its name in the legend.
+        for (mode, color) in Mode::ALL.into_iter().zip(COLORS) {
+            let stroke = format!("stroke=\"#{:02X}{:02X}{:02X}\"", color.0, color.1, color.2);
+            assert_eq!(svg.matches(&stroke).count(), 2, "{}: {stroke}\n{svg}", mode.title());
+            assert!(svg.contains(mode.title()), "legend lacks {}", mode.title());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,220 @@
+//! Scenarios run against every mode in one run, side by side.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::loadgen::{self, Load, Target};
+use crate::modes::{Mode, Server, Setup};
+use crate::stats::{Recorder, Summary};
+
+/// One kind of request, the same for every mode.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Scenario {
+    pub key: &'static str,
+    pub title: &'static str,
+    pub path: &'static str,
+    #[serde(skip)]
+    pub body: Bytes,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Scenario {
+    pub fn all() -> Vec<Scenario> {
+        vec![
+            Scenario {
+                key: "hello",
+                title: "hello: pure overhead (empty body, 20-byte answer)",
+                path: "/hello",
+                body: Bytes::new(),
+                headers: vec![],
+            },
+            Scenario {
+                key: "echo",
+                title: "echo 64 KiB: body in, same body out",
+                path: "/echo",
+                body: Bytes::from(vec![b'x'; 64 << 10]),
+                headers: vec![],
+            },
+            Scenario {
+                key: "compute",
+                title: "compute: json-compress 6000 records (build JSON, aggregate, deflate)",
+                path: "/json-compress?arg=6000",
+                body: Bytes::new(),
+                headers: vec![],
+            },
+            Scenario {
+                key: "memory",
+                title: "memory: allocate and touch 64 MiB",
+                path: "/alloc?arg=64",
+                body: Bytes::new(),
+                headers: vec![("Memory-Request".into(), "128".into())],
+            },
+        ]
+    }
+
+    fn target(&self, server: &Server) -> Target {
+        Target { addr: server.addr, path: self.path.into(), headers: self.headers.clone(), body: self.body.clone() }
+    }
+}
+
+/// How long and how hard.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    pub name: String,
+    /// Closed loop: connections and duration per scenario and mode.
+    pub connections: usize,
+    pub duration: Duration,
+    pub max_requests: u64,
+    /// Open loop on hello: requests per second and duration.
+    pub open_rate: f64,
+    pub open_duration: Duration,
+    /// Requests sent one by one before measuring (compiles, fills caches).
+    pub warmup: u64,
+}
+
+impl Plan {
+    /// Well under a minute in total: for smoke runs and CI.
+    pub fn quick() -> Plan {
+        Plan {
+            name: "quick".into(),
+            connections: 4,
+            duration: Duration::from_millis(1500),
+            max_requests: 200_000,
+            open_rate: 200.0,
+            open_duration: Duration::from_secs(1),
+            warmup: 3,
+        }
+    }
+
+    /// For reports.
+    pub fn full() -> Plan {
+        Plan {
+            name: "full".into(),
+            connections: 8,
+            duration: Duration::from_secs(15),
+            max_requests: 5_000_000,
+            open_rate: 500.0,
+            open_duration: Duration::from_secs(15),
+            warmup: 20,
+        }
+    }
+}
+
+/// One (scenario, mode) cell.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Cell {
+    pub scenario: &'static str,
+    pub mode: Mode,
+    pub summary: Summary,
+    #[serde(skip)]
+    pub recorder: Recorder,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Results {
+    pub plan: Plan,
+    pub machine: crate::report::Machine,
+    pub modes: Vec<Mode>,
+    /// Workers of (a), threads of (b).
+    pub workers: usize,
+    pub scenarios: Vec<Scenario>,
+    pub closed: Vec<Cell>,
+    pub open: Vec<Cell>,
+    /// Why a mode was left out of the open-loop run.
+    pub open_skipped: BTreeMap<String, String>,
+    pub extras: crate::extras::Extras,
+    pub wall: Duration,
+}
+
+/// Runs every scenario against every mode. The servers run one at a time (all of the
+/// machine's cores for the one being measured), in the same run and order, so the
+/// comparison shares one machine state.
+pub async fn run(plan: Plan, setup: &Setup, modes: &[Mode], scenarios: Vec<Scenario>) -> anyhow::Result<Results> {
+    let started = Instant::now();
+    let progress = progress_bar();
+    let mut closed = Vec::new();
+    let mut open = Vec::new();
+    let mut open_skipped = BTreeMap::new();
+    for &mode in modes {
+        progress.set_message(format!("{}: starting", mode.title()));
+        let server = Server::start(mode, setup)?;
+        for scenario in &scenarios {
+            progress.set_message(format!("{} / {}", mode.title(), scenario.key));
+            let target = scenario.target(&server);
+            warm_up(&target, plan.warmup, mode, scenario.key).await?;
+            let load = Load::Closed {
+                connections: plan.connections,
+                duration: plan.duration,
+                max_requests: plan.max_requests,
+            };
+            let m = loadgen::run(&target, load, &progress).await?;
+            closed.push(Cell { scenario: scenario.key, mode, summary: Summary::of(&m), recorder: m.recorder });
+        }
+        // Open loop on hello at a fixed rate, for the modes that can sustain it.
+        let hello = scenarios.iter().find(|s| s.key == "hello");
+        if let Some(hello) = hello {
+            let capacity =
+                closed.iter().find(|c| c.mode == mode && c.scenario == "hello").map(|c| c.summary.throughput);
+            if capacity.is_some_and(|c| c < plan.open_rate * 1.2) {
+                open_skipped.insert(
+                    mode.title().into(),
+                    format!("its closed-loop capacity, {:.0} req/s, is below the rate", capacity.unwrap_or_default()),
+                );
+            } else {
+                progress.set_message(format!("{} / hello, open loop", mode.title()));
+                let load = Load::Open {
+                    rate: plan.open_rate,
+                    connections: plan.connections * 4,
+                    duration: plan.open_duration,
+                    max_requests: plan.max_requests,
+                };
+                let m = loadgen::run(&hello.target(&server), load, &progress).await?;
+                open.push(Cell { scenario: "hello", mode, summary: Summary::of(&m), recorder: m.recorder });
+            }
+        }
+        server.stop();
+    }
+    progress.set_message("cold start, respawn, memory");
+    let extras = crate::extras::measure(setup, &plan).await?;
+    progress.finish_and_clear();
+    Ok(Results {
+        machine: crate::report::Machine::describe(),
+        modes: modes.to_vec(),
+        workers: setup.workers,
+        scenarios,
+        closed,
+        open,
+        open_skipped,
+        extras,
+        wall: started.elapsed(),
+        plan,
+    })
+}
+
+/// Sends `n` requests one at a time; each must succeed, or the scenario is broken for this
+/// mode and measuring it would mean nothing.
+async fn warm_up(target: &Target, n: u64, mode: Mode, scenario: &str) -> anyhow::Result<()> {
+    let load = Load::Closed { connections: 1, duration: Duration::from_secs(120), max_requests: n };
+    let m = loadgen::run(target, load, &indicatif::ProgressBar::hidden()).await?;
+    anyhow::ensure!(
+        m.ok() == n,
+        "{} / {scenario}: warm-up got {:?} and {} without an answer",
+        mode.title(),
+        m.statuses,
+        m.failed
+    );
+    Ok(())
+}
+
+fn progress_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {pos} requests  {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}

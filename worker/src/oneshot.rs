@@ -1,0 +1,72 @@
+//! One-shot mode (`wasmbox-worker --one-shot module.wasm -- args...`): a fresh process runs
+//! one module once, stdin to stdout, and exits with the guest's code. It is the CGI-style
+//! alternative the benchmark harness measures pooled workers against (a process and an
+//! engine per request), and a way to run a module by hand with the worker's own engine and
+//! artifact cache. No sandbox slot, cgroup or hardening: not for tenant code.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use wasmbox_protocol::{ModuleRef, Outcome};
+
+use crate::cache::{ModuleCache, sha256_hex};
+use crate::engine::{Engine, RunRequest};
+
+/// What one run needs besides the engine.
+#[derive(Debug, Clone)]
+pub struct OneShot {
+    pub module: PathBuf,
+    pub args: Vec<String>,
+    pub cache_dir: Option<PathBuf>,
+    pub memory_limit_bytes: u64,
+    pub timeout: Duration,
+    pub max_output_bytes: u64,
+    pub max_module_bytes: u64,
+}
+
+/// Exit status for anything but the guest exiting by itself (traps, limits, bad modules),
+/// as a shell reports a command that could not run.
+pub const FAILED: u8 = 125;
+
+/// Runs the module once on `engine` with this process's stdin and stdout; the guest's
+/// stderr goes to stderr, followed by one line describing any outcome but an exit.
+pub fn run<E: Engine>(engine: E, job: &OneShot) -> anyhow::Result<u8> {
+    let mut cache = ModuleCache::new(engine, job.cache_dir.as_deref(), 1, job.max_module_bytes)?;
+    let bytes = std::fs::read(&job.module).map_err(|e| anyhow::anyhow!("{}: {e}", job.module.display()))?;
+    let module = ModuleRef { path: job.module.clone(), sha256: sha256_hex(&bytes) };
+    drop(bytes);
+    let (compiled, _) = cache.get(&module, None).map_err(|e| anyhow::anyhow!("{}: {e}", job.module.display()))?;
+    let mut stdin = Vec::new();
+    std::io::stdin().read_to_end(&mut stdin)?;
+    let mut argv = vec![program_name(&job.module)];
+    argv.extend(job.args.iter().cloned());
+    let result = cache.engine().run(
+        &compiled,
+        RunRequest {
+            argv: &argv,
+            env: &[],
+            preopens: &[],
+            preopen_dirs: &[],
+            stdin,
+            memory_limit_bytes: job.memory_limit_bytes,
+            timeout: job.timeout,
+            max_output_bytes: job.max_output_bytes,
+        },
+    );
+    std::io::stdout().write_all(&result.stdout)?;
+    std::io::stdout().flush()?;
+    std::io::stderr().write_all(&result.stderr)?;
+    Ok(match result.outcome {
+        // Exit statuses are 8 bits wide, as for any process.
+        Outcome::Exited { code } => (code & 0xff) as u8,
+        other => {
+            eprintln!("wasmbox-worker: {other:?}");
+            FAILED
+        }
+    })
+}
+
+fn program_name(module: &Path) -> String {
+    module.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "main".into())
+}
