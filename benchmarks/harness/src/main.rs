@@ -45,6 +45,25 @@ enum Command {
         #[arg(long)]
         cache_dir: Option<PathBuf>,
     },
+    /// Offers load to one running server and prints what it measured (for profiling).
+    Load {
+        /// Server address, e.g. 127.0.0.1:8095.
+        addr: SocketAddr,
+        /// Request path, e.g. /hello or /json-compress?arg=6000.
+        #[arg(default_value = "/hello")]
+        path: String,
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// Seconds.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Requests per second (open loop); without it, a closed loop.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Bytes of request body.
+        #[arg(long, default_value_t = 0)]
+        body_bytes: usize,
+    },
     #[command(hide = true)]
     ServeInproc {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -122,6 +141,18 @@ fn main() -> anyhow::Result<()> {
                 let md = report::write(&results, &out, &name)?;
                 print!("{}", report::markdown(&results, &format!("{name}.svg")));
                 eprintln!("report written to {}", md.display());
+                Ok(())
+            }
+            Command::Load { addr, path, connections, duration, rate, body_bytes } => {
+                use wasmbox_bench::loadgen::{self, Load, Target};
+                let duration = std::time::Duration::from_secs_f64(duration.max(0.0));
+                let load = match rate {
+                    Some(rate) => Load::Open { rate, connections, duration, max_requests: u64::MAX },
+                    None => Load::Closed { connections, duration, max_requests: u64::MAX },
+                };
+                let target = Target { addr, path, headers: vec![], body: vec![b'x'; body_bytes].into() };
+                let m = loadgen::run(&target, load, &indicatif::ProgressBar::hidden()).await?;
+                println!("{}", serde_json::to_string_pretty(&wasmbox_bench::stats::Summary::of(&m))?);
                 Ok(())
             }
             Command::ServeInproc { listen, functions, cache_dir, threads } => {

@@ -274,6 +274,12 @@ struct WatchdogState {
     generation: u64,
     deadline: Option<Instant>,
     fired: bool,
+    /// When the watchdog thread wakes up by itself: `None` while it waits without a timeout
+    /// (or has not waited yet). Arming a deadline no earlier than this needs no wake-up: the
+    /// thread will see it then. So under steady load the thread wakes about once per
+    /// deadline length, not once per invocation (each wake-up is a context switch and
+    /// spreads the process over another CPU, which makes every unmap an IPI).
+    wakes_at: Option<Instant>,
 }
 
 impl Watchdog {
@@ -285,7 +291,10 @@ impl Watchdog {
             let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
             loop {
                 match state.deadline {
-                    None => state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner()),
+                    None => {
+                        state.wakes_at = None;
+                        state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                    }
                     Some(deadline) => {
                         let now = Instant::now();
                         if now >= deadline {
@@ -293,6 +302,7 @@ impl Watchdog {
                             state.deadline = None;
                             state.fired = true;
                         } else {
+                            state.wakes_at = Some(deadline);
                             state =
                                 shared.wake.wait_timeout(state, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
                         }
@@ -309,8 +319,12 @@ impl Watchdog {
         state.deadline = Some(deadline);
         state.fired = false;
         let generation = state.generation;
+        // The thread checks the deadline whenever it wakes, under this lock.
+        let wake = state.wakes_at.is_none_or(|at| at > deadline);
         drop(state);
-        self.shared.wake.notify_one();
+        if wake {
+            self.shared.wake.notify_one();
+        }
         ArmedDeadline { watchdog: self, generation }
     }
 }
@@ -372,6 +386,33 @@ mod tests {
         let ok = wat::parse_str(r#"(module (func (export "_start")))"#).unwrap();
         let m = e.compile(&ok).unwrap();
         assert_eq!(e.run(&m, request(&argv, 1000, 1 << 20)).outcome, Outcome::Exited { code: 0 });
+    }
+
+    #[test]
+    fn deadlines_hold_whatever_the_watchdog_was_sleeping_for() {
+        let e = engine();
+        let argv = vec!["loop".to_string()];
+        let spin = e
+            .compile(
+                &wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start") (loop (br 0))))"#)
+                    .unwrap(),
+            )
+            .unwrap();
+        let quick = e.compile(&wat::parse_str(r#"(module (func (export "_start")))"#).unwrap()).unwrap();
+        // A long deadline leaves the watchdog asleep until far ahead: a shorter one armed
+        // after it must wake it.
+        assert_eq!(e.run(&quick, request(&argv, 60_000, 1 << 20)).outcome, Outcome::Exited { code: 0 });
+        let started = Instant::now();
+        assert_eq!(e.run(&spin, request(&argv, 100, 1 << 20)).outcome, Outcome::DeadlineExceeded);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(100) && took < Duration::from_secs(2), "{took:?}");
+        // A short deadline, disarmed, leaves it asleep until that time: a longer one armed
+        // after it is not woken for, and still fires on time.
+        assert_eq!(e.run(&quick, request(&argv, 50, 1 << 20)).outcome, Outcome::Exited { code: 0 });
+        let started = Instant::now();
+        assert_eq!(e.run(&spin, request(&argv, 300, 1 << 20)).outcome, Outcome::DeadlineExceeded);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "{took:?}");
     }
 
     #[test]
