@@ -54,6 +54,18 @@ impl Measurement {
         self.statuses.iter().filter(|(s, _)| (200..300).contains(*s)).map(|(_, n)| n).sum()
     }
 
+    /// Adds another run of the same kind (a later round): counts add up, and so does the
+    /// time, so throughput stays requests per second of measuring.
+    pub fn absorb(&mut self, other: Measurement) {
+        self.recorder.merge(&other.recorder);
+        self.sent += other.sent;
+        for (s, n) in other.statuses {
+            *self.statuses.entry(s).or_default() += n;
+        }
+        self.failed += other.failed;
+        self.elapsed += other.elapsed;
+    }
+
     pub fn throughput(&self) -> f64 {
         self.ok() as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }

@@ -1,10 +1,8 @@
 //! The four servers under test, each started as its own process on a loopback port.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -68,6 +66,13 @@ pub struct Server {
     pub mode: Mode,
     pub addr: SocketAddr,
     child: Child,
+    /// The server's stdout and stderr, removed when it stops.
+    log: PathBuf,
+}
+
+fn next_log_number() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Server {
@@ -114,49 +119,43 @@ impl Server {
             }
         }
         cmd.envs(env.iter().copied());
-        let mut child = cmd
+        // Output goes to a file, as a container runtime would keep it: draining a pipe from
+        // here would cost the harness CPU per log line and could stall the server on a full
+        // pipe. The supervisor logs "listening on ... addr=A"; the comparison servers print
+        // "listening on A".
+        let log_path = std::env::temp_dir().join(format!(
+            "wasmbox-bench-{}-{}-{}.log",
+            std::process::id(),
+            mode.letter(),
+            next_log_number()
+        ));
+        let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let child = cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", mode.title()))?;
-        // The supervisor logs "listening on ... addr=A" to stderr; the comparison servers
-        // print "listening on A" to stdout. Drain both for the life of the process.
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().context("stdout")?;
-        let stderr = child.stderr.take().context("stderr")?;
-        for (pipe, tail) in [(Box::new(stdout) as Box<dyn std::io::Read + Send>, 40), (Box::new(stderr), 40)] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut recent = std::collections::VecDeque::new();
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if let Some(addr) = listen_address(&line) {
-                        let _ = tx.send(Ok(addr));
-                    }
-                    recent.push_back(line);
-                    if recent.len() > tail {
-                        recent.pop_front();
-                    }
-                }
-                let _ = tx.send(Err(Vec::from(recent).join("\n")));
-            });
-        }
-        let mut server = Server { mode, addr: "127.0.0.1:0".parse()?, child };
-        let mut output = Vec::new();
+        let mut server = Server { mode, addr: "127.0.0.1:0".parse()?, child, log: log_path };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(Ok(addr)) => {
-                    server.addr = addr;
-                    return Ok(server);
-                }
-                // One pipe closed: the other may still carry the address.
-                Ok(Err(tail)) if output.is_empty() => output.push(tail),
-                Ok(Err(tail)) => {
-                    output.push(tail);
-                    anyhow::bail!("{} exited before listening:\n{}", mode.title(), output.join("\n"));
-                }
-                Err(_) => anyhow::bail!("{} did not start listening within 60 s", mode.title()),
+            let text = std::fs::read_to_string(&server.log).unwrap_or_default();
+            if let Some(addr) = text.lines().find_map(listen_address) {
+                server.addr = addr;
+                return Ok(server);
             }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                anyhow::bail!("{} exited ({status}) before listening:\n{}", mode.title(), tail.join("\n"));
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{} did not start listening within 60 s (log: {})",
+                mode.title(),
+                server.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -190,6 +189,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.terminate();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 

@@ -125,13 +125,14 @@ pub fn markdown(r: &Results, svg_name: &str) -> String {
     let _ = writeln!(
         out,
         "Machine: {} ({} cores), {:.1} GiB, Linux {}, cgroup {}. One run, {:.0} s of wall time; \
-         the servers ran one after another on the same machine, each alone.\n",
+         one server loaded at a time, the modes taking turns in {} round(s) per scenario.\n",
         m.cpu,
         m.cores,
         m.memory_gib,
         m.kernel,
         m.cgroup,
-        r.wall.as_secs_f64()
+        r.wall.as_secs_f64(),
+        p.rounds
     );
     let _ = writeln!(
         out,

@@ -72,6 +72,10 @@ pub struct Plan {
     pub open_duration: Duration,
     /// Requests sent one by one before measuring (compiles, fills caches).
     pub warmup: u64,
+    /// Each scenario's `duration` is cut into this many rounds, and the modes take turns
+    /// round by round, so a drift of the machine's speed during the run (other tenants of a
+    /// virtual machine, thermal limits) reaches every mode alike instead of skewing ratios.
+    pub rounds: u32,
 }
 
 impl Plan {
@@ -85,6 +89,7 @@ impl Plan {
             open_rate: 200.0,
             open_duration: Duration::from_secs(1),
             warmup: 3,
+            rounds: 1,
         }
     }
 
@@ -98,6 +103,7 @@ impl Plan {
             open_rate: 500.0,
             open_duration: Duration::from_secs(15),
             warmup: 20,
+            rounds: 5,
         }
     }
 }
@@ -129,33 +135,57 @@ pub struct Results {
     pub wall: Duration,
 }
 
-/// Runs every scenario against every mode. The servers run one at a time (all of the
-/// machine's cores for the one being measured), in the same run and order, so the
+/// Runs every scenario against every mode. One server is loaded at a time (all of the
+/// machine's cores for the one being measured), the modes taking turns in rounds, so the
 /// comparison shares one machine state.
 pub async fn run(plan: Plan, setup: &Setup, modes: &[Mode], scenarios: Vec<Scenario>) -> anyhow::Result<Results> {
     let started = Instant::now();
     let progress = progress_bar();
-    let mut closed = Vec::new();
     let mut open = Vec::new();
     let mut open_skipped = BTreeMap::new();
+    // Every server runs for the whole of the closed-loop part (idle ones cost nothing
+    // measurable), so the modes can take turns.
+    let mut servers = Vec::new();
     for &mode in modes {
         progress.set_message(format!("{}: starting", mode.title()));
-        let server = Server::start(mode, setup)?;
-        for scenario in &scenarios {
-            progress.set_message(format!("{} / {}", mode.title(), scenario.key));
-            let target = scenario.target(&server);
-            warm_up(&target, plan.warmup, mode, scenario.key).await?;
-            let load = Load::Closed {
-                connections: plan.connections,
-                duration: plan.duration,
-                max_requests: plan.max_requests,
-            };
-            let m = loadgen::run(&target, load, &progress).await?;
-            closed.push(Cell { scenario: scenario.key, mode, summary: Summary::of(&m), recorder: m.recorder });
+        servers.push(Server::start(mode, setup)?);
+    }
+    let rounds = plan.rounds.max(1);
+    let slice = plan.duration / rounds;
+    let mut measured: Vec<(&'static str, Mode, loadgen::Measurement)> = Vec::new();
+    for scenario in &scenarios {
+        for server in &servers {
+            warm_up(&scenario.target(server), plan.warmup, server.mode, scenario.key).await?;
         }
-        // Open loop on hello at a fixed rate, for the modes that can sustain it.
-        let hello = scenarios.iter().find(|s| s.key == "hello");
-        if let Some(hello) = hello {
+        for round in 0..rounds {
+            for server in &servers {
+                progress.set_message(format!(
+                    "{} / {} (round {} of {rounds})",
+                    server.mode.title(),
+                    scenario.key,
+                    round + 1
+                ));
+                let load = Load::Closed {
+                    connections: plan.connections,
+                    duration: slice,
+                    max_requests: plan.max_requests / u64::from(rounds),
+                };
+                let m = loadgen::run(&scenario.target(server), load, &progress).await?;
+                match measured.iter_mut().find(|(s, mode, _)| *s == scenario.key && *mode == server.mode) {
+                    Some((_, _, total)) => total.absorb(m),
+                    None => measured.push((scenario.key, server.mode, m)),
+                }
+            }
+        }
+    }
+    let closed: Vec<Cell> = measured
+        .into_iter()
+        .map(|(scenario, mode, m)| Cell { scenario, mode, summary: Summary::of(&m), recorder: m.recorder })
+        .collect();
+    // Open loop on hello at a fixed rate, for the modes that can sustain it.
+    if let Some(hello) = scenarios.iter().find(|s| s.key == "hello") {
+        for server in &servers {
+            let mode = server.mode;
             let capacity =
                 closed.iter().find(|c| c.mode == mode && c.scenario == "hello").map(|c| c.summary.throughput);
             if capacity.is_some_and(|c| c < plan.open_rate * 1.2) {
@@ -163,18 +193,20 @@ pub async fn run(plan: Plan, setup: &Setup, modes: &[Mode], scenarios: Vec<Scena
                     mode.title().into(),
                     format!("its closed-loop capacity, {:.0} req/s, is below the rate", capacity.unwrap_or_default()),
                 );
-            } else {
-                progress.set_message(format!("{} / hello, open loop", mode.title()));
-                let load = Load::Open {
-                    rate: plan.open_rate,
-                    connections: plan.connections * 4,
-                    duration: plan.open_duration,
-                    max_requests: plan.max_requests,
-                };
-                let m = loadgen::run(&hello.target(&server), load, &progress).await?;
-                open.push(Cell { scenario: "hello", mode, summary: Summary::of(&m), recorder: m.recorder });
+                continue;
             }
+            progress.set_message(format!("{} / hello, open loop", mode.title()));
+            let load = Load::Open {
+                rate: plan.open_rate,
+                connections: plan.connections * 4,
+                duration: plan.open_duration,
+                max_requests: plan.max_requests,
+            };
+            let m = loadgen::run(&hello.target(server), load, &progress).await?;
+            open.push(Cell { scenario: "hello", mode, summary: Summary::of(&m), recorder: m.recorder });
         }
+    }
+    for server in servers {
         server.stop();
     }
     progress.set_message("cold start, respawn, memory");
