@@ -150,24 +150,34 @@ async fn wait_live(server: &Server, n: usize, within: Duration) -> anyhow::Resul
 }
 
 async fn cgroup_cost(setup: &Setup, plan: &Plan, extras: &mut Extras) -> anyhow::Result<()> {
-    let mut means = Vec::new();
-    for cgroups in ["auto", "off"] {
-        let server = Server::start_with_env(Mode::WasmBox, setup, &[("WASMBOX_CGROUPS", cgroups)])?;
-        if cgroups == "auto" {
-            let stats = get_json(server.addr, "/stats").await.unwrap_or_default();
-            extras.cgroups_active = stats["cgroups"].is_object();
-        }
+    // Both supervisors run at once (the one without cgroups touches no cgroup file) and take
+    // turns in rounds, so a drift of the machine's speed reaches both alike.
+    let with = Server::start_with_env(Mode::WasmBox, setup, &[("WASMBOX_CGROUPS", "auto")])?;
+    let without = Server::start_with_env(Mode::WasmBox, setup, &[("WASMBOX_CGROUPS", "off")])?;
+    let stats = get_json(with.addr, "/stats").await.unwrap_or_default();
+    extras.cgroups_active = stats["cgroups"].is_object();
+    let rounds = plan.rounds.max(1) * 2;
+    let mut recorders = [Recorder::default(), Recorder::default()];
+    for (i, server) in [&with, &without].into_iter().enumerate() {
         let target = Target { addr: server.addr, path: "/hello".into(), headers: vec![], body: Bytes::new() };
         let warm = Load::Closed { connections: 1, duration: Duration::from_secs(60), max_requests: plan.warmup };
-        loadgen::run(&target, warm, &indicatif::ProgressBar::hidden()).await?;
-        // One connection: latency without queueing, so the difference is per invocation.
-        let load = Load::Closed { connections: 1, duration: plan.duration, max_requests: plan.max_requests };
-        let m = loadgen::run(&target, load, &indicatif::ProgressBar::hidden()).await?;
-        means.push(m.recorder.mean_us());
-        server.stop();
+        let m = loadgen::run(&target, warm, &indicatif::ProgressBar::hidden()).await?;
+        anyhow::ensure!(m.ok() == plan.warmup, "cgroups {}: warm-up got {:?}", ["on", "off"][i], m.statuses);
     }
-    extras.hello_mean_cgroups_us = means[0];
-    extras.hello_mean_no_cgroups_us = means[1];
+    for _ in 0..rounds {
+        for (i, server) in [&with, &without].into_iter().enumerate() {
+            let target = Target { addr: server.addr, path: "/hello".into(), headers: vec![], body: Bytes::new() };
+            // One connection: latency without queueing, so the difference is per invocation.
+            let load =
+                Load::Closed { connections: 1, duration: plan.duration / rounds, max_requests: plan.max_requests };
+            let m = loadgen::run(&target, load, &indicatif::ProgressBar::hidden()).await?;
+            recorders[i].merge(&m.recorder);
+        }
+    }
+    with.stop();
+    without.stop();
+    extras.hello_mean_cgroups_us = recorders[0].mean_us();
+    extras.hello_mean_no_cgroups_us = recorders[1].mean_us();
     Ok(())
 }
 
