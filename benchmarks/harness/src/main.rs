@@ -40,10 +40,13 @@ enum Command {
         /// Workers of (a) and threads of (b) [default: the number of cores].
         #[arg(long)]
         workers: Option<usize>,
-        /// Artifact cache for every mode [default: a fresh directory under the report dir's
-        /// target].
+        /// Artifact cache for every mode [default: a fresh temporary directory].
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// Engine of modes a, b and c: wasmtime, or wasmedge in a build with the `wasmedge`
+        /// feature.
+        #[arg(long, default_value = "wasmtime")]
+        engine: String,
     },
     /// Offers load to one running server and prints what it measured (for profiling).
     Load {
@@ -74,6 +77,8 @@ enum Command {
         cache_dir: PathBuf,
         #[arg(long)]
         threads: usize,
+        #[arg(long, default_value = "wasmtime")]
+        engine: String,
     },
     #[command(hide = true)]
     ServeSpawn {
@@ -85,6 +90,8 @@ enum Command {
         cache_dir: PathBuf,
         #[arg(long)]
         worker: PathBuf,
+        #[arg(long, default_value = "wasmtime")]
+        engine: String,
     },
     #[command(hide = true)]
     ServePlain {
@@ -98,7 +105,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { quick, name, out, functions, modes, scenarios, workers, cache_dir } => {
+            Command::Run { quick, name, out, functions, modes, scenarios, workers, cache_dir, engine } => {
                 let plan = if quick { suite::Plan::quick() } else { suite::Plan::full() };
                 let name = name.unwrap_or_else(|| plan.name.clone());
                 let modes: Vec<Mode> = modes
@@ -128,6 +135,7 @@ fn main() -> anyhow::Result<()> {
                     functions: absolute(&functions),
                     cache_dir,
                     workers: workers.unwrap_or(cores),
+                    engine,
                 };
                 for f in ["hello", "echo", "json-compress", "alloc"] {
                     let path = setup.functions.join(format!("{f}.wasm"));
@@ -155,11 +163,11 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&wasmbox_bench::stats::Summary::of(&m))?);
                 Ok(())
             }
-            Command::ServeInproc { listen, functions, cache_dir, threads } => {
-                servers::in_process(servers::bind(listen).await?, &functions, cache_dir, threads).await
+            Command::ServeInproc { listen, functions, cache_dir, threads, engine } => {
+                servers::in_process(servers::bind(listen).await?, &functions, cache_dir, threads, &engine).await
             }
-            Command::ServeSpawn { listen, functions, cache_dir, worker } => {
-                servers::spawn_per_request(servers::bind(listen).await?, &functions, worker, cache_dir).await
+            Command::ServeSpawn { listen, functions, cache_dir, worker, engine } => {
+                servers::spawn_per_request(servers::bind(listen).await?, &functions, worker, cache_dir, engine).await
             }
             Command::ServePlain { listen } => servers::plain(servers::bind(listen).await?).await,
         }

@@ -58,6 +58,8 @@ pub struct Setup {
     pub cache_dir: PathBuf,
     /// Workers of (a) and threads of (b): the same parallelism for both.
     pub workers: usize,
+    /// Engine of (a), (b) and (c).
+    pub engine: String,
 }
 
 /// A running server, stopped when dropped.
@@ -91,6 +93,7 @@ impl Server {
                     .env("WASMBOX_CACHE_DIR", &setup.cache_dir)
                     .env("WASMBOX_WORKER_BIN", &setup.worker)
                     .env("WASMBOX_WORKERS", setup.workers.to_string())
+                    .env("WASMBOX_ENGINE", &setup.engine)
                     .env("WASMBOX_CGROUP_PARENT", format!("wasmbox-bench-{}", std::process::id()));
             }
             Mode::InProcess => {
@@ -101,7 +104,9 @@ impl Server {
                     .arg("--cache-dir")
                     .arg(&setup.cache_dir)
                     .arg("--threads")
-                    .arg(setup.workers.to_string());
+                    .arg(setup.workers.to_string())
+                    .arg("--engine")
+                    .arg(&setup.engine);
             }
             Mode::SpawnPerRequest => {
                 cmd = Command::new(&setup.harness);
@@ -111,7 +116,9 @@ impl Server {
                     .arg("--cache-dir")
                     .arg(&setup.cache_dir)
                     .arg("--worker")
-                    .arg(&setup.worker);
+                    .arg(&setup.worker)
+                    .arg("--engine")
+                    .arg(&setup.engine);
             }
             Mode::PlainHttp => {
                 cmd = Command::new(&setup.harness);

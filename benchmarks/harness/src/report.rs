@@ -121,7 +121,7 @@ pub fn markdown(r: &Results, svg_name: &str) -> String {
     let mut out = String::new();
     let m = &r.machine;
     let p = &r.plan;
-    let _ = writeln!(out, "# WasmBox benchmark: {}\n", p.name);
+    let _ = writeln!(out, "# WasmBox benchmark: {}, engine {}\n", p.name, r.engine);
     let _ = writeln!(
         out,
         "Machine: {} ({} cores), {:.1} GiB, Linux {}, cgroup {}. One run, {:.0} s of wall time; \
@@ -328,6 +328,7 @@ mod tests {
             },
             modes: Mode::ALL.to_vec(),
             workers: 2,
+            engine: "wasmtime".into(),
             scenarios: vec![hello],
             closed: vec![
                 cell("hello", Mode::WasmBox, 800.0, 1000, 2000),

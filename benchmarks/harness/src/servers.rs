@@ -133,45 +133,20 @@ pub async fn in_process(
     functions: &Path,
     cache_dir: PathBuf,
     threads: usize,
+    engine: &str,
 ) -> anyhow::Result<()> {
     let registry = Arc::new(registry(functions)?);
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
     let rx = Arc::new(std::sync::Mutex::new(rx));
     for i in 0..threads.max(1) {
-        let rx = rx.clone();
-        let engine = wasmbox_worker::engine::wasmtime::WasmtimeEngine::new(false)?;
-        let mut cache = ModuleCache::new(engine, Some(&cache_dir), 64, 256 << 20)?;
-        std::thread::Builder::new().name(format!("wasm-{i}")).spawn(move || {
-            loop {
-                let job = match rx.lock() {
-                    Ok(rx) => rx.recv(),
-                    Err(_) => return,
-                };
-                let Ok(job) = job else { return };
-                let reply = match cache.get(&job.module, None) {
-                    Ok((module, _)) => {
-                        let mut argv = vec![job.call.function.clone()];
-                        argv.extend(job.call.args);
-                        let run = cache.engine().run(
-                            &module,
-                            RunRequest {
-                                argv: &argv,
-                                env: &[],
-                                preopens: &[],
-                                preopen_dirs: &[],
-                                stdin: job.call.body.to_vec(),
-                                memory_limit_bytes: job.call.memory_mb << 20,
-                                timeout: TIMEOUT,
-                                max_output_bytes: 1 << 20,
-                            },
-                        );
-                        outcome_reply(run.outcome, run.stdout)
-                    }
-                    Err(e) => reply(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")),
-                };
-                let _ = job.done.send(reply);
+        match engine {
+            "wasmtime" => {
+                start_thread(i, &rx, &cache_dir, || wasmbox_worker::engine::wasmtime::WasmtimeEngine::new(false))?
             }
-        })?;
+            #[cfg(feature = "wasmedge")]
+            "wasmedge" => start_thread(i, &rx, &cache_dir, wasmbox_worker::engine::wasmedge::WasmEdgeEngine::new)?,
+            other => anyhow::bail!("engine {other:?} is not in this build (WasmEdge: --features wasmedge)"),
+        }
     }
     let tx = Arc::new(std::sync::Mutex::new(tx));
     serve(listener, move |call: Call| {
@@ -191,22 +166,80 @@ pub async fn in_process(
     .await
 }
 
+type Jobs = Arc<std::sync::Mutex<std::sync::mpsc::Receiver<Job>>>;
+
+/// Starts one engine thread; the engine is made on the thread (engines need not be `Send`)
+/// and its failure to start is returned here.
+fn start_thread<E: Engine + 'static>(
+    i: usize,
+    rx: &Jobs,
+    cache_dir: &Path,
+    make: fn() -> anyhow::Result<E>,
+) -> anyhow::Result<()> {
+    let (rx, cache_dir) = (rx.clone(), cache_dir.to_path_buf());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name(format!("wasm-{i}")).spawn(move || {
+        let mut cache = match make().and_then(|e| Ok(ModuleCache::new(e, Some(&cache_dir), 64, 256 << 20)?)) {
+            Ok(cache) => {
+                let _ = ready_tx.send(Ok(()));
+                cache
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        loop {
+            let job = match rx.lock() {
+                Ok(rx) => rx.recv(),
+                Err(_) => return,
+            };
+            let Ok(job) = job else { return };
+            let reply = match cache.get(&job.module, None) {
+                Ok((module, _)) => {
+                    let mut argv = vec![job.call.function.clone()];
+                    argv.extend(job.call.args);
+                    let run = cache.engine().run(
+                        &module,
+                        RunRequest {
+                            argv: &argv,
+                            env: &[],
+                            preopens: &[],
+                            preopen_dirs: &[],
+                            stdin: job.call.body.to_vec(),
+                            memory_limit_bytes: job.call.memory_mb << 20,
+                            timeout: TIMEOUT,
+                            max_output_bytes: 1 << 20,
+                        },
+                    );
+                    outcome_reply(run.outcome, run.stdout)
+                }
+                Err(e) => reply(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")),
+            };
+            let _ = job.done.send(reply);
+        }
+    })?;
+    ready_rx.recv().map_err(|_| anyhow::anyhow!("engine thread {i} ended before starting"))?
+}
+
 /// Mode (c): a fresh worker process per request, `wasmbox-worker --one-shot`.
 pub async fn spawn_per_request(
     listener: tokio::net::TcpListener,
     functions: &Path,
     worker: PathBuf,
     cache_dir: PathBuf,
+    engine: String,
 ) -> anyhow::Result<()> {
     let registry = Arc::new(registry(functions)?);
-    let (worker, cache_dir) = (Arc::new(worker), Arc::new(cache_dir));
+    let (worker, cache_dir, engine) = (Arc::new(worker), Arc::new(cache_dir), Arc::new(engine));
     serve(listener, move |call: Call| {
-        let (registry, worker, cache_dir) = (registry.clone(), worker.clone(), cache_dir.clone());
+        let (registry, worker, cache_dir, engine) =
+            (registry.clone(), worker.clone(), cache_dir.clone(), engine.clone());
         async move {
             let Some(module) = registry.get(&call.function) else {
                 return reply(StatusCode::NOT_FOUND, "no such function\n");
             };
-            match one_shot(&worker, &cache_dir, &module.path, &call).await {
+            match one_shot(&worker, &engine, &cache_dir, &module.path, &call).await {
                 Ok((true, stdout)) => reply(StatusCode::OK, stdout),
                 Ok((false, _)) => reply(StatusCode::INTERNAL_SERVER_ERROR, "function failed\n"),
                 Err(e) => reply(StatusCode::BAD_GATEWAY, format!("{e}\n")),
@@ -216,9 +249,17 @@ pub async fn spawn_per_request(
     .await
 }
 
-async fn one_shot(worker: &Path, cache_dir: &Path, module: &Path, call: &Call) -> anyhow::Result<(bool, Vec<u8>)> {
+async fn one_shot(
+    worker: &Path,
+    engine: &str,
+    cache_dir: &Path,
+    module: &Path,
+    call: &Call,
+) -> anyhow::Result<(bool, Vec<u8>)> {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(worker)
+        .arg("--engine")
+        .arg(engine)
         .arg("--one-shot")
         .arg(module)
         .arg("--cache-dir")

@@ -126,6 +126,8 @@ pub struct Results {
     pub modes: Vec<Mode>,
     /// Workers of (a), threads of (b).
     pub workers: usize,
+    /// Engine of (a), (b) and (c).
+    pub engine: String,
     pub scenarios: Vec<Scenario>,
     pub closed: Vec<Cell>,
     pub open: Vec<Cell>,
@@ -216,6 +218,7 @@ pub async fn run(plan: Plan, setup: &Setup, modes: &[Mode], scenarios: Vec<Scena
         machine: crate::report::Machine::describe(),
         modes: modes.to_vec(),
         workers: setup.workers,
+        engine: setup.engine.clone(),
         scenarios,
         closed,
         open,
