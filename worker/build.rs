@@ -1,12 +1,13 @@
-//! With the `wasmedge` feature, records where libwasmedge was found as the binaries' run
-//! path, so the worker starts without LD_LIBRARY_PATH: the supervisor starts workers with an
-//! empty environment, and WasmEdge's installer puts the library under ~/.wasmedge or
-//! WASMEDGE_DIR, outside the loader's default directories. The search order is
-//! wasmedge-sys's own, so the run path names the library the build linked against.
+// With the `wasmedge` feature, records where libwasmedge was found as the binaries' run
+// path, so the worker starts without LD_LIBRARY_PATH: the supervisor starts workers with an
+// empty environment, and WasmEdge's installer puts the library under ~/.wasmedge or
+// WASMEDGE_DIR, outside the loader's default directories. The search order is
+// wasmedge-sys's own, so the run path names the library the build linked against.
 
 use std::path::{Path, PathBuf};
 
 fn main() {
+    // Also read by benchmarks/harness/build.rs (include!), which links libwasmedge too.
     println!("cargo:rerun-if-changed=build.rs");
     for var in ["WASMEDGE_LIB_DIR", "WASMEDGE_DIR", "WASMEDGE_BUILD_DIR", "HOME", "DOCS_RS"] {
         println!("cargo:rerun-if-env-changed={var}");
