@@ -206,7 +206,7 @@ mod tests {
 
     #[test]
     fn variants_are_valid_modules_with_distinct_bytes() {
-        let hello = wasmbox_worker_hello();
+        let hello = smallest_module();
         let (a, b) = (variant(&hello, 1), variant(&hello, 2));
         assert_ne!(a, b);
         assert!(a.starts_with(&hello));
@@ -217,7 +217,7 @@ mod tests {
         assert_eq!(&tail[3..3 + 21], b"wasmbox-bench-variant");
     }
 
-    fn wasmbox_worker_hello() -> Vec<u8> {
+    fn smallest_module() -> Vec<u8> {
         // The smallest module: magic and version.
         b"\0asm\x01\0\0\0".to_vec()
     }

@@ -69,35 +69,36 @@ enum Command {
     },
     #[command(hide = true)]
     ServeInproc {
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: SocketAddr,
-        #[arg(long)]
-        functions: PathBuf,
-        #[arg(long)]
-        cache_dir: PathBuf,
+        #[command(flatten)]
+        wasm: WasmServer,
         #[arg(long)]
         threads: usize,
-        #[arg(long, default_value = "wasmtime")]
-        engine: String,
     },
     #[command(hide = true)]
     ServeSpawn {
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: SocketAddr,
-        #[arg(long)]
-        functions: PathBuf,
-        #[arg(long)]
-        cache_dir: PathBuf,
+        #[command(flatten)]
+        wasm: WasmServer,
         #[arg(long)]
         worker: PathBuf,
-        #[arg(long, default_value = "wasmtime")]
-        engine: String,
     },
     #[command(hide = true)]
     ServePlain {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
     },
+}
+
+/// What the two Wasm-running comparison servers share (modes b and c).
+#[derive(Debug, clap::Args)]
+struct WasmServer {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    #[arg(long)]
+    functions: PathBuf,
+    #[arg(long)]
+    cache_dir: PathBuf,
+    #[arg(long, default_value = "wasmtime")]
+    engine: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -163,11 +164,13 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&wasmbox_bench::stats::Summary::of(&m))?);
                 Ok(())
             }
-            Command::ServeInproc { listen, functions, cache_dir, threads, engine } => {
-                servers::in_process(servers::bind(listen).await?, &functions, cache_dir, threads, &engine).await
+            Command::ServeInproc { wasm, threads } => {
+                let listener = servers::bind(wasm.listen).await?;
+                servers::in_process(listener, &wasm.functions, wasm.cache_dir, threads, &wasm.engine).await
             }
-            Command::ServeSpawn { listen, functions, cache_dir, worker, engine } => {
-                servers::spawn_per_request(servers::bind(listen).await?, &functions, worker, cache_dir, engine).await
+            Command::ServeSpawn { wasm, worker } => {
+                let listener = servers::bind(wasm.listen).await?;
+                servers::spawn_per_request(listener, &wasm.functions, worker, wasm.cache_dir, wasm.engine).await
             }
             Command::ServePlain { listen } => servers::plain(servers::bind(listen).await?).await,
         }

@@ -62,6 +62,21 @@ pub struct Setup {
     pub engine: String,
 }
 
+impl Setup {
+    /// This harness as comparison server `subcommand` (mode b or c), with what both share.
+    fn wasm_server(&self, subcommand: &str) -> Command {
+        let mut cmd = Command::new(&self.harness);
+        cmd.arg(subcommand)
+            .arg("--functions")
+            .arg(&self.functions)
+            .arg("--cache-dir")
+            .arg(&self.cache_dir)
+            .arg("--engine")
+            .arg(&self.engine);
+        cmd
+    }
+}
+
 /// A running server, stopped when dropped.
 #[derive(Debug)]
 pub struct Server {
@@ -97,28 +112,12 @@ impl Server {
                     .env("WASMBOX_CGROUP_PARENT", format!("wasmbox-bench-{}", std::process::id()));
             }
             Mode::InProcess => {
-                cmd = Command::new(&setup.harness);
-                cmd.arg("serve-inproc")
-                    .arg("--functions")
-                    .arg(&setup.functions)
-                    .arg("--cache-dir")
-                    .arg(&setup.cache_dir)
-                    .arg("--threads")
-                    .arg(setup.workers.to_string())
-                    .arg("--engine")
-                    .arg(&setup.engine);
+                cmd = setup.wasm_server("serve-inproc");
+                cmd.arg("--threads").arg(setup.workers.to_string());
             }
             Mode::SpawnPerRequest => {
-                cmd = Command::new(&setup.harness);
-                cmd.arg("serve-spawn")
-                    .arg("--functions")
-                    .arg(&setup.functions)
-                    .arg("--cache-dir")
-                    .arg(&setup.cache_dir)
-                    .arg("--worker")
-                    .arg(&setup.worker)
-                    .arg("--engine")
-                    .arg(&setup.engine);
+                cmd = setup.wasm_server("serve-spawn");
+                cmd.arg("--worker").arg(&setup.worker);
             }
             Mode::PlainHttp => {
                 cmd = Command::new(&setup.harness);
