@@ -120,12 +120,24 @@ fn read_exact<R: Read>(reader: &mut R, buf: &mut [u8]) -> Result<(), FrameError>
 }
 
 /// Blocking write of one frame whose payload is the concatenation of `payload` slices.
+/// Head and payload go out in one vectored write where the writer takes them whole (a
+/// socket usually does), so the peer wakes up once, to a complete frame.
 pub fn write_frame<W: Write, H: Serialize>(writer: &mut W, header: &H, payload: &[&[u8]]) -> Result<(), FrameError> {
     let total = payload.iter().map(|p| p.len()).sum();
     let head = encode_head(header, total);
-    writer.write_all(&head).map_err(FrameError::Io)?;
-    for part in payload {
-        writer.write_all(part).map_err(FrameError::Io)?;
+    let mut slices: Vec<io::IoSlice<'_>> = std::iter::once(head.as_slice())
+        .chain(payload.iter().copied())
+        .filter(|s| !s.is_empty())
+        .map(io::IoSlice::new)
+        .collect();
+    let mut rest = slices.as_mut_slice();
+    while !rest.is_empty() {
+        match writer.write_vectored(rest) {
+            Ok(0) => return Err(FrameError::Io(io::ErrorKind::WriteZero.into())),
+            Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FrameError::Io(e)),
+        }
     }
     writer.flush().map_err(FrameError::Io)
 }

@@ -48,7 +48,7 @@ pub fn run<E: Engine>(engine: E, job: &OneShot) -> anyhow::Result<u8> {
             env: &[],
             preopens: &[],
             preopen_dirs: &[],
-            stdin,
+            stdin: stdin.into(),
             memory_limit_bytes: job.memory_limit_bytes,
             timeout: job.timeout,
             max_output_bytes: job.max_output_bytes,

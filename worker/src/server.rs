@@ -111,7 +111,7 @@ fn invoke<E: Engine, R: Read, W: Write>(
             env: &invocation.env,
             preopens: &invocation.preopens,
             preopen_dirs: &preopen_dirs,
-            stdin,
+            stdin: stdin.into(),
             memory_limit_bytes: invocation.memory_limit_bytes,
             timeout: Duration::from_millis(invocation.timeout_ms),
             max_output_bytes: invocation.max_output_bytes,

@@ -28,6 +28,8 @@ pub struct Extras {
     /// Resident memory when idle (after one hello per worker), KiB.
     pub supervisor_rss_kib: u64,
     pub worker_rss_kib: Vec<u64>,
+    /// Of that, the pages each worker alone maps (the rest is shared code), KiB.
+    pub worker_private_kib: Vec<u64>,
     /// Mean hello latency with per-worker cgroups and without, µs; the difference is what
     /// cgroups cost per invocation end to end.
     pub hello_mean_cgroups_us: f64,
@@ -112,7 +114,9 @@ async fn respawn_and_memory(setup: &Setup, samples: usize, extras: &mut Extras) 
     loadgen::run(&target, load, &indicatif::ProgressBar::hidden()).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     extras.supervisor_rss_kib = crate::modes::rss_kib(server.pid());
-    extras.worker_rss_kib = crate::modes::children(server.pid()).into_iter().map(crate::modes::rss_kib).collect();
+    let workers = crate::modes::children(server.pid());
+    extras.worker_rss_kib = workers.iter().copied().map(crate::modes::rss_kib).collect();
+    extras.worker_private_kib = workers.iter().copied().map(crate::modes::private_kib).collect();
 
     let mut respawn = Recorder::default();
     for _ in 0..samples {

@@ -226,6 +226,18 @@ pub fn rss_kib(pid: i32) -> u64 {
     procfs::process::Process::new(pid).and_then(|p| p.status()).ok().and_then(|s| s.vmrss).unwrap_or(0)
 }
 
+/// Memory only `pid` maps (private clean and dirty pages, from smaps_rollup), KiB: what the
+/// process costs on top of what it shares with its siblings (the binary's code, the page
+/// cache of a module file), so what one more worker adds.
+pub fn private_kib(pid: i32) -> u64 {
+    let Ok(rollup) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else { return 0 };
+    rollup
+        .lines()
+        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
 /// The live children of `pid` (of any of its threads: WasmBox forks from a thread of its own).
 pub fn children(pid: i32) -> Vec<i32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };

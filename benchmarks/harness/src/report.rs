@@ -204,12 +204,17 @@ pub fn markdown(r: &Results, svg_name: &str) -> String {
         ms(e.respawn_p50_us),
         ms(e.respawn_max_us)
     );
-    let workers: Vec<String> = e.worker_rss_kib.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect();
+    let mib = |kib: &[u64]| kib.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect::<Vec<_>>().join(", ");
     let _ = writeln!(
         out,
         "| idle RSS: supervisor / each worker (after one hello each) | {:.1} MiB / {} MiB |",
         e.supervisor_rss_kib as f64 / 1024.0,
-        workers.join(", ")
+        mib(&e.worker_rss_kib)
+    );
+    let _ = writeln!(
+        out,
+        "| of each worker's RSS, pages no other process maps (the rest is shared code) | {} MiB |",
+        mib(&e.worker_private_kib)
     );
     let _ = writeln!(
         out,

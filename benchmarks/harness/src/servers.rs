@@ -206,7 +206,7 @@ fn start_thread<E: Engine + 'static>(
                             env: &[],
                             preopens: &[],
                             preopen_dirs: &[],
-                            stdin: job.call.body.to_vec(),
+                            stdin: job.call.body.clone(),
                             memory_limit_bytes: job.call.memory_mb << 20,
                             timeout: TIMEOUT,
                             max_output_bytes: 1 << 20,

@@ -58,7 +58,13 @@ fn quick_mode_measures_every_mode_and_loses_no_request() {
     ] {
         assert!(e[key].as_f64().unwrap_or(0.0) > 0.0, "extras.{key} missing: {e}");
     }
-    assert!(e["worker_rss_kib"].as_array().is_some_and(|w| !w.is_empty() && w.iter().all(|k| k.as_u64() > Some(0))));
+    for key in ["worker_rss_kib", "worker_private_kib"] {
+        let per_worker = e[key].as_array();
+        assert!(
+            per_worker.is_some_and(|w| !w.is_empty() && w.iter().all(|k| k.as_u64() > Some(0))),
+            "extras.{key}: {e}"
+        );
+    }
 
     let md = std::fs::read_to_string(out.path().join("ci.md")).expect("ci.md");
     for needle in ["| (a)/(b) |", "| (a)/(c) |", "| (a)/(d) |", "Machine:", "![latency by percentile](ci.svg)"] {

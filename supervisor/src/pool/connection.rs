@@ -5,65 +5,66 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use bytes::{Bytes, BytesMut};
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use tokio::io::AsyncReadExt;
 use tokio::io::Interest;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use wasmbox_protocol::{FrameError, FromWorker, PREFIX_LEN, ToWorker, decode_header, encode_head, parse_prefix};
 
 pub struct Connection {
     stream: UnixStream,
     max_payload: u64,
+    /// Bytes read from the worker and not yet consumed: a frame's prefix and header arrive
+    /// with one read, not one each.
+    inbox: BytesMut,
 }
+
+/// How much one read asks for beyond what a frame still needs.
+const READ_CHUNK: usize = 16 << 10;
 
 impl Connection {
     pub fn new(stream: UnixStream, max_payload: u64) -> Self {
-        Connection { stream, max_payload }
+        Connection { stream, max_payload, inbox: BytesMut::new() }
     }
 
     /// Sends a message; the payload is written as is, after the header.
     pub async fn send(&mut self, message: &ToWorker, payload: &[u8]) -> Result<(), FrameError> {
-        let head = encode_head(message, payload.len());
-        self.stream.write_all(&head).await.map_err(FrameError::Io)?;
-        if !payload.is_empty() {
-            self.stream.write_all(payload).await.map_err(FrameError::Io)?;
-        }
-        Ok(())
+        self.send_with_fds(message, payload, &[]).await
     }
 
     /// Sends a message with descriptors attached to its first bytes (SCM_RIGHTS); the
-    /// kernel duplicates them into the worker, the caller keeps and closes its own.
+    /// kernel duplicates them into the worker, the caller keeps and closes its own. Head and
+    /// payload leave in one `sendmsg` when the socket takes them whole, so the worker wakes
+    /// up once, to a complete frame.
     pub async fn send_with_fds(
         &mut self,
         message: &ToWorker,
         payload: &[u8],
         fds: &[OwnedFd],
     ) -> Result<(), FrameError> {
-        if fds.is_empty() {
-            return self.send(message, payload).await;
-        }
         let head = encode_head(message, payload.len());
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-        let sent = loop {
+        let rights = [ControlMessage::ScmRights(&raw)];
+        let control: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
+        let mut slices = [IoSlice::new(&head), IoSlice::new(payload)];
+        let mut rest: &mut [IoSlice<'_>] = if payload.is_empty() { &mut slices[..1] } else { &mut slices };
+        // The descriptors ride on the first write that moves any bytes, and only on it.
+        let mut control = control;
+        while !rest.is_empty() {
             self.stream.writable().await.map_err(FrameError::Io)?;
             let attempt = self.stream.try_io(Interest::WRITABLE, || {
-                sendmsg::<()>(
-                    self.stream.as_raw_fd(),
-                    &[IoSlice::new(&head)],
-                    &[ControlMessage::ScmRights(&raw)],
-                    MsgFlags::MSG_NOSIGNAL,
-                    None,
-                )
-                .map_err(std::io::Error::from)
+                sendmsg::<()>(self.stream.as_raw_fd(), rest, control, MsgFlags::MSG_NOSIGNAL, None)
+                    .map_err(std::io::Error::from)
             });
             match attempt {
-                Ok(n) => break n,
+                Ok(0) => return Err(FrameError::Io(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    control = &[];
+                    IoSlice::advance_slices(&mut rest, n);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(FrameError::Io(e)),
             }
-        };
-        self.stream.write_all(&head[sent..]).await.map_err(FrameError::Io)?;
-        if !payload.is_empty() {
-            self.stream.write_all(payload).await.map_err(FrameError::Io)?;
         }
         Ok(())
     }
@@ -71,22 +72,32 @@ impl Connection {
     /// Receives one message. EOF at any point is `Truncated`: a worker never closes its
     /// socket while the supervisor is waiting for a reply, unless it died.
     pub async fn recv(&mut self) -> Result<(FromWorker, Bytes), FrameError> {
-        let mut prefix = [0u8; PREFIX_LEN];
-        self.read_exact(&mut prefix).await?;
-        let lengths = parse_prefix(&prefix, self.max_payload)?;
-        let mut header = vec![0u8; lengths.header];
-        self.read_exact(&mut header).await?;
-        let mut payload = BytesMut::zeroed(lengths.payload);
-        self.read_exact(&mut payload).await?;
-        Ok((decode_header(&header)?, payload.freeze()))
+        self.fill(PREFIX_LEN, 0).await?;
+        let prefix = <&[u8; PREFIX_LEN]>::try_from(&self.inbox[..PREFIX_LEN]).map_err(|_| FrameError::Truncated)?;
+        let lengths = parse_prefix(prefix, self.max_payload)?;
+        // Prefix and header are small; the payload is read straight into the buffer it
+        // is handed out in (no copy), with room asked for all of it at once.
+        self.fill(PREFIX_LEN + lengths.header, lengths.payload).await?;
+        let _ = self.inbox.split_to(PREFIX_LEN);
+        let header = self.inbox.split_to(lengths.header);
+        self.fill(lengths.payload, 0).await?;
+        let payload = self.inbox.split_to(lengths.payload).freeze();
+        Ok((decode_header(&header)?, payload))
     }
 
-    async fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), FrameError> {
-        match self.stream.read_exact(buf).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(FrameError::Truncated),
-            Err(e) => Err(FrameError::Io(e)),
+    /// Reads until the inbox holds at least `needed` bytes; `more` is what the caller will
+    /// want right after, so one read can bring it along.
+    async fn fill(&mut self, needed: usize, more: usize) -> Result<(), FrameError> {
+        while self.inbox.len() < needed {
+            self.inbox.reserve(needed.saturating_add(more).max(READ_CHUNK).saturating_sub(self.inbox.len()));
+            match self.stream.read_buf(&mut self.inbox).await {
+                Ok(0) => return Err(FrameError::Truncated),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(FrameError::Io(e)),
+            }
         }
+        Ok(())
     }
 }
 

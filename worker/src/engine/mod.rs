@@ -58,7 +58,7 @@ pub struct RunRequest<'a> {
     /// The preopened directories, opened by the supervisor, one per entry of `preopens`;
     /// empty means open `Preopen::host` by path.
     pub preopen_dirs: &'a [std::os::fd::OwnedFd],
-    pub stdin: Vec<u8>,
+    pub stdin: bytes::Bytes,
     pub memory_limit_bytes: u64,
     pub timeout: Duration,
     pub max_output_bytes: u64,

@@ -17,7 +17,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::rc::Rc;
 
@@ -67,6 +67,7 @@ pub struct WasmEdgeEngine {
     /// The AOT compiler, where libwasmedge has one.
     compiler: Option<Owned<ffi::WasmEdge_CompilerContext>>,
     version: String,
+    drain: std::sync::Mutex<OutputDrain>,
 }
 
 /// Set when WasmEdge refuses to grow a linear memory past its page limit: WasmEdge reports
@@ -204,7 +205,8 @@ impl WasmEdgeEngine {
             let version = CStr::from_ptr(ffi::WasmEdge_VersionGet()).to_string_lossy().into_owned();
             let version = if compiler.is_some() { format!("{version}-aot") } else { format!("{version}-interp") };
             // The contexts above copied the configuration; `conf` is freed here.
-            Ok(WasmEdgeEngine { loader, validator, wasi_reference, compiler, version })
+            let drain = std::sync::Mutex::new(OutputDrain::start()?);
+            Ok(WasmEdgeEngine { loader, validator, wasi_reference, compiler, version, drain })
         }
     }
 
@@ -356,25 +358,78 @@ impl Engine for WasmEdgeEngine {
     }
 }
 
-/// Drains a pipe into a capture on its own thread. A strict capture that overflows stops
-/// reading and closes the pipe, so the guest's next write fails (EPIPE) as with Wasmtime.
-fn drain(read: OwnedFd, capture: Capture) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name("wasmedge-output".into()).spawn(move || {
-        let mut file = std::fs::File::from(read);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match file.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    if capture.append(&buf[..n]).is_err() {
-                        return;
-                    }
+/// Copies the guest's stdout and stderr pipes into their captures. One thread does it for
+/// the engine's lifetime (WasmEdge's WASI writes to descriptors, so someone must read the
+/// other ends while the guest runs), taking one invocation's pipes at a time: no thread is
+/// started per invocation. A strict capture that overflows makes it close that pipe, so
+/// the guest's next write fails (EPIPE) as with Wasmtime.
+struct OutputDrain {
+    jobs: std::sync::mpsc::Sender<[(OwnedFd, Capture); 2]>,
+    finished: std::sync::mpsc::Receiver<()>,
+}
+
+impl OutputDrain {
+    fn start() -> std::io::Result<Self> {
+        let (jobs, job_rx) = std::sync::mpsc::channel::<[(OwnedFd, Capture); 2]>();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::Builder::new().name("wasmedge-output".into()).spawn(move || {
+            for pipes in job_rx {
+                drain_until_closed(pipes);
+                if done.send(()).is_err() {
+                    return;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            }
+        })?;
+        Ok(OutputDrain { jobs, finished })
+    }
+
+    /// Hands over one invocation's read ends; [`OutputDrain::wait`] returns once both saw
+    /// end of file (every write end closed) or were closed for overflowing.
+    fn begin(&self, stdout: (OwnedFd, Capture), stderr: (OwnedFd, Capture)) -> Result<(), String> {
+        self.jobs.send([stdout, stderr]).map_err(|_| "the output thread is gone".to_string())
+    }
+
+    fn wait(&self) {
+        // An error means the thread is gone, and the pipes with it: nothing left to wait for.
+        let _ = self.finished.recv();
+    }
+}
+
+/// Reads both pipes until each reaches end of file or overflows its capture.
+fn drain_until_closed(pipes: [(OwnedFd, Capture); 2]) {
+    use nix::poll::{PollFd, PollFlags, ppoll};
+    let mut open: Vec<(std::fs::File, Capture)> =
+        pipes.into_iter().map(|(fd, capture)| (std::fs::File::from(fd), capture)).collect();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !open.is_empty() {
+        let mut ready = vec![false; open.len()];
+        {
+            let mut fds: Vec<PollFd<'_>> =
+                open.iter().map(|(f, _)| PollFd::new(f.as_fd(), PollFlags::POLLIN)).collect();
+            match ppoll(&mut fds, None, None) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
                 Err(_) => return,
             }
+            for (i, fd) in fds.iter().enumerate() {
+                ready[i] = fd.revents().is_some_and(|r| !r.is_empty());
+            }
         }
-    })
+        let mut i = 0;
+        open.retain_mut(|(file, capture)| {
+            let this = i;
+            i += 1;
+            if !ready[this] {
+                return true;
+            }
+            match file.read(&mut buf) {
+                Ok(0) => false,
+                Ok(n) => capture.append(&buf[..n]).is_ok(),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
+                Err(_) => false,
+            }
+        });
+    }
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -431,15 +486,15 @@ impl WasmEdgeEngine {
         let stdin = stdin_file(&request.stdin).map_err(|e| format!("stdin: {e}"))?;
         let (out_read, out_write) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
         let (err_read, err_write) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
-        let out_thread = drain(out_read, stdout.clone()).map_err(|e| format!("stdout thread: {e}"))?;
-        let err_thread = drain(err_read, stderr.clone()).map_err(|e| format!("stderr thread: {e}"))?;
+        let drain = self.drain.lock().unwrap_or_else(|p| p.into_inner());
+        drain.begin((out_read, stdout.clone()), (err_read, stderr.clone()))?;
 
         // SAFETY: every context below is created here, owned by an `Owned` dropped at the end
         // of this block in reverse order (instances before the store and executor), and used
         // only on this thread except by WasmEdge's own async worker, which is joined (waited
         // for) before anything is dropped. The WASI instance borrows the three descriptors
         // passed to it; they outlive it and are closed after it.
-        let outcome = unsafe {
+        let outcome = (|| unsafe {
             let conf = Owned::new(ffi::WasmEdge_ConfigureCreate(), ffi::WasmEdge_ConfigureDelete, "configuration")?;
             ffi::WasmEdge_ConfigureRemoveProposal(conf.ptr, ffi::WasmEdge_Proposal_MultiMemories);
             ffi::WasmEdge_ConfigureRemoveProposal(conf.ptr, ffi::WasmEdge_Proposal_Threads);
@@ -514,14 +569,14 @@ impl WasmEdgeEngine {
                 }
             };
             drop(wasi);
-            outcome
-        };
+            Ok(outcome)
+        })();
         // WASI borrowed the three descriptors (it never closes them): with the instance gone,
-        // closing the write ends here lets the drain threads see EOF.
+        // closing the write ends here lets the output thread see end of file, also when
+        // setting up the instance failed.
         drop((stdin, out_write, err_write));
-        let _ = out_thread.join();
-        let _ = err_thread.join();
-        Ok(outcome)
+        drain.wait();
+        outcome
     }
 }
 

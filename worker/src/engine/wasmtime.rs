@@ -396,7 +396,7 @@ mod tests {
             env: &[],
             preopens: &[],
             preopen_dirs: &[],
-            stdin: Vec::new(),
+            stdin: bytes::Bytes::new(),
             memory_limit_bytes: memory,
             timeout: Duration::from_millis(timeout_ms),
             max_output_bytes: 1024,
