@@ -226,6 +226,43 @@ pub fn rss_kib(pid: i32) -> u64 {
     procfs::process::Process::new(pid).and_then(|p| p.status()).ok().and_then(|s| s.vmrss).unwrap_or(0)
 }
 
+/// CPU time (user + system) used so far by a server process, µs: `own` is the process's
+/// own plus that of the children it has waited for (the spawn-per-request processes),
+/// `children` that of its live children (WasmBox's workers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuUse {
+    pub own_us: u64,
+    pub children_us: u64,
+}
+
+impl CpuUse {
+    pub fn of(pid: i32) -> CpuUse {
+        let ticks_us = |t: u64| t.saturating_mul(1_000_000) / procfs::ticks_per_second().max(1);
+        let stat = |pid: i32| procfs::process::Process::new(pid).and_then(|p| p.stat()).ok();
+        let own = stat(pid).map(|s| s.utime + s.stime + s.cutime.max(0) as u64 + s.cstime.max(0) as u64);
+        let children: u64 = children(pid)
+            .into_iter()
+            .filter_map(stat)
+            .map(|s| s.utime + s.stime + s.cutime.max(0) as u64 + s.cstime.max(0) as u64)
+            .sum();
+        CpuUse { own_us: ticks_us(own.unwrap_or(0)), children_us: ticks_us(children) }
+    }
+
+    /// What was used between `earlier` and `self` (a child that exited in between takes
+    /// its share with it, so this never goes below zero).
+    pub fn since(self, earlier: CpuUse) -> CpuUse {
+        CpuUse {
+            own_us: self.own_us.saturating_sub(earlier.own_us),
+            children_us: self.children_us.saturating_sub(earlier.children_us),
+        }
+    }
+
+    pub fn add(&mut self, other: CpuUse) {
+        self.own_us += other.own_us;
+        self.children_us += other.children_us;
+    }
+}
+
 /// Memory only `pid` maps (private clean and dirty pages, from smaps_rollup), KiB: what the
 /// process costs on top of what it shares with its siblings (the binary's code, the page
 /// cache of a module file), so what one more worker adds.

@@ -8,7 +8,7 @@ use plotters::prelude::*;
 
 use crate::modes::Mode;
 use crate::stats::{Summary, ratio};
-use crate::suite::{Cell, Results};
+use crate::suite::{Cell, CpuPerRequest, Results};
 
 /// What the numbers were measured on.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -64,7 +64,16 @@ fn x(r: Option<f64>) -> String {
     r.map(|v| format!("{v:.2}x")).unwrap_or_else(|| "-".into())
 }
 
-fn row(out: &mut String, mode: Mode, s: &Summary) {
+/// Server CPU per answered request, µs, with the workers' share where there are any.
+fn cpu(c: Option<&CpuPerRequest>) -> String {
+    match c {
+        Some(c) if c.children_us > 0.0 => format!("{:.0} (workers {:.0})", c.total_us(), c.children_us),
+        Some(c) => format!("{:.0}", c.total_us()),
+        None => "-".into(),
+    }
+}
+
+fn row(out: &mut String, mode: Mode, s: &Summary, cpu_use: Option<&CpuPerRequest>) {
     let errors = if s.errors.is_empty() {
         "0".to_owned()
     } else {
@@ -72,7 +81,7 @@ fn row(out: &mut String, mode: Mode, s: &Summary) {
     };
     let _ = writeln!(
         out,
-        "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+        "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
         mode.title(),
         s.requests,
         s.throughput,
@@ -80,12 +89,17 @@ fn row(out: &mut String, mode: Mode, s: &Summary) {
         ms(s.p90_us),
         ms(s.p99_us),
         ms(s.p999_us),
-        errors
+        errors,
+        cpu(cpu_use)
     );
 }
 
 fn find<'a>(cells: &'a [Cell], scenario: &str, mode: Mode) -> Option<&'a Summary> {
-    cells.iter().find(|c| c.scenario == scenario && c.mode == mode).map(|c| &c.summary)
+    find_cell(cells, scenario, mode).map(|c| &c.summary)
+}
+
+fn find_cell<'a>(cells: &'a [Cell], scenario: &str, mode: Mode) -> Option<&'a Cell> {
+    cells.iter().find(|c| c.scenario == scenario && c.mode == mode)
 }
 
 /// The ratios of (a) to each other mode in one scenario: throughput and p99.
@@ -152,11 +166,12 @@ pub fn markdown(r: &Results, svg_name: &str) -> String {
         let _ = writeln!(out, "## {}\n", s.title);
         let _ = writeln!(
             out,
-            "| mode | requests | req/s | p50 | p90 | p99 | p99.9 | errors |\n|---|---|---|---|---|---|---|---|"
+            "| mode | requests | req/s | p50 | p90 | p99 | p99.9 | errors | server CPU us/req |\n\
+             |---|---|---|---|---|---|---|---|---|"
         );
         for &mode in &r.modes {
-            if let Some(summary) = find(&r.closed, s.key, mode) {
-                row(&mut out, mode, summary);
+            if let Some(c) = find_cell(&r.closed, s.key, mode) {
+                row(&mut out, mode, &c.summary, c.cpu.as_ref());
             }
         }
         ratios(&mut out, &r.closed, s.key);
@@ -166,13 +181,13 @@ pub fn markdown(r: &Results, svg_name: &str) -> String {
         let _ = writeln!(
             out,
             "## hello, open loop at {:.0} req/s for {:.0} s\n\nLatency from when each request was due, \
-             so queueing counts.\n\n| mode | requests | req/s | p50 | p90 | p99 | p99.9 | errors |\n\
-             |---|---|---|---|---|---|---|---|",
+             so queueing counts.\n\n| mode | requests | req/s | p50 | p90 | p99 | p99.9 | errors | server CPU us/req |\n\
+             |---|---|---|---|---|---|---|---|---|",
             p.open_rate,
             p.open_duration.as_secs_f64()
         );
         for c in &r.open {
-            row(&mut out, c.mode, &c.summary);
+            row(&mut out, c.mode, &c.summary, c.cpu.as_ref());
         }
         ratios(&mut out, &r.open, "hello");
         for (mode, why) in &r.open_skipped {
@@ -317,7 +332,12 @@ mod tests {
             max_us: p99_us,
             errors: if mode == Mode::SpawnPerRequest { vec![("502".into(), 2), ("none".into(), 1)] } else { vec![] },
         };
-        Cell { scenario, mode, summary, recorder }
+        let cpu = match mode {
+            Mode::WasmBox => Some(CpuPerRequest { server_us: 100.0, children_us: 60.4 }),
+            Mode::InProcess => Some(CpuPerRequest { server_us: 45.6, children_us: 0.0 }),
+            _ => None,
+        };
+        Cell { scenario, mode, summary, cpu, recorder }
     }
 
     fn results() -> Results {
@@ -352,10 +372,12 @@ mod tests {
     fn the_report_has_the_machine_a_row_per_mode_and_the_ratios() {
         let md = markdown(&results(), "x.svg");
         assert!(md.contains("Machine: Test CPU (2 cores), 24.0 GiB, Linux 6.1, cgroup v1."), "{md}");
-        assert!(md.contains("| (a) WasmBox | 100 | 800 | 1.00 | 2.00 | 2.00 | 2.00 | 0 |"), "{md}");
+        // Server CPU per request, with the workers' share where the mode has workers.
+        assert!(md.contains("| (a) WasmBox | 100 | 800 | 1.00 | 2.00 | 2.00 | 2.00 | 0 | 160 (workers 60) |"), "{md}");
+        assert!(md.contains("| (b) in-process | 100 | 1000 | 0.80 | 1.00 | 1.00 | 1.00 | 0 | 46 |"), "{md}");
         // Errors are listed by status, with requests that got no answer as "none".
         assert!(
-            md.contains("| (c) spawn per request | 100 | 40 | 20.00 | 150 | 150 | 150 | 2 x 502, 1 x none |"),
+            md.contains("| (c) spawn per request | 100 | 40 | 20.00 | 150 | 150 | 150 | 2 x 502, 1 x none | - |"),
             "{md}"
         );
         // Ratios of (a) to each mode: throughput, p50, p99; a zero baseline gives "-".

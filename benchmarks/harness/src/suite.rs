@@ -114,8 +114,31 @@ pub struct Cell {
     pub scenario: &'static str,
     pub mode: Mode,
     pub summary: Summary,
+    /// Server CPU per answered request, µs (closed loop only).
+    pub cpu: Option<CpuPerRequest>,
     #[serde(skip)]
     pub recorder: Recorder,
+}
+
+/// Where a mode's CPU went, per 2xx answer: the server process itself (for WasmBox the
+/// supervisor; for spawn-per-request including the processes it spawned and reaped) and
+/// its long-lived children (WasmBox's workers). The load generator is not counted.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct CpuPerRequest {
+    pub server_us: f64,
+    pub children_us: f64,
+}
+
+impl CpuPerRequest {
+    pub fn of(cpu: crate::modes::CpuUse, answered: u64) -> Option<CpuPerRequest> {
+        let n = answered as f64;
+        (answered > 0)
+            .then(|| CpuPerRequest { server_us: cpu.own_us as f64 / n, children_us: cpu.children_us as f64 / n })
+    }
+
+    pub fn total_us(&self) -> f64 {
+        self.server_us + self.children_us
+    }
 }
 
 /// Everything one run measured.
@@ -154,7 +177,7 @@ pub async fn run(plan: Plan, setup: &Setup, modes: &[Mode], scenarios: Vec<Scena
     }
     let rounds = plan.rounds.max(1);
     let slice = plan.duration / rounds;
-    let mut measured: Vec<(&'static str, Mode, loadgen::Measurement)> = Vec::new();
+    let mut measured: Vec<(&'static str, Mode, loadgen::Measurement, crate::modes::CpuUse)> = Vec::new();
     for scenario in &scenarios {
         for server in &servers {
             warm_up(&scenario.target(server), plan.warmup, server.mode, scenario.key).await?;
@@ -172,17 +195,28 @@ pub async fn run(plan: Plan, setup: &Setup, modes: &[Mode], scenarios: Vec<Scena
                     duration: slice,
                     max_requests: plan.max_requests / u64::from(rounds),
                 };
+                let before = crate::modes::CpuUse::of(server.pid());
                 let m = loadgen::run(&scenario.target(server), load, &progress).await?;
-                match measured.iter_mut().find(|(s, mode, _)| *s == scenario.key && *mode == server.mode) {
-                    Some((_, _, total)) => total.absorb(m),
-                    None => measured.push((scenario.key, server.mode, m)),
+                let cpu = crate::modes::CpuUse::of(server.pid()).since(before);
+                match measured.iter_mut().find(|(s, mode, _, _)| *s == scenario.key && *mode == server.mode) {
+                    Some((_, _, total, total_cpu)) => {
+                        total.absorb(m);
+                        total_cpu.add(cpu);
+                    }
+                    None => measured.push((scenario.key, server.mode, m, cpu)),
                 }
             }
         }
     }
     let closed: Vec<Cell> = measured
         .into_iter()
-        .map(|(scenario, mode, m)| Cell { scenario, mode, summary: Summary::of(&m), recorder: m.recorder })
+        .map(|(scenario, mode, m, cpu)| Cell {
+            scenario,
+            mode,
+            summary: Summary::of(&m),
+            cpu: CpuPerRequest::of(cpu, m.ok()),
+            recorder: m.recorder,
+        })
         .collect();
     // Open loop on hello at a fixed rate, for the modes that can sustain it.
     if let Some(hello) = scenarios.iter().find(|s| s.key == "hello") {
@@ -205,7 +239,7 @@ pub async fn run(plan: Plan, setup: &Setup, modes: &[Mode], scenarios: Vec<Scena
                 max_requests: plan.max_requests,
             };
             let m = loadgen::run(&hello.target(server), load, &progress).await?;
-            open.push(Cell { scenario: "hello", mode, summary: Summary::of(&m), recorder: m.recorder });
+            open.push(Cell { scenario: "hello", mode, summary: Summary::of(&m), cpu: None, recorder: m.recorder });
         }
     }
     for server in servers {

@@ -36,6 +36,13 @@ fn quick_mode_measures_every_mode_and_loses_no_request() {
             assert!(s["p50_us"].as_u64().unwrap_or(0) > 0, "{mode} / {scenario}: {s}");
             assert!(s["p99_us"].as_u64() >= s["p50_us"].as_u64(), "{mode} / {scenario}: {s}");
             assert_eq!(s["errors"], serde_json::json!([]), "{mode} / {scenario}: errors or lost requests: {s}");
+            // Where the CPU went: every loaded server used some; WasmBox's partly in workers.
+            let cpu = &cell["cpu"];
+            let total = cpu["server_us"].as_f64().unwrap_or(0.0) + cpu["children_us"].as_f64().unwrap_or(0.0);
+            assert!(total > 0.0, "{mode} / {scenario}: no server CPU measured: {cpu}");
+            if mode == "WasmBox" {
+                assert!(cpu["children_us"].as_f64().unwrap_or(0.0) > 0.0, "{scenario}: no worker CPU: {cpu}");
+            }
         }
     }
     // Open loop: each mode ran at the rate or is listed with the reason it did not.
