@@ -453,6 +453,57 @@ mod tests {
     }
 
     #[test]
+    fn the_pooled_slot_comes_back_clean_for_every_invocation() {
+        // Each run checks that memory and table look as the module declares them, then
+        // dirties both: a byte of the data segment, a page inside the part of memory kept
+        // resident between invocations, one far beyond it (after growing), and a table slot.
+        // Any of it surviving into the next run makes that run trap.
+        let wasm = wat::parse_str(
+            r#"(module
+                (memory 2)
+                (data (i32.const 64) "\07")
+                (table 4 funcref)
+                (func $f)
+                (func (export "_start")
+                  (if (i32.ne (i32.load8_u (i32.const 64)) (i32.const 7)) (then unreachable))
+                  (if (i32.ne (i32.load (i32.const 70000)) (i32.const 0)) (then unreachable))
+                  (if (i32.ne (memory.size) (i32.const 2)) (then unreachable))
+                  (if (i32.eqz (ref.is_null (table.get (i32.const 3)))) (then unreachable))
+                  (i32.store8 (i32.const 64) (i32.const 9))
+                  (i32.store (i32.const 70000) (i32.const 1))
+                  (drop (memory.grow (i32.const 100)))
+                  (i32.store (i32.const 6000000) (i32.const 1))
+                  (table.set (i32.const 3) (ref.func $f)))
+                (elem declare func $f))"#,
+        )
+        .unwrap();
+        let e = engine();
+        let m = e.compile(&wasm).unwrap();
+        let argv = vec!["clean".to_string()];
+        for run in 0..3 {
+            let r = e.run(&m, request(&argv, 5000, 64 << 20));
+            assert_eq!(r.outcome, Outcome::Exited { code: 0 }, "run {run}");
+        }
+    }
+
+    #[test]
+    fn tables_larger_than_the_usual_default_work_and_too_large_ones_are_invalid() {
+        let e = engine();
+        let argv = vec!["table".to_string()];
+        // 100,000 elements: over Wasmtime's default pool limit (20,000), which large C++ and
+        // C# programs exceed; within WasmBox's.
+        let big = wat::parse_str(r#"(module (table 100000 funcref) (func (export "_start")))"#).unwrap();
+        let m = e.compile(&big).unwrap();
+        assert_eq!(e.run(&m, request(&argv, 5000, 1 << 20)).outcome, Outcome::Exited { code: 0 });
+        // Past the slot: refused when the module is compiled, with the reason, not per call.
+        let huge = wat::parse_str(r#"(module (table 2000000 funcref) (func (export "_start")))"#).unwrap();
+        match e.compile(&huge) {
+            Err(EngineError::InvalidModule(m)) => assert!(m.contains("table"), "{m}"),
+            other => panic!("expected an invalid module, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
     fn initial_memory_above_the_cap_is_memory_exceeded() {
         let e = engine();
         let wasm = wat::parse_str(r#"(module (memory 100) (func (export "_start")))"#).unwrap();
