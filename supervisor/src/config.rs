@@ -42,6 +42,12 @@ pub struct Config {
     #[arg(long, env = "WASMBOX_WORKERS", value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub workers: Option<u64>,
 
+    /// Threads that serve HTTP and exchange frames with the workers [default: a quarter of
+    /// the CPUs, at least one]. The supervisor only moves bytes; the CPUs are for the
+    /// workers, and every extra thread here is one more to be scheduled against them.
+    #[arg(long, env = "WASMBOX_IO_THREADS", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub io_threads: Option<u64>,
+
     /// Requests that may wait for a free worker; beyond it requests get 429.
     #[arg(long, env = "WASMBOX_QUEUE_DEPTH", default_value_t = 256)]
     pub queue_depth: usize,
@@ -258,6 +264,10 @@ impl Config {
 
     pub fn worker_count(&self) -> usize {
         self.workers.unwrap_or_else(Self::cpus) as usize
+    }
+
+    pub fn io_thread_count(&self) -> usize {
+        self.io_threads.unwrap_or_else(|| Self::cpus().div_ceil(4)) as usize
     }
 
     pub fn ready_queue_threshold(&self) -> usize {

@@ -128,6 +128,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     tracing::info!(
         workers = pool_config.size,
+        io_threads = config.io_thread_count(),
         queue_depth = pool_config.queue_depth,
         functions = %registry.dir().display(),
         cache = %cache_dir.display(),

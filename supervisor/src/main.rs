@@ -6,8 +6,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use wasmbox_supervisor::config::{Config, LogFormat};
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let config = Config::parse();
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log_level))
@@ -17,7 +16,19 @@ async fn main() -> std::process::ExitCode {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
-    match wasmbox_supervisor::run(config).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.io_thread_count())
+        .thread_name("wasmbox-io")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(wasmbox_supervisor::run(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{:#}", anyhow::Error::from(e));
