@@ -36,7 +36,7 @@ build:
 	$(CARGO) build --workspace --bins
 
 # The benchmark report (benchmarks/results/full.md, .svg, .json): release binaries, every
-# mode side by side, about 8 minutes. bench-quick: the same in under a minute, for smoke runs.
+# mode side by side, about 6 minutes. bench-quick: the same in under a minute, for smoke runs.
 bench: functions
 	$(CARGO) build --release --bins
 	./target/release/wasmbox-bench run
