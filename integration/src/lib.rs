@@ -187,7 +187,18 @@ impl Builder {
         self
     }
 
+    /// Starts the supervisor and waits until it listens.
     pub fn start(self) -> Result<Supervisor> {
+        self.spawn(true)
+    }
+
+    /// Starts the supervisor without waiting for anything: for tests of what happens
+    /// while it is still starting. `addr` stays unset.
+    pub fn start_unready(self) -> Result<Supervisor> {
+        self.spawn(false)
+    }
+
+    fn spawn(self, wait_listening: bool) -> Result<Supervisor> {
         let (wasmbox, worker) = built();
         let dir = tempfile::tempdir()?;
         let functions = dir.path().join("functions");
@@ -260,6 +271,9 @@ impl Builder {
             }
         });
         let mut supervisor = Supervisor { child, addr: "127.0.0.1:0".parse()?, logs, dir, exited: None, cgroup_parent };
+        if !wait_listening {
+            return Ok(supervisor);
+        }
         match addr_rx.recv_timeout(Duration::from_secs(60)) {
             Ok(addr) => supervisor.addr = addr.parse().context("listen address in log")?,
             Err(_) => bail!("supervisor did not start listening; logs:\n{}", supervisor.logs()),

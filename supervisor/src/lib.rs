@@ -85,6 +85,9 @@ impl App {
 
 /// Starts the pool, serves HTTP until SIGTERM/SIGINT, drains, stops every worker.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    // Caught from the start: a SIGTERM while the pool starts (or just after "listening" is
+    // logged) must mean a clean stop, not death by the default action.
+    let signals = shutdown_signals();
     config.validate()?;
     let worker_bin = worker_binary(&config)?;
     let registry = Registry::new(&config.functions_dir, config.max_module_bytes)
@@ -166,7 +169,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     });
     tracing::info!(%addr, "listening on http://{addr}");
 
-    let drained = http::serve(listener, app.clone(), shutdown_signal()).await;
+    let drained = http::serve(listener, app.clone(), shutdown_signal(signals)).await;
     let status = pool.status();
     tracing::info!(drained, "connections closed");
     tracing::info!(busy = status.busy, "stopping workers");
@@ -195,9 +198,17 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-async fn shutdown_signal() {
+type ShutdownSignals = std::io::Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>;
+
+/// Installs the SIGTERM and SIGINT handlers; signals arriving from now on are kept until
+/// [`shutdown_signal`] waits for them.
+fn shutdown_signals() -> ShutdownSignals {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    Ok((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+}
+
+async fn shutdown_signal(signals: ShutdownSignals) {
+    let Ok((mut term, mut int)) = signals else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

@@ -208,7 +208,8 @@ async fn cgroups_are_removed_at_shutdown_and_after_a_crash() -> anyhow::Result<(
     let dirs = parents(&s).await?;
     assert!(dirs.iter().all(|d| d.join("worker-1").is_dir()));
     s.signal(Signal::SIGTERM)?;
-    assert!(s.wait_exit(Duration::from_secs(20)).await?.success());
+    let status = s.wait_exit(Duration::from_secs(20)).await?;
+    assert!(status.success(), "{status:?}\n{}", s.logs());
     for d in &dirs {
         assert!(!d.exists(), "{} left after graceful shutdown", d.display());
     }
@@ -226,7 +227,8 @@ async fn cgroups_are_removed_at_shutdown_and_after_a_crash() -> anyhow::Result<(
     assert!(dirs.iter().all(|d| !d.join("worker-1").exists()), "leftover worker-1 removed");
     assert_eq!(next.get("/hello").await?.status, StatusCode::OK);
     next.signal(Signal::SIGTERM)?;
-    assert!(next.wait_exit(Duration::from_secs(20)).await?.success());
+    let status = next.wait_exit(Duration::from_secs(20)).await?;
+    assert!(status.success(), "{status:?}\n{}", next.logs());
     for d in &dirs {
         assert!(!d.exists(), "{} left after the restart's shutdown", d.display());
     }

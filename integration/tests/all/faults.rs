@@ -106,6 +106,30 @@ async fn sigkill_of_the_supervisor_leaves_no_worker_behind() -> anyhow::Result<(
 }
 
 #[tokio::test]
+async fn sigterm_while_the_pool_starts_is_a_clean_stop() -> anyhow::Result<()> {
+    // Workers that take a second to start: the signal arrives while the supervisor waits
+    // for their hello, before it listens. It must stop cleanly once started (exit 0,
+    // "stopped"), not die by the signal's default action and leave cgroups behind.
+    let dir = tempfile::tempdir()?;
+    let slow = dir.path().join("slow-worker");
+    let (_, worker) = wasmbox_integration::built();
+    std::fs::write(&slow, format!("#!/bin/sh\nsleep 1\nexec '{}' \"$@\"\n", worker.display()))?;
+    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let mut s =
+        Supervisor::builder().workers(1).function("hello").env("WASMBOX_WORKER_BIN", slow.display()).start_unready()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !s.logs().contains("starting worker pool") {
+        anyhow::ensure!(Instant::now() < deadline, "the supervisor did not start its pool:\n{}", s.logs());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.signal(Signal::SIGTERM)?;
+    let status = s.wait_exit(Duration::from_secs(30)).await?;
+    assert_eq!(status.code(), Some(0), "{status:?}, logs:\n{}", s.logs());
+    assert!(s.logs().contains("stopped"), "{}", s.logs());
+    Ok(())
+}
+
+#[tokio::test]
 async fn drain_timeout_answers_unfinished_invocations_with_503() -> anyhow::Result<()> {
     let mut s = Supervisor::builder()
         .workers(1)
