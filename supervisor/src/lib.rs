@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod config;
 pub mod hardening;
 pub mod http;
+pub mod metrics;
 pub mod pool;
 pub mod registry;
 pub mod usage;
@@ -60,6 +61,7 @@ pub struct App {
     /// The worker cgroups in use, if any.
     pub cgroups: Option<Description>,
     pub usage: UsageLedger,
+    pub metrics: metrics::Metrics,
     /// Open client connections against `WASMBOX_MAX_CONNECTIONS`.
     pub connections: http::Connections,
     draining: AtomicBool,
@@ -163,6 +165,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         pool: pool.clone(),
         cgroups: cgroups.as_ref().map(Cgroups::describe),
         usage: UsageLedger::default(),
+        metrics: metrics::Metrics::new(),
         connections: http::Connections::new(config.max_connections),
         draining: AtomicBool::new(false),
         config,

@@ -63,6 +63,48 @@ async fn replaced_module_is_served_without_restart() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn metrics_count_known_invocations() -> anyhow::Result<()> {
+    let s = Supervisor::builder().workers(1).function("hello").function("trap").start()?;
+    s.wait_pool_full(1, std::time::Duration::from_secs(10)).await?;
+    for _ in 0..3 {
+        assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
+    }
+    let trapped = s.get("/trap").await?;
+    assert_eq!(trapped.kind(), "trap", "{}", trapped.text());
+    assert_eq!(s.get("/no-such-function").await?.status, StatusCode::NOT_FOUND);
+
+    let r = s.get("/metrics").await?;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.header("content-type").is_some_and(|t| t.starts_with("application/openmetrics-text")),
+        "{:?}",
+        r.header("content-type")
+    );
+    let text = r.text();
+    let value = |series: &str| -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    };
+    assert_eq!(value("wasmbox_invocations_total{function=\"hello\",outcome=\"ok\"}"), Some(3.0), "{text}");
+    assert_eq!(value("wasmbox_invocations_total{function=\"trap\",outcome=\"trap\"}"), Some(1.0), "{text}");
+    // Unknown functions are not series: their names are whatever clients send.
+    assert!(!text.contains("no-such-function"), "{text}");
+    assert_eq!(value("wasmbox_invocation_duration_seconds_count{phase=\"total\"}"), Some(4.0), "{text}");
+    assert_eq!(value("wasmbox_invocation_duration_seconds_count{phase=\"exec\"}"), Some(4.0), "{text}");
+    // One worker: each module is compiled or loaded once (first call), then warm.
+    let loaded = value("wasmbox_module_loads_total{source=\"compiled\"}").unwrap_or(0.0)
+        + value("wasmbox_module_loads_total{source=\"artifact\"}").unwrap_or(0.0);
+    assert_eq!(loaded, 2.0, "{text}");
+    assert_eq!(value("wasmbox_module_loads_total{source=\"memory\"}"), Some(2.0), "{text}");
+    assert_eq!(value("wasmbox_workers{state=\"configured\"}"), Some(1.0), "{text}");
+    assert_eq!(value("wasmbox_workers{state=\"live\"}"), Some(1.0), "{text}");
+    assert_eq!(value("wasmbox_queue_depth"), Some(0.0), "{text}");
+    assert_eq!(value("wasmbox_worker_restarts_total"), Some(0.0), "{text}");
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    assert_eq!(s.post("/metrics", "").await?.status, StatusCode::METHOD_NOT_ALLOWED);
+    Ok(())
+}
+
+#[tokio::test]
 async fn health_and_readiness() -> anyhow::Result<()> {
     let s = Supervisor::builder().workers(2).start()?;
     let r = s.get("/healthz").await?;

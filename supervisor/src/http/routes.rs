@@ -76,6 +76,19 @@ async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Resu
             });
             Ok(json_response(StatusCode::OK, &body))
         }
+        "/metrics" => {
+            only_get(req.method())?;
+            let usage = app.usage.snapshot();
+            let text = app
+                .metrics
+                .encode(&app.pool.status(), &usage)
+                .map_err(|e| ApiError::Internal(format!("encoding metrics: {e}")))?;
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response
+                .headers_mut()
+                .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
+            Ok(response)
+        }
         "/" => Err(ApiError::RouteNotFound("/".into())),
         _ => {
             let name = request::function_name(path)?;
@@ -149,6 +162,8 @@ async fn invoke(
         let run = tokio::spawn(lease.invoke(invocation.clone(), stdin.clone()));
         let completed = run.await.map_err(|e| ApiError::Internal(format!("invocation task failed: {e}")))?;
         let meta = Meta { worker, queue_wait };
+        let ran =
+            completed.as_ref().ok().map(|done| (Duration::from_micros(done.result.exec_us), done.result.module_source));
         let response = match completed {
             Ok(done) if done.result.outcome == Outcome::ModuleChanged && attempt == 0 => {
                 app.registry.invalidate(&name);
@@ -160,22 +175,30 @@ async fn invoke(
                 if let Some(used) = &done.accounting {
                     app.usage.record(&name, used);
                 }
-                outcome_response(&done.result, done.stdout, &done.stderr, &invocation).map(|mut r| {
-                    add_accounting(r.headers_mut(), done.accounting.as_ref());
-                    r
-                })
+                let (mut r, kind) = outcome_response(&done.result, done.stdout, &done.stderr, &invocation);
+                add_accounting(r.headers_mut(), done.accounting.as_ref());
+                (r, kind)
             }
             Err(failure) => {
                 if matches!(failure, InvokeFailure::OomKilled { .. }) {
                     app.usage.record_oom_kill(&name);
                 }
-                Err(invoke_failure(failure, &invocation))
+                let e = invoke_failure(failure, &invocation);
+                (e.to_response(), e.kind())
             }
         };
-        let (status, kind) = match &response {
-            Ok(r) => (r.status(), "ok"),
-            Err(e) => (e.status(), e.kind()),
-        };
+        // `kind` is "ok" or the error kind the answer carries, also for a guest's own
+        // failure (a trap or a non-zero exit), which is answered without an ApiError.
+        let (response, kind) = response;
+        let status = response.status();
+        app.metrics.record_invocation(
+            name.as_str(),
+            kind,
+            queue_wait,
+            ran.map(|(exec, _)| exec),
+            started.elapsed(),
+            ran.and_then(|(_, source)| source),
+        );
         tracing::info!(
             parent: &span,
             status = status.as_u16(),
@@ -185,7 +208,7 @@ async fn invoke(
             total_us = micros(started.elapsed()),
             "invocation"
         );
-        return Ok(with_meta(response.unwrap_or_else(|e| e.to_response()), &meta));
+        return Ok(with_meta(response, &meta));
     }
     Err(ApiError::Internal("module kept changing while it was being loaded".into()))
 }
@@ -223,27 +246,31 @@ fn outcome_response(
     stdout: Bytes,
     stderr: &[u8],
     invocation: &Invocation,
-) -> Result<Response<Full<Bytes>>, ApiError> {
-    let mut response = match &result.outcome {
-        Outcome::Exited { code: 0 } => {
-            let mut r = Response::new(Full::new(stdout));
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-            r
-        }
-        Outcome::Exited { code } => ApiError::NonZeroExit { code: *code, stderr: stderr_tail(stderr) }.to_response(),
+) -> (Response<Full<Bytes>>, &'static str) {
+    let error = match &result.outcome {
+        Outcome::Exited { code: 0 } => None,
+        Outcome::Exited { code } => Some(ApiError::NonZeroExit { code: *code, stderr: stderr_tail(stderr) }),
         Outcome::Trapped { message } => {
-            ApiError::Trapped { message: message.clone(), stderr: stderr_tail(stderr) }.to_response()
+            Some(ApiError::Trapped { message: message.clone(), stderr: stderr_tail(stderr) })
         }
         Outcome::DeadlineExceeded => {
-            ApiError::DeadlineExceeded { timeout_ms: invocation.timeout_ms, worker_killed: false }.to_response()
+            Some(ApiError::DeadlineExceeded { timeout_ms: invocation.timeout_ms, worker_killed: false })
         }
         Outcome::MemoryLimitExceeded { limit_bytes } => {
-            ApiError::MemoryLimitExceeded { limit_mb: limit_bytes >> 20, stderr: stderr_tail(stderr) }.to_response()
+            Some(ApiError::MemoryLimitExceeded { limit_mb: limit_bytes >> 20, stderr: stderr_tail(stderr) })
         }
-        Outcome::OutputTooLarge { limit_bytes } => ApiError::OutputTooLarge { limit: *limit_bytes }.to_response(),
-        Outcome::InvalidModule { message } => ApiError::InvalidModule(message.clone()).to_response(),
-        Outcome::ModuleChanged => ApiError::Internal("module file changed during the invocation".into()).to_response(),
-        Outcome::SetupFailed { message } => ApiError::Internal(message.clone()).to_response(),
+        Outcome::OutputTooLarge { limit_bytes } => Some(ApiError::OutputTooLarge { limit: *limit_bytes }),
+        Outcome::InvalidModule { message } => Some(ApiError::InvalidModule(message.clone())),
+        Outcome::ModuleChanged => Some(ApiError::Internal("module file changed during the invocation".into())),
+        Outcome::SetupFailed { message } => Some(ApiError::Internal(message.clone())),
+    };
+    let (mut response, kind) = match error {
+        None => {
+            let mut r = Response::new(Full::new(stdout));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            (r, "ok")
+        }
+        Some(e) => (e.to_response(), e.kind()),
     };
     let headers = response.headers_mut();
     if let Outcome::Exited { code } = result.outcome {
@@ -259,7 +286,7 @@ fn outcome_response(
         };
         headers.insert(HEADER_MODULE_SOURCE, HeaderValue::from_static(name));
     }
-    Ok(response)
+    (response, kind)
 }
 
 fn invoke_failure(failure: InvokeFailure, invocation: &Invocation) -> ApiError {

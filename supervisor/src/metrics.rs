@@ -1,0 +1,252 @@
+//! Prometheus metrics (`GET /metrics`, OpenMetrics text), built with prometheus-client.
+//!
+//! Invocation counts and latency histograms are recorded as invocations finish. What other
+//! parts of the supervisor already count (the pool's state and restarts, the per-function
+//! cgroup usage ledger) is copied into the registry when it is scraped, so there is one
+//! source for each number.
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use wasmbox_protocol::ModuleSource;
+
+use crate::pool::PoolStatus;
+use crate::usage::FunctionUsage;
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionOutcome {
+    function: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Phase {
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionLabel {
+    function: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Source {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerState {
+    state: &'static str,
+}
+
+pub struct Metrics {
+    /// Held while a scrape copies counters in and encodes, so two scrapes never add the
+    /// same difference twice.
+    registry: Mutex<Registry>,
+    invocations: Family<FunctionOutcome, Counter>,
+    duration: Family<Phase, Histogram>,
+    module_loads: Family<Source, Counter>,
+    workers: Family<WorkerState, Gauge>,
+    queued: Gauge,
+    restarts: Counter,
+    oom_kills: Counter,
+    cpu_seconds: Family<FunctionLabel, Counter<f64, AtomicU64>>,
+    memory_peak: Family<FunctionLabel, Gauge>,
+    function_oom_kills: Family<FunctionLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("wasmbox");
+        let invocations = Family::<FunctionOutcome, Counter>::default();
+        registry.register(
+            "invocations",
+            "Invocations by function and outcome (the error kind, or ok)",
+            invocations.clone(),
+        );
+        // 50 us to about 100 s, doubling.
+        let duration =
+            Family::<Phase, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(50e-6, 2.0, 22)));
+        registry.register(
+            "invocation_duration_seconds",
+            "Invocation latency by phase: queue (waiting for a worker), exec (the guest, in the worker), \
+             total (request received to response ready)",
+            duration.clone(),
+        );
+        let module_loads = Family::<Source, Counter>::default();
+        registry.register(
+            "module_loads",
+            "Where the worker found the module it ran: memory (warm), artifact (precompiled cache hit), \
+             compiled (cache miss: a cold start that compiled)",
+            module_loads.clone(),
+        );
+        let workers = Family::<WorkerState, Gauge>::default();
+        registry.register("workers", "Worker processes by state: configured, live, idle, busy", workers.clone());
+        let queued = Gauge::default();
+        registry.register("queue_depth", "Requests waiting for a free worker", queued.clone());
+        let restarts = Counter::default();
+        registry.register("worker_restarts", "Worker processes replaced, for any reason", restarts.clone());
+        let oom_kills = Counter::default();
+        registry.register("worker_oom_kills", "Workers the kernel OOM-killed", oom_kills.clone());
+        let cpu_seconds = Family::<FunctionLabel, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "function_cpu_seconds",
+            "CPU time of invocations by function, from the worker cgroups",
+            cpu_seconds.clone(),
+        );
+        let memory_peak = Family::<FunctionLabel, Gauge>::default();
+        registry.register(
+            "function_memory_peak_bytes",
+            "Highest memory peak of one invocation by function, from the worker cgroups",
+            memory_peak.clone(),
+        );
+        let function_oom_kills = Family::<FunctionLabel, Counter>::default();
+        registry.register(
+            "function_oom_kills",
+            "Invocations whose worker the kernel OOM-killed, by function",
+            function_oom_kills.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            invocations,
+            duration,
+            module_loads,
+            workers,
+            queued,
+            restarts,
+            oom_kills,
+            cpu_seconds,
+            memory_peak,
+            function_oom_kills,
+        }
+    }
+
+    /// One finished invocation of a function that exists. `outcome` is "ok" or the error
+    /// kind of the answer; `exec` and `source` are known when a worker ran it.
+    pub fn record_invocation(
+        &self,
+        function: &str,
+        outcome: &str,
+        queue: Duration,
+        exec: Option<Duration>,
+        total: Duration,
+        source: Option<ModuleSource>,
+    ) {
+        self.invocations.get_or_create(&FunctionOutcome { function: function.into(), outcome: outcome.into() }).inc();
+        self.duration.get_or_create(&Phase { phase: "queue" }).observe(queue.as_secs_f64());
+        if let Some(exec) = exec {
+            self.duration.get_or_create(&Phase { phase: "exec" }).observe(exec.as_secs_f64());
+        }
+        self.duration.get_or_create(&Phase { phase: "total" }).observe(total.as_secs_f64());
+        if let Some(source) = source {
+            let source = match source {
+                ModuleSource::Memory => "memory",
+                ModuleSource::Artifact => "artifact",
+                ModuleSource::Compiled => "compiled",
+            };
+            self.module_loads.get_or_create(&Source { source }).inc();
+        }
+    }
+
+    /// The registry as OpenMetrics text, after copying in the pool's state and the usage
+    /// ledger's totals.
+    pub fn encode<'a>(
+        &self,
+        pool: &PoolStatus,
+        usage: impl IntoIterator<Item = (&'a String, &'a FunctionUsage)>,
+    ) -> Result<String, std::fmt::Error> {
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let gauge = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        for (state, value) in
+            [("configured", pool.configured), ("live", pool.live), ("idle", pool.idle), ("busy", pool.busy)]
+        {
+            self.workers.get_or_create(&WorkerState { state }).set(gauge(value));
+        }
+        self.queued.set(gauge(pool.queued));
+        catch_up(&self.restarts, pool.restarts);
+        catch_up(&self.oom_kills, pool.oom_kills);
+        for (name, used) in usage {
+            let function = FunctionLabel { function: name.clone() };
+            let cpu = self.cpu_seconds.get_or_create(&function);
+            let behind = used.cpu_seconds - cpu.get();
+            if behind > 0.0 {
+                cpu.inc_by(behind);
+            }
+            self.memory_peak
+                .get_or_create(&function)
+                .set(i64::try_from(used.memory_peak_bytes_max).unwrap_or(i64::MAX));
+            catch_up(&self.function_oom_kills.get_or_create(&function), used.oom_kills);
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)?;
+        Ok(out)
+    }
+}
+
+/// Advances a counter to a total kept elsewhere (which only grows).
+fn catch_up(counter: &Counter, total: u64) {
+    let behind = total.saturating_sub(counter.get());
+    if behind > 0 {
+        counter.inc_by(behind);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(restarts: u64) -> PoolStatus {
+        PoolStatus { configured: 2, live: 2, idle: 1, busy: 1, queued: 3, draining: false, restarts, oom_kills: 1 }
+    }
+
+    #[test]
+    fn invocations_latency_pool_and_usage_are_exposed() {
+        let m = Metrics::new();
+        let ms = Duration::from_millis;
+        m.record_invocation("hello", "ok", ms(0), Some(ms(1)), ms(2), Some(ModuleSource::Compiled));
+        m.record_invocation("hello", "ok", ms(0), Some(ms(1)), ms(2), Some(ModuleSource::Memory));
+        m.record_invocation("hello", "timeout", ms(5), None, ms(9), None);
+        let usage = [(
+            "hello".to_string(),
+            FunctionUsage { invocations: 2, cpu_seconds: 0.25, memory_peak_bytes_max: 4096, oom_kills: 0 },
+        )];
+        let text = m.encode(&pool(4), usage.iter().map(|(k, v)| (k, v))).unwrap();
+        for line in [
+            "wasmbox_invocations_total{function=\"hello\",outcome=\"ok\"} 2",
+            "wasmbox_invocations_total{function=\"hello\",outcome=\"timeout\"} 1",
+            "wasmbox_invocation_duration_seconds_count{phase=\"total\"} 3",
+            "wasmbox_invocation_duration_seconds_count{phase=\"exec\"} 2",
+            "wasmbox_module_loads_total{source=\"compiled\"} 1",
+            "wasmbox_module_loads_total{source=\"memory\"} 1",
+            "wasmbox_workers{state=\"busy\"} 1",
+            "wasmbox_queue_depth 3",
+            "wasmbox_worker_restarts_total 4",
+            "wasmbox_worker_oom_kills_total 1",
+            "wasmbox_function_cpu_seconds_total{function=\"hello\"} 0.25",
+            "wasmbox_function_memory_peak_bytes{function=\"hello\"} 4096",
+            "# EOF",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        // A second scrape copies only what changed: counters never count twice.
+        let text = m.encode(&pool(5), usage.iter().map(|(k, v)| (k, v))).unwrap();
+        assert!(text.contains("wasmbox_worker_restarts_total 5"), "{text}");
+        assert!(text.contains("wasmbox_function_cpu_seconds_total{function=\"hello\"} 0.25"), "{text}");
+    }
+}
