@@ -45,6 +45,11 @@ struct Source {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerState {
     state: &'static str,
 }
@@ -60,6 +65,7 @@ pub struct Metrics {
     queued: Gauge,
     restarts: Counter,
     oom_kills: Counter,
+    exits: Family<Reason, Counter>,
     cpu_seconds: Family<FunctionLabel, Counter<f64, AtomicU64>>,
     memory_peak: Family<FunctionLabel, Gauge>,
     function_oom_kills: Family<FunctionLabel, Counter>,
@@ -104,6 +110,13 @@ impl Metrics {
         registry.register("worker_restarts", "Worker processes replaced, for any reason", restarts.clone());
         let oom_kills = Counter::default();
         registry.register("worker_oom_kills", "Workers the kernel OOM-killed", oom_kills.clone());
+        let exits = Family::<Reason, Counter>::default();
+        registry.register(
+            "worker_exits",
+            "Workers that ended while the pool ran (each then replaced), by reason: crash, oom_kill, seccomp, \
+             timeout_kill, recycle, discarded",
+            exits.clone(),
+        );
         let cpu_seconds = Family::<FunctionLabel, Counter<f64, AtomicU64>>::default();
         registry.register(
             "function_cpu_seconds",
@@ -131,6 +144,7 @@ impl Metrics {
             queued,
             restarts,
             oom_kills,
+            exits,
             cpu_seconds,
             memory_peak,
             function_oom_kills,
@@ -181,6 +195,9 @@ impl Metrics {
         self.queued.set(gauge(pool.queued));
         catch_up(&self.restarts, pool.restarts);
         catch_up(&self.oom_kills, pool.oom_kills);
+        for (reason, total) in pool.exits.by_reason() {
+            catch_up(&self.exits.get_or_create(&Reason { reason }), total);
+        }
         for (name, used) in usage {
             let function = FunctionLabel { function: name.clone() };
             let cpu = self.cpu_seconds.get_or_create(&function);
@@ -212,7 +229,17 @@ mod tests {
     use super::*;
 
     fn pool(restarts: u64) -> PoolStatus {
-        PoolStatus { configured: 2, live: 2, idle: 1, busy: 1, queued: 3, draining: false, restarts, oom_kills: 1 }
+        PoolStatus {
+            configured: 2,
+            live: 2,
+            idle: 1,
+            busy: 1,
+            queued: 3,
+            draining: false,
+            restarts,
+            oom_kills: 1,
+            exits: crate::pool::WorkerExits { crash: 2, recycle: 1, ..Default::default() },
+        }
     }
 
     #[test]
@@ -238,6 +265,9 @@ mod tests {
             "wasmbox_queue_depth 3",
             "wasmbox_worker_restarts_total 4",
             "wasmbox_worker_oom_kills_total 1",
+            "wasmbox_worker_exits_total{reason=\"crash\"} 2",
+            "wasmbox_worker_exits_total{reason=\"recycle\"} 1",
+            "wasmbox_worker_exits_total{reason=\"seccomp\"} 0",
             "wasmbox_function_cpu_seconds_total{function=\"hello\"} 0.25",
             "wasmbox_function_memory_peak_bytes{function=\"hello\"} 4096",
             "# EOF",

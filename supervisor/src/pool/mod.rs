@@ -132,6 +132,63 @@ pub struct PoolStatus {
     pub restarts: u64,
     /// Workers the kernel OOM-killed.
     pub oom_kills: u64,
+    /// Workers that ended while the pool ran (each then replaced), by why.
+    pub exits: WorkerExits,
+}
+
+/// Why a worker process ended while the pool was running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// It died on its own: a crash, a signal from outside, an unexpected exit.
+    Crash,
+    /// The kernel killed it at its cgroup's memory limit.
+    OomKill,
+    /// The kernel killed it for a syscall outside the seccomp allow-list.
+    Seccomp,
+    /// The supervisor killed it at an invocation's hard deadline.
+    TimeoutKill,
+    /// It served `WASMBOX_WORKER_MAX_INVOCATIONS` and was replaced.
+    Recycle,
+    /// The supervisor stopped it for another reason (a protocol error, an exchange
+    /// abandoned halfway).
+    Discarded,
+}
+
+/// Worker exits counted by [`ExitReason`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WorkerExits {
+    pub crash: u64,
+    pub oom_kill: u64,
+    pub seccomp: u64,
+    pub timeout_kill: u64,
+    pub recycle: u64,
+    pub discarded: u64,
+}
+
+impl WorkerExits {
+    fn count(&mut self, reason: ExitReason) {
+        let n = match reason {
+            ExitReason::Crash => &mut self.crash,
+            ExitReason::OomKill => &mut self.oom_kill,
+            ExitReason::Seccomp => &mut self.seccomp,
+            ExitReason::TimeoutKill => &mut self.timeout_kill,
+            ExitReason::Recycle => &mut self.recycle,
+            ExitReason::Discarded => &mut self.discarded,
+        };
+        *n += 1;
+    }
+
+    /// (label, count) for every reason.
+    pub fn by_reason(&self) -> [(&'static str, u64); 6] {
+        [
+            ("crash", self.crash),
+            ("oom_kill", self.oom_kill),
+            ("seccomp", self.seccomp),
+            ("timeout_kill", self.timeout_kill),
+            ("recycle", self.recycle),
+            ("discarded", self.discarded),
+        ]
+    }
 }
 
 /// Shared between a worker handle and its slot task.
@@ -140,11 +197,21 @@ struct Life {
     exit: watch::Sender<Option<ExitStatus>>,
     /// Set (before `exit`) when the kernel OOM-killed this worker.
     oom_killed: AtomicBool,
+    /// Why the supervisor asked this worker to die, set before `kill` is notified.
+    kill_reason: std::sync::Mutex<Option<ExitReason>>,
 }
 
 impl Life {
     fn is_dead(&self) -> bool {
         self.exit.borrow().is_some()
+    }
+
+    fn set_kill_reason(&self, reason: ExitReason) {
+        *self.kill_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+
+    fn kill_reason(&self) -> Option<ExitReason> {
+        *self.kill_reason.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -218,6 +285,7 @@ struct Shared {
     generations: AtomicU64,
     restarts: AtomicU64,
     oom_kills: AtomicU64,
+    exits: std::sync::Mutex<WorkerExits>,
     /// (engine, version) from the first hello.
     engine: Mutex<Option<(String, String)>>,
     slots: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -240,6 +308,7 @@ impl Pool {
             generations: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             oom_kills: AtomicU64::new(0),
+            exits: std::sync::Mutex::new(WorkerExits::default()),
             engine: Mutex::new(None),
             slots: Mutex::new(Vec::new()),
             config,
@@ -287,6 +356,7 @@ impl Pool {
             draining: st.draining,
             restarts: self.0.restarts.load(Ordering::Relaxed),
             oom_kills: self.0.oom_kills.load(Ordering::Relaxed),
+            exits: *self.0.exits.lock().unwrap_or_else(|p| p.into_inner()),
         }
     }
 
@@ -481,6 +551,14 @@ impl Pool {
                         tracing::debug!(worker = %id, status = %describe_exit(status), "worker stopped");
                         return;
                     }
+                    let reason = if oom_kills > 0 {
+                        ExitReason::OomKill
+                    } else if status.signal() == Some(Signal::SIGSYS as i32) {
+                        ExitReason::Seccomp
+                    } else {
+                        life.kill_reason().unwrap_or(ExitReason::Crash)
+                    };
+                    self.0.exits.lock().unwrap_or_else(|p| p.into_inner()).count(reason);
                     tracing::warn!(worker = %id, pid = hello.pid, status = %describe_exit(status), "worker exited; replacing it");
                 }
                 Err(e) => {
@@ -574,8 +652,12 @@ impl Pool {
                 });
             }
         };
-        let life =
-            Arc::new(Life { kill: Notify::new(), exit: watch::channel(None).0, oom_killed: AtomicBool::new(false) });
+        let life = Arc::new(Life {
+            kill: Notify::new(),
+            exit: watch::channel(None).0,
+            oom_killed: AtomicBool::new(false),
+            kill_reason: std::sync::Mutex::new(None),
+        });
         let worker = Worker { id, pid: hello.pid, conn, life, modules: VecDeque::new(), invocations: 0 };
         Ok((child, worker, hello))
     }
@@ -663,6 +745,7 @@ impl Lease {
                 let retire = config.max_invocations.is_some_and(|max| worker.invocations >= max);
                 if retire {
                     tracing::debug!(worker = %worker.id, invocations = worker.invocations, "recycling worker");
+                    worker.life.set_kill_reason(ExitReason::Recycle);
                 }
                 self.clean = !retire;
                 done.accounting = cgroup.zip(checkpoint).map(|(cg, cp)| cg.finish(&cp));
@@ -672,6 +755,12 @@ impl Lease {
                 let Some(worker) = self.worker.take() else {
                     return Err(InvokeFailure::ShuttingDown);
                 };
+                // A broken connection means it died by itself: the slot tells why.
+                match failure {
+                    Exchange::HardDeadline => worker.life.set_kill_reason(ExitReason::TimeoutKill),
+                    Exchange::Protocol(_) => worker.life.set_kill_reason(ExitReason::Discarded),
+                    Exchange::Lost(_) => {}
+                }
                 let life = self.pool.discard(worker);
                 let mut exit = life.exit.subscribe();
                 let status = tokio::time::timeout(Duration::from_secs(2), exit.wait_for(Option::is_some))
@@ -708,7 +797,11 @@ impl Drop for Lease {
             if self.clean {
                 self.pool.give_back(worker);
             } else {
-                // Dropped mid-invocation: the worker's protocol state is unknown.
+                // Dropped mid-invocation: the worker's protocol state is unknown. (A
+                // recycled worker comes here too, its reason already set.)
+                if worker.life.kill_reason().is_none() {
+                    worker.life.set_kill_reason(ExitReason::Discarded);
+                }
                 self.pool.discard(worker);
             }
         }
