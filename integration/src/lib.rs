@@ -260,10 +260,13 @@ impl Builder {
         let thread_logs = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("addr=").nth(1).and_then(|s| s.split_whitespace().next()) {
-                    if line.contains("listening on") {
-                        let _ = addr_tx.send(addr.to_string());
-                    }
+                // "listening on http://ADDR", in the text and the JSON log formats alike.
+                if let Some(addr) = line
+                    .split("listening on http://")
+                    .nth(1)
+                    .and_then(|s| s.split(|c: char| c == '"' || c.is_whitespace()).next())
+                {
+                    let _ = addr_tx.send(addr.to_string());
                 }
                 let mut l = thread_logs.lock().unwrap_or_else(|p| p.into_inner());
                 l.push_str(&line);

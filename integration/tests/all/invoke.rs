@@ -149,6 +149,37 @@ async fn metrics_count_worker_exits_by_reason() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn json_logs_have_one_line_per_invocation_without_guest_output() -> anyhow::Result<()> {
+    let s = Supervisor::builder().workers(1).function("hello").env("LOG_FORMAT", "json").start()?;
+    let r = s.get("/hello").await?;
+    assert_eq!(r.status, StatusCode::OK);
+    let id = r.header("x-wasmbox-request-id").unwrap_or_default().to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let line = loop {
+        let logs = s.logs();
+        let lines: Vec<serde_json::Value> =
+            logs.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+        if let Some(line) = lines.into_iter().find(|l| l["message"] == "invocation") {
+            break line;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no invocation line:\n{logs}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(line["span"]["request_id"], id.as_str(), "{line}");
+    assert_eq!(line["span"]["function"], "hello", "{line}");
+    assert_eq!((line["status"].as_u64(), line["outcome"].as_str()), (Some(200), Some("ok")), "{line}");
+    for timing in ["queue_us", "exec_us", "total_us"] {
+        assert!(line[timing].is_u64(), "{timing} missing: {line}");
+    }
+    if wasmbox_integration::cgroup_skip_reason().is_none() {
+        assert!(line["cpu_us"].is_u64() && line["memory_peak_bytes"].as_u64() > Some(0), "{line}");
+    }
+    // The guest's output goes to the client only.
+    assert!(!s.logs().contains("Hello from WasmBox"), "{}", s.logs());
+    Ok(())
+}
+
+#[tokio::test]
 async fn health_and_readiness() -> anyhow::Result<()> {
     let s = Supervisor::builder().workers(2).start()?;
     let r = s.get("/healthz").await?;

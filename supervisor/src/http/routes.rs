@@ -164,6 +164,9 @@ async fn invoke(
         let meta = Meta { worker, queue_wait };
         let ran =
             completed.as_ref().ok().map(|done| (Duration::from_micros(done.result.exec_us), done.result.module_source));
+        let used = completed.as_ref().ok().and_then(|done| done.accounting.as_ref());
+        let cpu_us = used.and_then(|u| u.cpu_time).map(micros);
+        let memory_peak_bytes = used.and_then(|u| u.memory_peak_bytes);
         let response = match completed {
             Ok(done) if done.result.outcome == Outcome::ModuleChanged && attempt == 0 => {
                 app.registry.invalidate(&name);
@@ -205,7 +208,10 @@ async fn invoke(
             outcome = kind,
             worker = %meta.worker,
             queue_us = micros(queue_wait),
+            exec_us = ran.map(|(exec, _)| micros(exec)),
             total_us = micros(started.elapsed()),
+            cpu_us,
+            memory_peak_bytes,
             "invocation"
         );
         return Ok(with_meta(response, &meta));
