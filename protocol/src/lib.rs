@@ -256,6 +256,17 @@ pub enum ModuleSource {
     Compiled,
 }
 
+impl ModuleSource {
+    /// The name used on the wire, in the `x-wasmbox-module-source` header and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModuleSource::Memory => "memory",
+            ModuleSource::Artifact => "artifact",
+            ModuleSource::Compiled => "compiled",
+        }
+    }
+}
+
 /// Result of one invocation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct InvocationResult {

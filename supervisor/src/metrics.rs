@@ -169,12 +169,7 @@ impl Metrics {
         }
         self.duration.get_or_create(&Phase { phase: "total" }).observe(total.as_secs_f64());
         if let Some(source) = source {
-            let source = match source {
-                ModuleSource::Memory => "memory",
-                ModuleSource::Artifact => "artifact",
-                ModuleSource::Compiled => "compiled",
-            };
-            self.module_loads.get_or_create(&Source { source }).inc();
+            self.module_loads.get_or_create(&Source { source: source.as_str() }).inc();
         }
     }
 

@@ -167,7 +167,9 @@ async fn invoke(
         let used = completed.as_ref().ok().and_then(|done| done.accounting.as_ref());
         let cpu_us = used.and_then(|u| u.cpu_time).map(micros);
         let memory_peak_bytes = used.and_then(|u| u.memory_peak_bytes);
-        let response = match completed {
+        // `kind` is "ok" or the error kind the answer carries, also for a guest's own
+        // failure (a trap or a non-zero exit), which is answered without an ApiError.
+        let (response, kind) = match completed {
             Ok(done) if done.result.outcome == Outcome::ModuleChanged && attempt == 0 => {
                 app.registry.invalidate(&name);
                 let function = app.registry.lookup(&name).await.map_err(registry_error)?;
@@ -190,16 +192,14 @@ async fn invoke(
                 (e.to_response(), e.kind())
             }
         };
-        // `kind` is "ok" or the error kind the answer carries, also for a guest's own
-        // failure (a trap or a non-zero exit), which is answered without an ApiError.
-        let (response, kind) = response;
         let status = response.status();
+        let total = started.elapsed();
         app.metrics.record_invocation(
             name.as_str(),
             kind,
             queue_wait,
             ran.map(|(exec, _)| exec),
-            started.elapsed(),
+            total,
             ran.and_then(|(_, source)| source),
         );
         tracing::info!(
@@ -209,7 +209,7 @@ async fn invoke(
             worker = %meta.worker,
             queue_us = micros(queue_wait),
             exec_us = ran.map(|(exec, _)| micros(exec)),
-            total_us = micros(started.elapsed()),
+            total_us = micros(total),
             cpu_us,
             memory_peak_bytes,
             "invocation"
@@ -285,12 +285,7 @@ fn outcome_response(
     headers.insert(HEADER_EXEC_TIME, HeaderValue::from(result.exec_us));
     headers.insert(HEADER_PREPARE_TIME, HeaderValue::from(result.prepare_us));
     if let Some(source) = result.module_source {
-        let name = match source {
-            wasmbox_protocol::ModuleSource::Memory => "memory",
-            wasmbox_protocol::ModuleSource::Artifact => "artifact",
-            wasmbox_protocol::ModuleSource::Compiled => "compiled",
-        };
-        headers.insert(HEADER_MODULE_SOURCE, HeaderValue::from_static(name));
+        headers.insert(HEADER_MODULE_SOURCE, HeaderValue::from_static(source.as_str()));
     }
     (response, kind)
 }
