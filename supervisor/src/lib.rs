@@ -119,6 +119,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             module_cache_entries: config.worker_module_cache,
             max_module_bytes: config.max_module_bytes,
             log_filter: worker_log_filter(),
+            log_json: config.log_format == config::LogFormat::Json,
             hardening_args: hardening.worker_args(),
             hardening_layers: hardening.expected_layers(),
         },

@@ -41,6 +41,9 @@ pub struct WorkerArgs {
     /// Log filter for the worker's own diagnostics (tracing syntax).
     #[arg(long, default_value = "warn")]
     pub log: String,
+    /// Log JSON lines instead of text (the supervisor's LOG_FORMAT=json).
+    #[arg(long)]
+    pub log_json: bool,
 
     #[command(flatten)]
     pub hardening: harden::HardeningArgs,

@@ -26,7 +26,12 @@ fn main() -> std::process::ExitCode {
         }
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    if args.log_json {
+        logs.json().flatten_event(true).init();
+    } else {
+        logs.init();
+    }
     let slot = args.slot;
     match wasmbox_worker::run(args, applied) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -150,7 +150,14 @@ async fn metrics_count_worker_exits_by_reason() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn json_logs_have_one_line_per_invocation_without_guest_output() -> anyhow::Result<()> {
-    let s = Supervisor::builder().workers(1).function("hello").env("LOG_FORMAT", "json").start()?;
+    // Workers share the supervisor's stderr: at debug they log every invocation too, and
+    // those lines must be JSON as well.
+    let s = Supervisor::builder()
+        .workers(1)
+        .function("hello")
+        .env("LOG_FORMAT", "json")
+        .env("WASMBOX_WORKER_LOG", "debug")
+        .start()?;
     let r = s.get("/hello").await?;
     assert_eq!(r.status, StatusCode::OK);
     let id = r.header("x-wasmbox-request-id").unwrap_or_default().to_owned();
@@ -159,8 +166,11 @@ async fn json_logs_have_one_line_per_invocation_without_guest_output() -> anyhow
         let logs = s.logs();
         let lines: Vec<serde_json::Value> =
             logs.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+        let worker_lines = lines.iter().filter(|l| l["message"] == "invocation finished").count();
         if let Some(line) = lines.into_iter().find(|l| l["message"] == "invocation") {
-            break line;
+            if worker_lines > 0 {
+                break line;
+            }
         }
         anyhow::ensure!(std::time::Instant::now() < deadline, "no invocation line:\n{logs}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -27,6 +27,9 @@ pub struct WorkerLaunch {
     pub module_cache_entries: usize,
     pub max_module_bytes: u64,
     pub log_filter: String,
+    /// Whether workers log JSON lines (LOG_FORMAT=json) or text, as the supervisor does:
+    /// they share its stderr.
+    pub log_json: bool,
     /// Hardening flags for `wasmbox-worker` (see `crate::hardening`).
     pub hardening_args: Vec<String>,
     /// Layers a worker's hello must report.
@@ -92,6 +95,9 @@ fn spawn_worker(launch: &WorkerLaunch, slot: usize, placement: Vec<RawFd>) -> io
         .arg(launch.max_module_bytes.to_string())
         .arg("--log")
         .arg(&launch.log_filter);
+    if launch.log_json {
+        cmd.arg("--log-json");
+    }
     if let Some(dir) = &launch.cache_dir {
         cmd.arg("--cache-dir").arg(dir);
     }
