@@ -113,33 +113,33 @@ async fn metrics_count_worker_exits_by_reason() -> anyhow::Result<()> {
     for _ in 0..2 {
         assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let exits = |text: &str, reason: &str| -> Option<f64> {
         let series = format!("wasmbox_worker_exits_total{{reason=\"{reason}\"}} ");
         text.lines().find_map(|l| l.strip_prefix(series.as_str())?.parse().ok())
     };
-    loop {
-        let text = s.get("/metrics").await?.text();
-        if exits(&text, "recycle") == Some(1.0) {
-            break;
+    // Polls /metrics until `reason` has been counted once; returns that scrape.
+    let counted = |reason: &'static str| {
+        let s = &s;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let text = s.get("/metrics").await?.text();
+                if exits(&text, reason) == Some(1.0) {
+                    return anyhow::Ok(text);
+                }
+                anyhow::ensure!(std::time::Instant::now() < deadline, "no {reason} counted:\n{text}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "no recycle counted:\n{text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    counted("recycle").await?;
     // Killed from outside: a crash, as far as the supervisor can tell.
     s.wait_pool_full(1, Duration::from_secs(10)).await?;
     let worker = s.worker_pids()[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker), nix::sys::signal::Signal::SIGKILL)?;
-    loop {
-        let text = s.get("/metrics").await?.text();
-        if exits(&text, "crash") == Some(1.0) {
-            assert_eq!(exits(&text, "recycle"), Some(1.0), "{text}");
-            assert_eq!(exits(&text, "timeout_kill"), Some(0.0), "{text}");
-            break;
-        }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "no crash counted:\n{text}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let text = counted("crash").await?;
+    assert_eq!(exits(&text, "recycle"), Some(1.0), "{text}");
+    assert_eq!(exits(&text, "timeout_kill"), Some(0.0), "{text}");
     s.wait_pool_full(1, Duration::from_secs(10)).await?;
     let stats = s.get("/stats").await?.json();
     assert_eq!(stats["pool"]["exits"]["recycle"], 1, "{stats}");
