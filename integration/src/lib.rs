@@ -138,9 +138,17 @@ pub struct Builder {
     functions: Vec<(String, Vec<u8>)>,
     files: Vec<(String, Vec<u8>)>,
     inherited: Option<std::fs::File>,
+    cgroup_procs: Vec<PathBuf>,
 }
 
 impl Builder {
+    /// Starts the supervisor inside the cgroups whose `cgroup.procs` files are given (it
+    /// joins them before it runs), as a container runtime would place it.
+    pub fn in_cgroups(mut self, procs: Vec<PathBuf>) -> Self {
+        self.cgroup_procs = procs;
+        self
+    }
+
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
         self
@@ -221,7 +229,15 @@ impl Builder {
             .find(|(k, _)| k == "WASMBOX_CGROUP_PARENT")
             .map(|(_, v)| v.clone())
             .unwrap_or_else(unique_cgroup_parent);
-        let mut cmd = Command::new(&wasmbox);
+        let mut cmd = if self.cgroup_procs.is_empty() {
+            Command::new(&wasmbox)
+        } else {
+            // The shell joins the cgroups, then becomes the supervisor (same pid).
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg("for f in \"$@\"; do echo $$ > \"$f\" || exit 1; done; exec \"$0\"");
+            c.arg(&wasmbox).args(&self.cgroup_procs);
+            c
+        };
         cmd.env_clear()
             .env("WASMBOX_CGROUP_PARENT", &cgroup_parent)
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -258,8 +274,18 @@ impl Builder {
         let logs = Arc::new(Mutex::new(String::new()));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let thread_logs = logs.clone();
+        let health_addr = Arc::new(Mutex::new(None));
+        let thread_health = health_addr.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // "health endpoints on http://ADDR" comes before "listening on".
+                if let Some(addr) = line
+                    .split("health endpoints on http://")
+                    .nth(1)
+                    .and_then(|s| s.split(|c: char| c == '"' || c.is_whitespace()).next())
+                {
+                    *thread_health.lock().unwrap_or_else(|p| p.into_inner()) = addr.parse::<SocketAddr>().ok();
+                }
                 // "listening on http://ADDR", in the text and the JSON log formats alike.
                 if let Some(addr) = line
                     .split("listening on http://")
@@ -273,7 +299,8 @@ impl Builder {
                 l.push('\n');
             }
         });
-        let mut supervisor = Supervisor { child, addr: "127.0.0.1:0".parse()?, logs, dir, exited: None, cgroup_parent };
+        let mut supervisor =
+            Supervisor { child, addr: "127.0.0.1:0".parse()?, health_addr, logs, dir, exited: None, cgroup_parent };
         if !wait_listening {
             return Ok(supervisor);
         }
@@ -289,6 +316,7 @@ impl Builder {
 pub struct Supervisor {
     child: Child,
     pub addr: SocketAddr,
+    health_addr: Arc<Mutex<Option<SocketAddr>>>,
     logs: Arc<Mutex<String>>,
     dir: tempfile::TempDir,
     exited: Option<ExitStatus>,
@@ -362,12 +390,23 @@ impl Supervisor {
     /// A supervisor with two workers, on the engine `WASMBOX_TEST_ENGINE` names if the
     /// test's environment has it (to run any test against WasmEdge), else the default.
     pub fn builder() -> Builder {
-        let builder =
-            Builder { workers: 2, env: Vec::new(), functions: Vec::new(), files: Vec::new(), inherited: None };
+        let builder = Builder {
+            workers: 2,
+            env: Vec::new(),
+            functions: Vec::new(),
+            files: Vec::new(),
+            inherited: None,
+            cgroup_procs: Vec::new(),
+        };
         match std::env::var("WASMBOX_TEST_ENGINE") {
             Ok(engine) if !engine.is_empty() => builder.engine(&engine),
             _ => builder,
         }
+    }
+
+    /// The WASMBOX_HEALTH_LISTEN address, when it was set.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        *self.health_addr.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn pid(&self) -> i32 {

@@ -52,9 +52,34 @@ pub struct Config {
     #[arg(long, env = "WASMBOX_QUEUE_DEPTH", default_value_t = 256)]
     pub queue_depth: usize,
 
-    /// /ready answers 503 while at least this many requests wait [default: 3/4 of the queue depth].
+    /// /ready answers 503 while the mean number of waiting requests over the readiness window
+    /// is at least this [default: 3/4 of the queue depth].
     #[arg(long, env = "WASMBOX_READY_QUEUE_THRESHOLD")]
     pub ready_queue_threshold: Option<usize>,
+
+    /// /ready answers 503 while the mean memory utilization of the supervisor's cgroup (the
+    /// container: supervisor and workers) over the readiness window is above this percentage
+    /// of its limit (of the host's memory where the cgroup has none).
+    #[arg(long, env = "WASMBOX_READY_MEMORY_PERCENT", default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub ready_memory_percent: u64,
+
+    /// The window over which /ready averages memory utilization and queue depth, in ms.
+    #[arg(long, env = "WASMBOX_READY_WINDOW_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub ready_window_ms: u64,
+
+    /// How often memory and queue depth are sampled for /ready, in ms.
+    #[arg(long, env = "WASMBOX_READY_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub ready_interval_ms: u64,
+
+    /// A second address serving only /healthz, /ready and /metrics, for probes and scrapes
+    /// that should not share the invocation port [default: none; they are on WASMBOX_LISTEN].
+    #[arg(long, env = "WASMBOX_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
+    /// Bearer token of the module management API (/admin/functions); unset disables it.
+    /// At least 16 characters.
+    #[arg(long, env = "WASMBOX_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 
     /// Path of the wasmbox-worker binary [default: next to the wasmbox binary].
     #[arg(long, env = "WASMBOX_WORKER_BIN")]
@@ -240,6 +265,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// Shortest WASMBOX_ADMIN_TOKEN accepted.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
 /// A setting that cannot work.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -272,6 +300,20 @@ impl Config {
 
     pub fn ready_queue_threshold(&self) -> usize {
         self.ready_queue_threshold.unwrap_or((self.queue_depth * 3 / 4).max(1))
+    }
+
+    pub fn readiness(&self) -> crate::readiness::ReadinessSettings {
+        crate::readiness::ReadinessSettings {
+            interval: Duration::from_millis(self.ready_interval_ms),
+            window: Duration::from_millis(self.ready_window_ms),
+            memory_threshold: self.ready_memory_percent as f64 / 100.0,
+            queue_threshold: self.ready_queue_threshold(),
+        }
+    }
+
+    /// The admin token, when the admin API is on.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_deref().filter(|t| !t.is_empty())
     }
 
     pub fn limits(&self) -> LimitDefaults {
@@ -368,6 +410,16 @@ impl Config {
             return Err(ConfigError("byte limits must be at least 1".into()));
         }
         self.validate_http()?;
+        if let Some(token) = self.admin_token() {
+            if token.len() < MIN_ADMIN_TOKEN_LEN || token.bytes().any(|b| !b.is_ascii_graphic()) {
+                return Err(ConfigError(format!(
+                    "WASMBOX_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LEN} printable characters without spaces"
+                )));
+            }
+        }
+        if self.health_listen.is_some_and(|h| h == self.listen && h.port() != 0) {
+            return Err(ConfigError("WASMBOX_HEALTH_LISTEN must differ from WASMBOX_LISTEN".into()));
+        }
         Ok(())
     }
 

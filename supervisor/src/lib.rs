@@ -7,6 +7,7 @@ pub mod hardening;
 pub mod http;
 pub mod metrics;
 pub mod pool;
+pub mod readiness;
 pub mod registry;
 pub mod usage;
 
@@ -26,6 +27,16 @@ use crate::pool::spawn::WorkerLaunch;
 use crate::pool::{Pool, PoolConfig, PoolStatus};
 use crate::registry::Registry;
 use crate::usage::UsageLedger;
+
+/// What /ready answers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Why not ready: draining, no_live_worker, memory, queue.
+    pub reasons: Vec<&'static str>,
+    pub pool: PoolStatus,
+    pub load: readiness::LoadState,
+}
 
 /// Why the supervisor could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +73,8 @@ pub struct App {
     pub cgroups: Option<Description>,
     pub usage: UsageLedger,
     pub metrics: metrics::Metrics,
+    /// The load verdict /ready reports (memory and queue over a window).
+    pub load: Arc<readiness::Readiness>,
     /// Open client connections against `WASMBOX_MAX_CONNECTIONS`.
     pub connections: http::Connections,
     draining: AtomicBool,
@@ -77,11 +90,20 @@ impl App {
         self.pool.begin_drain();
     }
 
-    /// Ready while not draining, at least one worker is up, and the queue is short.
-    pub fn readiness(&self) -> (bool, PoolStatus) {
-        let status = self.pool.status();
-        let ready = !self.is_draining() && status.live > 0 && status.queued < self.config.ready_queue_threshold();
-        (ready, status)
+    /// Ready while not draining, at least one worker is up, and not overloaded over the
+    /// readiness window (see [`readiness`]).
+    pub fn readiness(&self) -> Readiness {
+        let pool = self.pool.status();
+        let load = self.load.state();
+        let mut reasons: Vec<&'static str> = Vec::new();
+        if self.is_draining() {
+            reasons.push("draining");
+        }
+        if pool.live == 0 {
+            reasons.push("no_live_worker");
+        }
+        reasons.extend(load.reasons.iter().copied());
+        Readiness { ready: reasons.is_empty(), reasons, pool, load }
     }
 }
 
@@ -100,6 +122,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let cache_dir = config.resolved_cache_dir();
     let hardening = hardening::WorkerHardening::resolve(&config)?;
     tracing::info!("worker hardening: {hardening}");
+    // The supervisor's memory cgroup as the container runtime made it, before the
+    // supervisor moves itself into a leaf beside its workers (cgroup v2).
+    let memory_source = readiness::MemorySource::detect(&cgroup::fs::KernelFs);
     let cgroup_settings = config.cgroup_settings()?;
     let slots = config.worker_count();
     let mut cgroups = tokio::task::spawn_blocking(move || {
@@ -159,6 +184,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             return Err(StartError::Listen { addr: config.listen, source });
         }
     };
+    let health_listener = match config.health_listen {
+        Some(health) => match TcpListener::bind(health).await {
+            Ok(l) => Some(l),
+            Err(source) => {
+                pool.shutdown(Duration::from_secs(1)).await;
+                remove_cgroups(cgroups.take()).await;
+                return Err(StartError::Listen { addr: health, source });
+            }
+        },
+        None => None,
+    };
     let addr = listener.local_addr().unwrap_or(config.listen);
     let app = Arc::new(App {
         limits: config.limits(),
@@ -167,13 +203,37 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         cgroups: cgroups.as_ref().map(Cgroups::describe),
         usage: UsageLedger::default(),
         metrics: metrics::Metrics::new(),
+        load: Arc::new(readiness::Readiness::new(config.readiness())),
         connections: http::Connections::new(config.max_connections),
         draining: AtomicBool::new(false),
         config,
     });
+    tracing::info!(memory = %memory_source.describe(), settings = ?app.load.settings(), "readiness sampling");
+    readiness::sample_now(&app.load, &memory_source, pool.status().queued);
+    let sampler = {
+        let pool = pool.clone();
+        tokio::spawn(readiness::sample_forever(app.load.clone(), memory_source, move || pool.status().queued))
+    };
+    let (stop_health, health_stopped) = tokio::sync::oneshot::channel::<()>();
+    let health = health_listener.map(|listener| {
+        match listener.local_addr() {
+            Ok(a) => {
+                tracing::info!("health endpoints on http://{a} (/healthz, /ready, /metrics; WASMBOX_HEALTH_LISTEN)")
+            }
+            Err(e) => tracing::warn!(error = %e, "health listener has no address"),
+        }
+        tokio::spawn(http::serve_health(listener, app.clone(), async move {
+            let _ = health_stopped.await;
+        }))
+    });
     tracing::info!(%addr, "listening on http://{addr}");
 
     let drained = http::serve(listener, app.clone(), shutdown_signal(signals)).await;
+    let _ = stop_health.send(());
+    if let Some(health) = health {
+        let _ = health.await;
+    }
+    sampler.abort();
     let status = pool.status();
     tracing::info!(drained, "connections closed");
     tracing::info!(busy = status.busy, "stopping workers");

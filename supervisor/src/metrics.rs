@@ -69,6 +69,11 @@ pub struct Metrics {
     cpu_seconds: Family<FunctionLabel, Counter<f64, AtomicU64>>,
     memory_peak: Family<FunctionLabel, Gauge>,
     function_oom_kills: Family<FunctionLabel, Counter>,
+    cold_starts: Counter,
+    ready: Gauge,
+    memory_utilization: Gauge<f64, AtomicU64>,
+    memory_working_set: Gauge,
+    memory_limit: Gauge,
 }
 
 impl Default for Metrics {
@@ -135,8 +140,39 @@ impl Metrics {
             "Invocations whose worker the kernel OOM-killed, by function",
             function_oom_kills.clone(),
         );
+        let cold_starts = Counter::default();
+        registry.register(
+            "cold_starts",
+            "Invocations whose module was not in the worker's memory (loaded from an artifact or compiled)",
+            cold_starts.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register("ready", "1 while /ready answers 200, else 0", ready.clone());
+        let memory_utilization = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "memory_utilization_ratio",
+            "Mean memory utilization of the supervisor's cgroup over the readiness window (0-1)",
+            memory_utilization.clone(),
+        );
+        let memory_working_set = Gauge::default();
+        registry.register(
+            "memory_working_set_bytes",
+            "Working set of the supervisor's cgroup (supervisor and workers) at the last sample",
+            memory_working_set.clone(),
+        );
+        let memory_limit = Gauge::default();
+        registry.register(
+            "memory_limit_bytes",
+            "Memory limit of the supervisor's cgroup (the host's memory without one)",
+            memory_limit.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            cold_starts,
+            ready,
+            memory_utilization,
+            memory_working_set,
+            memory_limit,
             invocations,
             duration,
             module_loads,
@@ -170,6 +206,9 @@ impl Metrics {
         self.duration.get_or_create(&Phase { phase: "total" }).observe(total.as_secs_f64());
         if let Some(source) = source {
             self.module_loads.get_or_create(&Source { source: source.as_str() }).inc();
+            if source != ModuleSource::Memory {
+                self.cold_starts.inc();
+            }
         }
     }
 
@@ -179,9 +218,19 @@ impl Metrics {
         &self,
         pool: &PoolStatus,
         usage: impl IntoIterator<Item = (&'a String, &'a FunctionUsage)>,
+        readiness: &crate::Readiness,
     ) -> Result<String, std::fmt::Error> {
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let gauge = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        let bytes = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.ready.set(i64::from(readiness.ready));
+        if let Some(m) = readiness.load.memory_utilization {
+            self.memory_utilization.set(m);
+        }
+        if let Some(m) = readiness.load.memory {
+            self.memory_working_set.set(bytes(m.working_set_bytes));
+            self.memory_limit.set(bytes(m.limit_bytes));
+        }
         for (state, value) in
             [("configured", pool.configured), ("live", pool.live), ("idle", pool.idle), ("busy", pool.busy)]
         {
@@ -248,7 +297,19 @@ mod tests {
             "hello".to_string(),
             FunctionUsage { invocations: 2, cpu_seconds: 0.25, memory_peak_bytes_max: 4096, oom_kills: 0 },
         )];
-        let text = m.encode(&pool(4), usage.iter().map(|(k, v)| (k, v))).unwrap();
+        let readiness = crate::Readiness {
+            ready: false,
+            reasons: vec!["memory"],
+            pool: pool(4),
+            load: crate::readiness::LoadState {
+                overloaded: true,
+                reasons: vec!["memory"],
+                memory_utilization: Some(0.95),
+                memory: Some(crate::readiness::MemoryReading { working_set_bytes: 950, limit_bytes: 1000 }),
+                ..Default::default()
+            },
+        };
+        let text = m.encode(&pool(4), usage.iter().map(|(k, v)| (k, v)), &readiness).unwrap();
         for line in [
             "wasmbox_invocations_total{function=\"hello\",outcome=\"ok\"} 2",
             "wasmbox_invocations_total{function=\"hello\",outcome=\"timeout\"} 1",
@@ -265,12 +326,17 @@ mod tests {
             "wasmbox_worker_exits_total{reason=\"seccomp\"} 0",
             "wasmbox_function_cpu_seconds_total{function=\"hello\"} 0.25",
             "wasmbox_function_memory_peak_bytes{function=\"hello\"} 4096",
+            "wasmbox_cold_starts_total 1",
+            "wasmbox_ready 0",
+            "wasmbox_memory_utilization_ratio 0.95",
+            "wasmbox_memory_working_set_bytes 950",
+            "wasmbox_memory_limit_bytes 1000",
             "# EOF",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
         // A second scrape copies only what changed: counters never count twice.
-        let text = m.encode(&pool(5), usage.iter().map(|(k, v)| (k, v))).unwrap();
+        let text = m.encode(&pool(5), usage.iter().map(|(k, v)| (k, v)), &readiness).unwrap();
         assert!(text.contains("wasmbox_worker_restarts_total 5"), "{text}");
         assert!(text.contains("wasmbox_function_cpu_seconds_total{function=\"hello\"} 0.25"), "{text}");
     }

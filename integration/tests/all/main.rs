@@ -12,3 +12,4 @@ mod hostile;
 mod http_hardening;
 mod invoke;
 mod limits;
+mod operations;

@@ -181,6 +181,52 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     false
 }
 
+/// Connections the health listener serves at once: probes and scrapers, not clients.
+const HEALTH_CONNECTIONS: usize = 64;
+
+/// Serves `WASMBOX_HEALTH_LISTEN` (only /healthz, /ready, /metrics) until `stop` resolves:
+/// through the main listener's drain it keeps answering, so probes see /ready turn 503.
+pub async fn serve_health(listener: TcpListener, app: Arc<App>, stop: impl Future<Output = ()>) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(app.config.header_read_timeout_ms))
+        .max_header_size(app.config.max_header_bytes);
+    let slots = Arc::new(Semaphore::new(HEALTH_CONNECTIONS));
+    tokio::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
+            () = &mut stop => break,
+        };
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::debug!(error = %e, "health listener accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service_app = app.clone();
+        let service = service_fn(move |req| {
+            let app = service_app.clone();
+            async move { Ok::<_, std::convert::Infallible>(routes::handle_health(app, req).await) }
+        });
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
+}
+
 /// Whether a warning last given at `last` may be given again now (and records it).
 fn due(last: &mut Option<Instant>) -> bool {
     let now = Instant::now();

@@ -53,19 +53,21 @@ fn request_id(req: &Request<Incoming>) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
 }
 
+/// Handles one request on `WASMBOX_HEALTH_LISTEN`: the health endpoints only.
+pub async fn handle_health(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match health_route(&app, &req) {
+        Some(Ok(response)) => response,
+        Some(Err(error)) => error.to_response(),
+        None => ApiError::RouteNotFound(req.uri().path().into()).to_response(),
+    }
+}
+
 async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    if let Some(answer) = health_route(app, &req) {
+        return answer;
+    }
     let path = req.uri().path();
     match path {
-        "/healthz" => {
-            only_get(req.method())?;
-            Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
-        }
-        "/ready" => {
-            only_get(req.method())?;
-            let (ready, status) = app.readiness();
-            let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-            Ok(json_response(code, &json!({"ready": ready, "pool": status})))
-        }
         "/stats" => {
             only_get(req.method())?;
             let body = json!({
@@ -75,19 +77,6 @@ async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Resu
                 "http": app.connections.stats(),
             });
             Ok(json_response(StatusCode::OK, &body))
-        }
-        "/metrics" => {
-            only_get(req.method())?;
-            let usage = app.usage.snapshot();
-            let text = app
-                .metrics
-                .encode(&app.pool.status(), &usage)
-                .map_err(|e| ApiError::Internal(format!("encoding metrics: {e}")))?;
-            let mut response = Response::new(Full::new(Bytes::from(text)));
-            response
-                .headers_mut()
-                .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
-            Ok(response)
         }
         "/" => Err(ApiError::RouteNotFound("/".into())),
         _ => {
@@ -101,6 +90,37 @@ async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Resu
             };
             invoke(app, req, name, stdin_allowed, request_id).await
         }
+    }
+}
+
+/// /healthz, /ready and /metrics, served on both listeners; `None` for any other path.
+fn health_route(app: &Arc<App>, req: &Request<Incoming>) -> Option<Result<Response<Full<Bytes>>, ApiError>> {
+    let path = req.uri().path();
+    matches!(path, "/healthz" | "/ready" | "/metrics").then(|| health(app, req.method(), path))
+}
+
+fn health(app: &Arc<App>, method: &Method, path: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    only_get(method)?;
+    match path {
+        "/healthz" => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        "/ready" => {
+            let readiness = app.readiness();
+            let code = if readiness.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            Ok(json_response(code, &serde_json::to_value(&readiness).unwrap_or_default()))
+        }
+        "/metrics" => {
+            let usage = app.usage.snapshot();
+            let text = app
+                .metrics
+                .encode(&app.pool.status(), &usage, &app.readiness())
+                .map_err(|e| ApiError::Internal(format!("encoding metrics: {e}")))?;
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response
+                .headers_mut()
+                .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
+            Ok(response)
+        }
+        _ => Err(ApiError::RouteNotFound(path.into())),
     }
 }
 
