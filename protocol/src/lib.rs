@@ -242,6 +242,11 @@ pub struct Invocation {
     /// directories' parents once it runs as an unprivileged user.
     #[serde(default)]
     pub passed_fds: u32,
+    /// Only make the module ready (validate, compile, write its artifact), then answer
+    /// `Exited { code: 0 }` without running the guest and without `Started`: how a module
+    /// uploaded through the admin API is checked and precompiled before it is visible.
+    #[serde(default)]
+    pub prepare_only: bool,
 }
 
 /// How the module got into the worker for this invocation.
@@ -325,6 +330,7 @@ mod tests {
             max_output_bytes: 1 << 20,
             confirm_start: true,
             passed_fds: 2,
+            prepare_only: false,
         }
     }
 

@@ -139,10 +139,13 @@ fn invocation() -> BoxedStrategy<Invocation> {
     });
     (
         (text(), text(), module, vec(text(), 0..4), vec((text(), text()), 0..4), vec(preopen, 0..3)),
-        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>(), any::<u32>()),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>(), any::<u32>(), any::<bool>()),
     )
         .prop_map(
-            |((request_id, function, module, argv, env, preopens), (mem, timeout, cpu, out, confirm, passed_fds))| {
+            |(
+                (request_id, function, module, argv, env, preopens),
+                (mem, timeout, cpu, out, confirm, passed_fds, prepare_only),
+            )| {
                 Invocation {
                     request_id,
                     function,
@@ -156,6 +159,7 @@ fn invocation() -> BoxedStrategy<Invocation> {
                     max_output_bytes: out,
                     confirm_start: confirm,
                     passed_fds,
+                    prepare_only,
                 }
             },
         )

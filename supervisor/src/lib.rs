@@ -77,6 +77,8 @@ pub struct App {
     pub load: Arc<readiness::Readiness>,
     /// Open client connections against `WASMBOX_MAX_CONNECTIONS`.
     pub connections: http::Connections,
+    /// Serializes module uploads and deletions (the admin API).
+    pub admin: tokio::sync::Mutex<()>,
     draining: AtomicBool,
 }
 
@@ -118,6 +120,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .map_err(|source| StartError::FunctionsDir { path: config.functions_dir.clone(), source })?;
     if !registry.dir().is_dir() {
         tracing::warn!(dir = %registry.dir().display(), "functions directory does not exist yet; every function is 404 until it does");
+    }
+    http::admin::remove_stale_uploads(registry.dir());
+    if config.admin_token().is_some() {
+        tracing::info!("module management API on at /admin/functions (bearer token from WASMBOX_ADMIN_TOKEN)");
     }
     let cache_dir = config.resolved_cache_dir();
     let hardening = hardening::WorkerHardening::resolve(&config)?;
@@ -205,6 +211,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         metrics: metrics::Metrics::new(),
         load: Arc::new(readiness::Readiness::new(config.readiness())),
         connections: http::Connections::new(config.max_connections),
+        admin: tokio::sync::Mutex::new(()),
         draining: AtomicBool::new(false),
         config,
     });

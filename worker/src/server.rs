@@ -92,6 +92,16 @@ fn invoke<E: Engine, R: Read, W: Write>(
             return Ok((result_header(&run, None, prepare_us), run));
         }
     };
+    if invocation.prepare_only {
+        let run = RunResult {
+            outcome: Outcome::Exited { code: 0 },
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stderr_dropped: 0,
+            exec: Duration::ZERO,
+        };
+        return Ok((result_header(&run, Some(source), prepare_us), run));
+    }
     if source != ModuleSource::Memory {
         write_frame(writer, &FromWorker::Started, &[])?;
         if invocation.confirm_start {

@@ -2,6 +2,7 @@
 //! One binary, one module per topic.
 #![allow(clippy::unwrap_used)]
 
+mod admin;
 mod cgroups;
 mod chaos;
 mod conformance;

@@ -60,6 +60,10 @@ pub enum ApiError {
     ShuttingDown,
     #[error("function exceeded its deadline of {timeout_ms} ms")]
     DeadlineExceeded { timeout_ms: u64, worker_killed: bool },
+    #[error("unauthorized: {0}")]
+    Unauthorized(&'static str),
+    #[error("compiling the module took longer than WASMBOX_COMPILE_TIMEOUT_MS ({timeout_ms} ms)")]
+    CompileTimeout { timeout_ms: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -72,6 +76,7 @@ impl ApiError {
             | ApiError::InvalidHeader { .. }
             | ApiError::InvalidQuery(_)
             | ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::FunctionNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -88,7 +93,7 @@ impl ApiError {
             ApiError::MemoryLimitExceeded { .. } | ApiError::OomKilled { .. } => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::WorkerDied { .. } | ApiError::SeccompViolation => StatusCode::BAD_GATEWAY,
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::DeadlineExceeded { .. } | ApiError::CompileTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -115,6 +120,8 @@ impl ApiError {
             ApiError::SeccompViolation => "seccomp_violation",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::DeadlineExceeded { .. } => "deadline_exceeded",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::CompileTimeout { .. } => "compile_timeout",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -172,6 +179,9 @@ impl ApiError {
             ApiError::MethodNotAllowed { allow, .. } => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
+            ApiError::Unauthorized(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, super::admin::www_authenticate());
+            }
             _ => {}
         }
         response
@@ -214,6 +224,8 @@ mod tests {
             (ApiError::SeccompViolation, 502, "seccomp_violation"),
             (ApiError::ShuttingDown, 503, "shutting_down"),
             (ApiError::DeadlineExceeded { timeout_ms: 1, worker_killed: false }, 504, "deadline_exceeded"),
+            (ApiError::Unauthorized("x"), 401, "unauthorized"),
+            (ApiError::CompileTimeout { timeout_ms: 1 }, 504, "compile_timeout"),
         ];
         for (error, status, kind) in cases {
             assert_eq!(error.status().as_u16(), status, "{error:?}");

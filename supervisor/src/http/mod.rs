@@ -14,6 +14,7 @@
 //!   clients retry), the way nginx's `worker_connections` or Go's `LimitListener` behave.
 //! - `WASMBOX_MAX_BODY_BYTES` is enforced while reading the body (`routes::read_limited`).
 
+pub mod admin;
 pub mod error;
 pub mod request;
 pub mod routes;

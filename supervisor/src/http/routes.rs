@@ -79,6 +79,9 @@ async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Resu
             Ok(json_response(StatusCode::OK, &body))
         }
         "/" => Err(ApiError::RouteNotFound("/".into())),
+        _ if path == super::admin::PREFIX || path.starts_with("/admin/") => {
+            super::admin::route(app, req, request_id).await
+        }
         _ => {
             let name = request::function_name(path)?;
             let stdin_allowed = match *req.method() {
@@ -166,6 +169,7 @@ async fn invoke(
         max_output_bytes: app.config.max_output_bytes,
         confirm_start: false,
         passed_fds: 0,
+        prepare_only: false,
     };
     drop(_entered);
 
@@ -310,7 +314,7 @@ fn outcome_response(
     (response, kind)
 }
 
-fn invoke_failure(failure: InvokeFailure, invocation: &Invocation) -> ApiError {
+pub(super) fn invoke_failure(failure: InvokeFailure, invocation: &Invocation) -> ApiError {
     match failure {
         InvokeFailure::WorkerDied { detail } => ApiError::WorkerDied { detail },
         InvokeFailure::HardDeadline => {
@@ -329,7 +333,7 @@ fn invoke_failure(failure: InvokeFailure, invocation: &Invocation) -> ApiError {
     }
 }
 
-fn registry_error(e: RegistryError) -> ApiError {
+pub(super) fn registry_error(e: RegistryError) -> ApiError {
     match e {
         RegistryError::NotFound(name) => ApiError::FunctionNotFound(name.to_string()),
         RegistryError::ModuleTooLarge { size, limit, .. } => {
@@ -346,7 +350,7 @@ fn registry_error(e: RegistryError) -> ApiError {
 /// Reads the body, failing with 413 as soon as it passes `limit`: a declared
 /// Content-Length over the limit is refused before any byte is read, and a chunked body is
 /// cut off at the limit, so an oversized upload is never buffered.
-async fn read_limited(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
+pub(super) async fn read_limited(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
     let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
     match Limited::new(body, limit_usize).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
@@ -355,7 +359,7 @@ async fn read_limited(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
     }
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+pub(super) fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut bytes = serde_json::to_vec(value).unwrap_or_default();
     bytes.push(b'\n');
     let mut r = Response::new(Full::new(Bytes::from(bytes)));
