@@ -77,6 +77,19 @@ pub fn test_engine() -> String {
     std::env::var("WASMBOX_TEST_ENGINE").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| "wasmtime".into())
 }
 
+/// The `wasmbox` command with a clean environment: the built worker, the test engine, the
+/// shared artifact cache (each can be overridden with `.env`).
+pub fn wasmbox_command() -> Command {
+    let (wasmbox, worker) = built();
+    let mut cmd = Command::new(wasmbox);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("WASMBOX_WORKER_BIN", worker)
+        .env("WASMBOX_ENGINE", test_engine())
+        .env("WASMBOX_CACHE_DIR", shared_cache_dir());
+    cmd
+}
+
 /// Lowercase hex SHA-256 of a file: the name the module cache gives its artifacts.
 pub fn sha256_file(path: &Path) -> String {
     use sha2::Digest;

@@ -2,6 +2,7 @@
 //! process from a pool. No tenant code ever runs in this process.
 
 pub mod cgroup;
+pub mod cli;
 pub mod config;
 pub mod hardening;
 pub mod http;
@@ -290,7 +291,7 @@ async fn shutdown_signal(signals: ShutdownSignals) {
     tracing::info!(signal = which, "shutting down: no new requests, draining in-flight invocations");
 }
 
-fn worker_binary(config: &Config) -> Result<PathBuf, StartError> {
+pub(crate) fn worker_binary(config: &Config) -> Result<PathBuf, StartError> {
     let path = match &config.worker_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()

@@ -4,10 +4,20 @@ use std::io::IsTerminal;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
+use wasmbox_supervisor::cli::{self, Cli, Subcommands};
 use wasmbox_supervisor::config::{Config, LogFormat};
 
 fn main() -> std::process::ExitCode {
-    let config = Config::parse();
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Subcommands::Serve(config)) => serve(*config),
+        Some(Subcommands::Compile(args)) => cli::compile(&args),
+        Some(Subcommands::Invoke(args)) => cli::invoke(&args),
+    }
+}
+
+fn serve(config: Config) -> std::process::ExitCode {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));

@@ -157,13 +157,7 @@ pub fn lock_down(
         applied.add("rlimits");
     }
     if let Some((uid, gid)) = args.user {
-        let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
-        nix::unistd::setgroups(&[]).map_err(fail("user"))?;
-        nix::unistd::setresgid(gid, gid, gid).map_err(fail("user"))?;
-        nix::unistd::setresuid(uid, uid, uid).map_err(fail("user"))?;
-        if !uid.is_root() && nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
-            return Err(HardeningError { layer: "user", reason: "root could be regained".into() });
-        }
+        become_user(uid, gid)?;
         applied.add("user");
     }
     // Always, and again after the credential change above, which clears it.
@@ -183,6 +177,19 @@ pub fn lock_down(
                 .map_err(|e| HardeningError { layer: "seccomp", reason: e.to_string() })?;
         }
         applied.add("seccomp");
+    }
+    Ok(())
+}
+
+/// Drops every supplementary group and becomes `uid`:`gid` for good (real, effective and
+/// saved ids), checking that root cannot be regained.
+pub fn become_user(uid: u32, gid: u32) -> Result<(), HardeningError> {
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    nix::unistd::setgroups(&[]).map_err(fail("user"))?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(fail("user"))?;
+    nix::unistd::setresuid(uid, uid, uid).map_err(fail("user"))?;
+    if !uid.is_root() && nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+        return Err(HardeningError { layer: "user", reason: "root could be regained".into() });
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod capture;
+pub mod compile;
 pub mod engine;
 pub mod fdpass;
 pub mod harden;
@@ -61,6 +62,18 @@ pub struct WorkerArgs {
     /// Arguments for the guest of a one-shot run.
     #[arg(last = true, requires = "one_shot")]
     pub guest_args: Vec<String>,
+
+    /// Environment and preopened directories of a one-shot run, as JSON
+    /// (`{"env": [["K", "V"]], "preopens": [{"host": ..., "guest": ..., "read_only": true}]}`);
+    /// how `wasmbox invoke` passes a function's config.
+    #[arg(long, hide = true, requires = "one_shot")]
+    pub one_shot_wasi: Option<String>,
+
+    /// Precompile these modules into the artifact cache (`--cache-dir`) and exit, without
+    /// running them (`wasmbox compile`). With `--user`, the artifacts belong to that user,
+    /// as the workers that will load them run as it.
+    #[arg(long, num_args = 1.., value_name = "MODULE", conflicts_with = "one_shot")]
+    pub compile: Vec<PathBuf>,
 
     /// `/proc/self/cgroup` as read at the start of `main` (not a flag).
     #[arg(skip)]
@@ -128,9 +141,14 @@ pub fn run(args: WorkerArgs, mut applied: harden::Applied) -> Result<(), WorkerE
 
 /// Runs `--one-shot`'s module once on the chosen engine; returns the exit status.
 pub fn run_one_shot(args: &WorkerArgs) -> anyhow::Result<u8> {
+    let wasi: oneshot::Wasi = match &args.one_shot_wasi {
+        Some(json) => serde_json::from_str(json).map_err(|e| anyhow::anyhow!("--one-shot-wasi: {e}"))?,
+        None => oneshot::Wasi::default(),
+    };
     let job = oneshot::OneShot {
         module: args.one_shot.clone().ok_or_else(|| anyhow::anyhow!("--one-shot needs a module"))?,
         args: args.guest_args.clone(),
+        wasi,
         cache_dir: args.cache_dir.clone(),
         memory_limit_bytes: args.one_shot_memory_mb << 20,
         timeout: std::time::Duration::from_millis(args.one_shot_timeout_ms),
@@ -141,6 +159,17 @@ pub fn run_one_shot(args: &WorkerArgs) -> anyhow::Result<u8> {
         "wasmtime" => oneshot::run(engine::wasmtime::WasmtimeEngine::new(false)?, &job),
         #[cfg(feature = "wasmedge")]
         "wasmedge" => oneshot::run(engine::wasmedge::WasmEdgeEngine::new()?, &job),
+        other => Err(WorkerError::UnknownEngine(other.into()).into()),
+    }
+}
+
+/// `--compile`: precompiles every module into the artifact cache; returns the exit status
+/// (0 when all compiled, 1 when any failed; each failure is reported on stderr).
+pub fn run_compile(args: &WorkerArgs) -> anyhow::Result<u8> {
+    match args.engine.as_str() {
+        "wasmtime" => compile::run(engine::wasmtime::WasmtimeEngine::new(false)?, args),
+        #[cfg(feature = "wasmedge")]
+        "wasmedge" => compile::run(engine::wasmedge::WasmEdgeEngine::new()?, args),
         other => Err(WorkerError::UnknownEngine(other.into()).into()),
     }
 }

@@ -7,6 +7,15 @@ fn main() -> std::process::ExitCode {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let parent = nix::unistd::getppid();
     let mut args = wasmbox_worker::WorkerArgs::parse();
+    if !args.compile.is_empty() {
+        return match wasmbox_worker::run_compile(&args) {
+            Ok(code) => std::process::ExitCode::from(code),
+            Err(e) => {
+                eprintln!("wasmbox-worker: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if args.one_shot.is_some() {
         return match wasmbox_worker::run_one_shot(&args) {
             Ok(code) => std::process::ExitCode::from(code),

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use wasmbox_protocol::{ModuleRef, Outcome};
+use wasmbox_protocol::{ModuleRef, Outcome, Preopen};
 
 use crate::cache::{ModuleCache, sha256_hex};
 use crate::engine::{Engine, RunRequest};
@@ -18,11 +18,21 @@ use crate::engine::{Engine, RunRequest};
 pub struct OneShot {
     pub module: PathBuf,
     pub args: Vec<String>,
+    pub wasi: Wasi,
     pub cache_dir: Option<PathBuf>,
     pub memory_limit_bytes: u64,
     pub timeout: Duration,
     pub max_output_bytes: u64,
     pub max_module_bytes: u64,
+}
+
+/// The guest's environment and preopened directories (a function's `name.toml`).
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
+pub struct Wasi {
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub preopens: Vec<Preopen>,
 }
 
 /// Exit status for anything but the guest exiting by itself (traps, limits, bad modules),
@@ -45,8 +55,8 @@ pub fn run<E: Engine>(engine: E, job: &OneShot) -> anyhow::Result<u8> {
         &compiled,
         RunRequest {
             argv: &argv,
-            env: &[],
-            preopens: &[],
+            env: &job.wasi.env,
+            preopens: &job.wasi.preopens,
             preopen_dirs: &[],
             stdin: stdin.into(),
             memory_limit_bytes: job.memory_limit_bytes,

@@ -5,6 +5,7 @@
 mod admin;
 mod cgroups;
 mod chaos;
+mod cli;
 mod conformance;
 mod engines;
 mod faults;
