@@ -14,4 +14,5 @@ mod hostile;
 mod http_hardening;
 mod invoke;
 mod limits;
+mod load_balancer;
 mod operations;

@@ -1,0 +1,247 @@
+//! Behind a real load balancer: Debian's nginx in front of two supervisors on loopback,
+//! with the configuration deployment/README.md gives operators. One supervisor is
+//! overloaded and then sent SIGTERM; every client request still succeeds, served by the
+//! other, and the per-invocation headers reach the supervisors intact.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use wasmbox_integration::{Client, Supervisor, repo_root};
+
+/// nginx, installed by `scripts/ensure-nginx` when missing.
+fn nginx_binary() -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from("/usr/sbin/nginx");
+    if !path.exists() {
+        let status = Command::new(repo_root().join("scripts/ensure-nginx")).status()?;
+        anyhow::ensure!(status.success(), "scripts/ensure-nginx failed ({status}); the load-balancer test needs nginx");
+    }
+    Ok(path)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A private nginx: its own config, logs and temp dirs; stopped when dropped.
+struct Nginx {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(upstreams: &[std::net::SocketAddr], port: u16, plain_port: u16) -> anyhow::Result<Nginx> {
+        let binary = nginx_binary()?;
+        let dir = tempfile::tempdir()?;
+        let d = dir.path().display().to_string();
+        for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+            let p = dir.path().join(sub);
+            std::fs::create_dir(&p)?;
+            // nginx's workers run as nobody when the master is root.
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        }
+        let servers: String =
+            upstreams.iter().map(|a| format!("        server {a} max_fails=1 fail_timeout=10s;\n")).collect();
+        // The location block is the one deployment/README.md recommends.
+        let location = r#"
+        location / {
+            proxy_pass http://wasmbox;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_next_upstream error timeout http_429 http_503 non_idempotent;
+            proxy_next_upstream_tries 2;
+            proxy_read_timeout 330s;
+        }"#;
+        let conf = format!(
+            r#"daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 512; }}
+http {{
+    log_format lb '$status $request_uri upstream=$upstream_addr upstream_status=$upstream_status';
+    access_log {d}/access.log lb;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    client_max_body_size 16m;
+    upstream wasmbox {{
+{servers}        keepalive 16;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        underscores_in_headers on;
+{location}
+    }}
+    server {{
+        # nginx's default: header names with underscores (cpu_quota) are dropped.
+        listen 127.0.0.1:{plain_port};
+{location}
+    }}
+}}
+"#
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let nginx = Nginx { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("nginx did not listen: {}", nginx.read("error.log"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(nginx)
+    }
+
+    fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(file)).unwrap_or_default()
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGQUIT,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn traffic_moves_off_an_overloaded_then_stopping_replica_without_failed_requests() -> anyhow::Result<()> {
+    // A: one worker and a queue of one, so it overloads (429) quickly. B: room to spare.
+    let mut a = Supervisor::builder()
+        .workers(1)
+        .function("cpu-spin")
+        .function("alloc")
+        .env("WASMBOX_QUEUE_DEPTH", 1)
+        .env("WASMBOX_DRAIN_TIMEOUT_MS", 20_000)
+        .start()?;
+    let b = Supervisor::builder()
+        .workers(2)
+        .function("cpu-spin")
+        .function("alloc")
+        .env("WASMBOX_QUEUE_DEPTH", 256)
+        .start()?;
+    a.wait_pool_full(1, Duration::from_secs(30)).await?;
+    b.wait_pool_full(2, Duration::from_secs(30)).await?;
+    let (port, plain_port) = (free_port()?, free_port()?);
+    let nginx = Nginx::start(&[a.addr, b.addr], port, plain_port)?;
+    let lb = Client { addr: format!("127.0.0.1:{port}").parse()? };
+    let plain = Client { addr: format!("127.0.0.1:{plain_port}").parse()? };
+
+    // The per-invocation headers arrive: a bad cpu_quota is refused by the supervisor,
+    // and a 1 MiB Memory-Request stops a function that needs 64 MiB.
+    let r = lb.request(Method::POST, "/cpu-spin?arg=1", &[("cpu_quota", "lots")], Bytes::new()).await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::BAD_REQUEST, "invalid_header"), "{}", r.text());
+    assert_eq!(r.json()["header"], "cpu_quota");
+    let r = lb.request(Method::POST, "/alloc?arg=64", &[("Memory-Request", "1")], Bytes::new()).await?;
+    assert_eq!(r.status, StatusCode::INSUFFICIENT_STORAGE, "{}", r.text());
+    let r = lb
+        .request(Method::POST, "/cpu-spin?arg=1", &[("cpu_quota", "500"), ("Memory-Request", "64")], Bytes::new())
+        .await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // Without underscores_in_headers, nginx silently drops cpu_quota: the bad value passes.
+    let r = plain.request(Method::POST, "/cpu-spin?arg=1", &[("cpu_quota", "lots")], Bytes::new()).await?;
+    assert_eq!(r.status, StatusCode::OK, "the header was dropped on the way: {}", r.text());
+
+    // Load: 10 clients in closed loops of 150 ms invocations, until stopped.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..10)
+        .map(|i| {
+            let (lb, stop, done) = (lb.clone(), stop.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                for _ in 0..400 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let body = Bytes::from(format!("client {i}"));
+                    match lb.request(Method::POST, "/cpu-spin?arg=150", &[("cpu_quota", "1000")], body).await {
+                        Ok(r) if r.status == StatusCode::OK => {}
+                        Ok(r) => failures.push(format!("{}: {}", r.status, r.text())),
+                        Err(e) => failures.push(format!("transport: {e:#}")),
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                failures
+            })
+        })
+        .collect();
+
+    // A overloads: nginx sees its 429s and sends those requests to B instead.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !nginx.read("access.log").contains(&format!("upstream={}, {} upstream_status=429, 200", a.addr, b.addr)) {
+        if Instant::now() > deadline {
+            bail!("no request moved from A (429) to B:\n{}", nginx.read("access.log"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Then A is stopped while the load goes on; it drains what it accepted.
+    let before_stop = done.load(Ordering::Relaxed);
+    a.signal(nix::sys::signal::Signal::SIGTERM)?;
+    let status = a.wait_exit(Duration::from_secs(30)).await?;
+    assert!(status.success(), "A stopped cleanly: {status:?}\n{}", a.logs());
+    // Traffic continues on B alone for a while.
+    let until = done.load(Ordering::Relaxed) + 30;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.load(Ordering::Relaxed) < until {
+        anyhow::ensure!(Instant::now() < deadline, "load stalled after A stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for c in clients {
+        failures.extend(c.await.context("client task")?);
+    }
+    let total = done.load(Ordering::Relaxed);
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed: {:?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        nginx.read("access.log")
+    );
+    assert!(total > before_stop + 30, "requests kept succeeding after A stopped");
+    let log = nginx.read("access.log");
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("/cpu-spin?arg=150")).collect();
+    assert!(lines.iter().all(|l| l.starts_with("200 ")), "every answer through nginx was 200:\n{log}");
+    assert!(
+        lines.iter().any(|l| l.contains(&format!("upstream={} upstream_status=200", a.addr))),
+        "A served some:\n{log}"
+    );
+    assert!(a.logs().contains("shutting down"), "{}", a.logs());
+    let _ = nginx.path();
+    Ok(())
+}
