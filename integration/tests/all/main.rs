@@ -7,6 +7,7 @@ mod cgroups;
 mod chaos;
 mod cli;
 mod conformance;
+mod drift;
 mod engines;
 mod faults;
 mod hardening;
