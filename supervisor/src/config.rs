@@ -526,6 +526,25 @@ mod tests {
     }
 
     #[test]
+    fn admin_token_and_health_listen_are_checked() {
+        assert!(parse(&[]).admin_token().is_none());
+        assert!(parse(&["--admin-token", ""]).admin_token().is_none(), "empty means off");
+        let err = parse(&["--admin-token", "short"]).validate().unwrap_err().to_string();
+        assert!(err.contains("WASMBOX_ADMIN_TOKEN"), "{err}");
+        let err = parse(&["--admin-token", "has a space in it, 16+"]).validate().unwrap_err().to_string();
+        assert!(err.contains("WASMBOX_ADMIN_TOKEN"), "{err}");
+        let c = parse(&["--admin-token", "0123456789abcdef"]);
+        c.validate().unwrap();
+        assert_eq!(c.admin_token(), Some("0123456789abcdef"));
+        let err = parse(&["--listen", "0.0.0.0:8095", "--health-listen", "0.0.0.0:8095"]).validate().unwrap_err();
+        assert!(err.to_string().contains("WASMBOX_HEALTH_LISTEN"), "{err}");
+        let r = parse(&["--ready-memory-percent", "80", "--ready-window-ms", "2000"]).readiness();
+        assert_eq!((r.memory_threshold, r.window), (0.8, Duration::from_secs(2)));
+        assert!(Config::try_parse_from(["wasmbox", "--ready-memory-percent", "101"]).is_err());
+        assert!(Config::try_parse_from(["wasmbox", "--ready-interval-ms", "0"]).is_err());
+    }
+
+    #[test]
     fn zero_workers_is_a_parse_error() {
         assert!(Config::try_parse_from(["wasmbox", "--workers", "0"]).is_err());
     }
