@@ -95,11 +95,7 @@ impl Connections {
 /// connection closed in time.
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) -> bool {
     let graceful = GracefulShutdown::new();
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(app.config.header_read_timeout_ms))
-        .max_header_size(app.config.max_header_bytes);
+    let builder = connection_builder(&app);
     ensure_fd_headroom(app.config.max_connections, app.config.worker_count());
     let mut last_limit_warning: Option<Instant> = None;
     let mut last_accept_warning: Option<Instant> = None;
@@ -182,6 +178,16 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     false
 }
 
+/// HTTP/1.1 with the header read timeout and head size limit of the configuration.
+fn connection_builder(app: &App) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(app.config.header_read_timeout_ms))
+        .max_header_size(app.config.max_header_bytes);
+    builder
+}
+
 /// Connections the health listener serves at once: probes and scrapers, not clients.
 const HEALTH_CONNECTIONS: usize = 64;
 
@@ -189,11 +195,7 @@ const HEALTH_CONNECTIONS: usize = 64;
 /// through the main listener's drain it keeps answering, so probes see /ready turn 503.
 pub async fn serve_health(listener: TcpListener, app: Arc<App>, stop: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(app.config.header_read_timeout_ms))
-        .max_header_size(app.config.max_header_bytes);
+    let builder = connection_builder(&app);
     let slots = Arc::new(Semaphore::new(HEALTH_CONNECTIONS));
     tokio::pin!(stop);
     loop {
