@@ -17,7 +17,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use wasmbox_protocol::ModuleSource;
 
-use crate::pool::PoolStatus;
 use crate::usage::FunctionUsage;
 
 /// The content type of [`Metrics::encode`]'s output.
@@ -216,10 +215,10 @@ impl Metrics {
     /// ledger's totals.
     pub fn encode<'a>(
         &self,
-        pool: &PoolStatus,
         usage: impl IntoIterator<Item = (&'a String, &'a FunctionUsage)>,
         readiness: &crate::Readiness,
     ) -> Result<String, std::fmt::Error> {
+        let pool = &readiness.pool;
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let gauge = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
         let bytes = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
@@ -272,8 +271,8 @@ fn catch_up(counter: &Counter, total: u64) {
 mod tests {
     use super::*;
 
-    fn pool(restarts: u64) -> PoolStatus {
-        PoolStatus {
+    fn pool(restarts: u64) -> crate::pool::PoolStatus {
+        crate::pool::PoolStatus {
             configured: 2,
             live: 2,
             idle: 1,
@@ -309,7 +308,7 @@ mod tests {
                 ..Default::default()
             },
         };
-        let text = m.encode(&pool(4), usage.iter().map(|(k, v)| (k, v)), &readiness).unwrap();
+        let text = m.encode(usage.iter().map(|(k, v)| (k, v)), &readiness).unwrap();
         for line in [
             "wasmbox_invocations_total{function=\"hello\",outcome=\"ok\"} 2",
             "wasmbox_invocations_total{function=\"hello\",outcome=\"timeout\"} 1",
@@ -336,7 +335,8 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
         // A second scrape copies only what changed: counters never count twice.
-        let text = m.encode(&pool(5), usage.iter().map(|(k, v)| (k, v)), &readiness).unwrap();
+        let readiness = crate::Readiness { pool: pool(5), ..readiness };
+        let text = m.encode(usage.iter().map(|(k, v)| (k, v)), &readiness).unwrap();
         assert!(text.contains("wasmbox_worker_restarts_total 5"), "{text}");
         assert!(text.contains("wasmbox_function_cpu_seconds_total{function=\"hello\"} 0.25"), "{text}");
     }

@@ -33,7 +33,7 @@ use super::error::ApiError;
 use super::routes::{invoke_failure, json_response, read_limited, registry_error};
 use crate::App;
 use crate::pool::AcquireError;
-use crate::registry::{FunctionName, RegistryError};
+use crate::registry::{FunctionName, sha256_hex};
 
 /// The path prefix of the API.
 pub const PREFIX: &str = "/admin";
@@ -103,7 +103,7 @@ async fn upload(
     if !wasm.starts_with(b"\0asm") {
         return Err(ApiError::InvalidModule("not a WebAssembly binary (it does not start with \\0asm)".into()));
     }
-    let sha256 = hex(&Sha256::digest(&wasm));
+    let sha256 = sha256_hex(&wasm);
     let _one_at_a_time = app.admin.lock().await;
     let dir = app.registry.dir().to_path_buf();
     let staged = dir.join(format!("{STAGING_PREFIX}{}.part", uuid::Uuid::new_v4().simple()));
@@ -243,10 +243,7 @@ async fn list(app: &Arc<App>) -> Result<Response<Full<Bytes>>, ApiError> {
 }
 
 async fn describe(app: &Arc<App>, name: &FunctionName, artifacts: &Artifacts) -> Result<Value, ApiError> {
-    let function = app.registry.lookup(name).await.map_err(|e| match e {
-        RegistryError::NotFound(name) => ApiError::FunctionNotFound(name.to_string()),
-        other => registry_error(other),
-    })?;
+    let function = app.registry.lookup(name).await.map_err(registry_error)?;
     let config = app.registry.dir().join(format!("{name}.toml")).exists();
     Ok(json!({
         "name": name.as_str(),
@@ -306,10 +303,6 @@ pub fn remove_stale_uploads(dir: &Path) {
             }
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The header a 401 carries.

@@ -115,7 +115,7 @@ fn health(app: &Arc<App>, method: &Method, path: &str) -> Result<Response<Full<B
             let usage = app.usage.snapshot();
             let text = app
                 .metrics
-                .encode(&app.pool.status(), &usage, &app.readiness())
+                .encode(&usage, &app.readiness())
                 .map_err(|e| ApiError::Internal(format!("encoding metrics: {e}")))?;
             let mut response = Response::new(Full::new(Bytes::from(text)));
             response

@@ -187,7 +187,7 @@ fn load(
     if bytes.len() as u64 > limit {
         return Err(RegistryError::ModuleTooLarge { name, size: bytes.len() as u64, limit });
     }
-    let sha256 = hex(&Sha256::digest(&bytes));
+    let sha256 = sha256_hex(&bytes);
     Ok(Function {
         name,
         module: ModuleRef { path: module_path, sha256 },
@@ -205,8 +205,9 @@ fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, RegistryError> {
     Ok(out)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Lowercase hex SHA-256: the module hash everywhere (cache key, artifact name).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -225,7 +226,7 @@ mod tests {
 
         fs::write(dir.path().join("f.wasm"), b"one").unwrap();
         let first = reg.lookup(&name("f")).await.unwrap();
-        assert_eq!(first.module.sha256, hex(&Sha256::digest(b"one")));
+        assert_eq!(first.module.sha256, sha256_hex(b"one"));
         // Unchanged file: the same entry, not re-read.
         assert!(Arc::ptr_eq(&first, &reg.lookup(&name("f")).await.unwrap()));
 
@@ -233,7 +234,7 @@ mod tests {
         fs::write(dir.path().join("f.tmp"), b"two").unwrap();
         fs::rename(dir.path().join("f.tmp"), dir.path().join("f.wasm")).unwrap();
         let second = reg.lookup(&name("f")).await.unwrap();
-        assert_eq!(second.module.sha256, hex(&Sha256::digest(b"two")));
+        assert_eq!(second.module.sha256, sha256_hex(b"two"));
 
         // A config appearing is picked up too.
         fs::write(dir.path().join("f.toml"), "args = [\"x\"]").unwrap();
