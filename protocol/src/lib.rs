@@ -11,8 +11,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+pub mod snapshot;
+
 /// Bumped whenever a message changes shape. Supervisor and worker must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// First bytes of every frame; a stream that loses sync fails fast on the next frame.
 pub const MAGIC: [u8; 4] = *b"WBX\x01";
@@ -247,6 +249,62 @@ pub struct Invocation {
     /// uploaded through the admin API is checked and precompiled before it is visible.
     #[serde(default)]
     pub prepare_only: bool,
+    /// A step of a stateful session instead of a command run: the module is a reactor,
+    /// and the payload starts with the session's snapshot (see [`SessionCall`]).
+    #[serde(default)]
+    pub session: Option<SessionCall>,
+}
+
+impl Invocation {
+    /// What the worker's module cache knows this module as: a session module is rewritten
+    /// before it is compiled (every mutable global exported), so it is a module of its own.
+    pub fn module_key(&self) -> String {
+        module_key(&self.module.sha256, self.session.is_some())
+    }
+}
+
+/// Cache key of a module: its hash, marked for the rewritten form sessions run.
+pub fn module_key(sha256: &str, session: bool) -> String {
+    if session { format!("{sha256}+session") } else { sha256.to_owned() }
+}
+
+/// One step of a session. The payload of the `Invoke` frame is the snapshot to restore
+/// (`snapshot_len` bytes, none for `Create`) followed by the message (stdin).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionCall {
+    pub op: SessionOp,
+    /// The export to call with the message (`Message` only).
+    pub handler: String,
+    pub snapshot_len: u64,
+    /// The largest snapshot the worker may send back; a state that encodes larger fails
+    /// the step with [`Outcome::SnapshotTooLarge`].
+    pub max_snapshot_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionOp {
+    /// Instantiate, run `_initialize` when the module exports it, snapshot.
+    Create,
+    /// Restore the snapshot, deliver the message to the handler, snapshot when it returns.
+    Message,
+    /// Restore the snapshot and stop: proves an imported snapshot fits the module.
+    Check,
+}
+
+/// Timings and sizes of a session step, reported by the worker.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Restoring the snapshot into the fresh instance (decompress, write pages, set globals).
+    pub restore_us: u64,
+    /// Capturing the new snapshot (find changed pages, compress, encode).
+    pub capture_us: u64,
+    /// Pages written at restore.
+    pub pages_restored: u32,
+    /// Pages compressed anew at capture (the others were carried over as they were).
+    pub pages_compressed: u32,
+    /// Memory size at capture, in pages.
+    pub memory_pages: u32,
 }
 
 /// How the module got into the worker for this invocation.
@@ -285,6 +343,12 @@ pub struct InvocationResult {
     pub prepare_us: u64,
     /// Time from instantiation to the guest's exit, in microseconds.
     pub exec_us: u64,
+    /// Bytes of new session snapshot at the end of the payload, after stderr: present only
+    /// when a session step succeeded and its state is to be committed.
+    #[serde(default)]
+    pub snapshot_len: u64,
+    #[serde(default)]
+    pub session: Option<SessionStats>,
 }
 
 /// What happened to the guest.
@@ -307,6 +371,10 @@ pub enum Outcome {
     ModuleChanged,
     /// The host could not set the invocation up (for example a preopen that vanished).
     SetupFailed { message: String },
+    /// A session snapshot does not fit the module (its globals or pages do not match).
+    SnapshotInvalid { message: String },
+    /// The session's new state encodes larger than the snapshot size limit.
+    SnapshotTooLarge { limit_bytes: u64 },
 }
 
 #[cfg(test)]
@@ -331,6 +399,12 @@ mod tests {
             confirm_start: true,
             passed_fds: 2,
             prepare_only: false,
+            session: Some(SessionCall {
+                op: SessionOp::Message,
+                handler: "handle".into(),
+                snapshot_len: 3,
+                max_snapshot_bytes: 1 << 20,
+            }),
         }
     }
 

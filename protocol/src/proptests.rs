@@ -140,11 +140,13 @@ fn invocation() -> BoxedStrategy<Invocation> {
     (
         (text(), text(), module, vec(text(), 0..4), vec((text(), text()), 0..4), vec(preopen, 0..3)),
         (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>(), any::<u32>(), any::<bool>()),
+        session(),
     )
         .prop_map(
             |(
                 (request_id, function, module, argv, env, preopens),
                 (mem, timeout, cpu, out, confirm, passed_fds, prepare_only),
+                session,
             )| {
                 Invocation {
                     request_id,
@@ -160,10 +162,22 @@ fn invocation() -> BoxedStrategy<Invocation> {
                     confirm_start: confirm,
                     passed_fds,
                     prepare_only,
+                    session,
                 }
             },
         )
         .boxed()
+}
+
+fn session() -> BoxedStrategy<Option<SessionCall>> {
+    let op = prop_oneof![Just(SessionOp::Create), Just(SessionOp::Message), Just(SessionOp::Check)];
+    prop_oneof![
+        Just(None),
+        (op, text(), any::<u64>(), any::<u64>()).prop_map(|(op, handler, snapshot_len, max_snapshot_bytes)| Some(
+            SessionCall { op, handler, snapshot_len, max_snapshot_bytes }
+        )),
+    ]
+    .boxed()
 }
 
 fn to_worker() -> BoxedStrategy<ToWorker> {
@@ -180,6 +194,8 @@ fn outcome() -> BoxedStrategy<Outcome> {
         text().prop_map(|message| Outcome::InvalidModule { message }),
         Just(Outcome::ModuleChanged),
         text().prop_map(|message| Outcome::SetupFailed { message }),
+        text().prop_map(|message| Outcome::SnapshotInvalid { message }),
+        any::<u64>().prop_map(|limit_bytes| Outcome::SnapshotTooLarge { limit_bytes }),
     ]
     .boxed()
 }
@@ -198,8 +214,21 @@ fn from_worker() -> BoxedStrategy<FromWorker> {
         Just(Some(ModuleSource::Artifact)),
         Just(Some(ModuleSource::Compiled)),
     ];
-    let result = (outcome(), any::<[u64; 3]>(), source, any::<[u64; 2]>()).prop_map(
-        |(outcome, [stdout_len, stderr_len, stderr_dropped], module_source, [prepare_us, exec_us])| {
+    let stats =
+        prop_oneof![
+            Just(None),
+            (any::<[u64; 2]>(), any::<[u32; 3]>()).prop_map(|([restore_us, capture_us], [a, b, c])| Some(
+                SessionStats { restore_us, capture_us, pages_restored: a, pages_compressed: b, memory_pages: c }
+            )),
+        ];
+    let result = (outcome(), any::<[u64; 4]>(), source, any::<[u64; 2]>(), stats).prop_map(
+        |(
+            outcome,
+            [stdout_len, stderr_len, stderr_dropped, snapshot_len],
+            module_source,
+            [prepare_us, exec_us],
+            session,
+        )| {
             FromWorker::Result(InvocationResult {
                 outcome,
                 stdout_len,
@@ -208,6 +237,8 @@ fn from_worker() -> BoxedStrategy<FromWorker> {
                 module_source,
                 prepare_us,
                 exec_us,
+                snapshot_len,
+                session,
             })
         },
     );

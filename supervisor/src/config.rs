@@ -233,6 +233,26 @@ pub struct Config {
     #[arg(long, env = "WASMBOX_CGROUP_COMPILE_MEMORY_MB", default_value_t = 1024)]
     pub cgroup_compile_memory_mb: u64,
 
+    /// Directory of durable session state (one snapshot file per session) [default:
+    /// $XDG_STATE_HOME/wasmbox, ~/.local/state/wasmbox, or a per-user directory under /tmp].
+    /// One supervisor per directory: it is locked while in use.
+    #[arg(long, env = "WASMBOX_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Sessions held at most, over all functions; creating or importing one more is 507
+    /// session_limit.
+    #[arg(long, env = "WASMBOX_SESSION_MAX", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub session_max: u64,
+
+    /// Largest session snapshot in bytes (compressed, as stored): an import above it is 413,
+    /// a message whose new state encodes larger fails with 507 and changes nothing.
+    #[arg(long, env = "WASMBOX_SESSION_MAX_SNAPSHOT_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..=(4u64 << 30)))]
+    pub session_max_snapshot_bytes: u64,
+
+    /// Seconds without a message after which a session is deleted (0: never).
+    #[arg(long, env = "WASMBOX_SESSION_IDLE_SECS", default_value_t = 86_400)]
+    pub session_idle_secs: u64,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -339,6 +359,30 @@ impl Config {
             }
             (Some(e), _) | (None, Some(e)) => Ok(e),
             (None, None) => Ok(EngineKind::Wasmtime),
+        }
+    }
+
+    /// Session state directory, resolved from the flag or the per-user default.
+    pub fn resolved_state_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.state_dir {
+            return dir.clone();
+        }
+        let from_env = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+        if let Some(xdg) = from_env("XDG_STATE_HOME") {
+            return xdg.join("wasmbox");
+        }
+        if let Some(home) = from_env("HOME") {
+            return home.join(".local").join("state").join("wasmbox");
+        }
+        std::env::temp_dir().join(format!("wasmbox-state-{}", nix::unistd::geteuid()))
+    }
+
+    /// The session limits.
+    pub fn session_limits(&self) -> crate::sessions::SessionLimits {
+        crate::sessions::SessionLimits {
+            max_sessions: usize::try_from(self.session_max).unwrap_or(usize::MAX),
+            max_snapshot_bytes: self.session_max_snapshot_bytes,
+            idle: (self.session_idle_secs > 0).then(|| Duration::from_secs(self.session_idle_secs)),
         }
     }
 

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod pool;
 pub mod readiness;
 pub mod registry;
+pub mod sessions;
 pub mod usage;
 
 #[cfg(test)]
@@ -62,6 +63,8 @@ pub enum StartError {
     Pool(#[from] pool::SpawnError),
     #[error("cannot set up worker cgroups (WASMBOX_CGROUPS)")]
     Cgroups(#[from] cgroup::CgroupError),
+    #[error("cannot open the session store (WASMBOX_STATE_DIR)")]
+    Sessions(#[from] sessions::StoreError),
 }
 
 /// State shared by every request.
@@ -80,6 +83,8 @@ pub struct App {
     pub connections: http::Connections,
     /// Serializes module uploads and deletions (the admin API).
     pub admin: tokio::sync::Mutex<()>,
+    /// Stateful sessions and their durable snapshots.
+    pub sessions: Arc<sessions::SessionStore>,
     draining: AtomicBool,
 }
 
@@ -127,6 +132,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tracing::info!("module management API on at /admin/functions (bearer token from WASMBOX_ADMIN_TOKEN)");
     }
     let cache_dir = config.resolved_cache_dir();
+    let state_dir = config.resolved_state_dir();
+    let session_store = {
+        let limits = config.session_limits();
+        let dir = state_dir.clone();
+        tokio::task::spawn_blocking(move || sessions::SessionStore::open(&dir, limits))
+            .await
+            .map_err(|e| sessions::StoreError::Dir { path: state_dir.clone(), source: std::io::Error::other(e) })??
+    };
+    tracing::info!(state = %state_dir.display(), sessions = session_store.count(), "session store");
     let hardening = hardening::WorkerHardening::resolve(&config)?;
     tracing::info!("worker hardening: {hardening}");
     // The supervisor's memory cgroup as the container runtime made it, before the
@@ -159,7 +173,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         kill_grace: Duration::from_millis(config.kill_grace_ms),
         compile_timeout: Duration::from_millis(config.compile_timeout_ms),
         // stdout (capped) + stderr tail (capped) + slack for framing.
-        max_reply_bytes: config.max_output_bytes.saturating_mul(2).saturating_add(1 << 16),
+        // stdout (capped) + stderr tail (capped) + a session snapshot (capped) + slack.
+        max_reply_bytes: config
+            .max_output_bytes
+            .saturating_mul(2)
+            .saturating_add(config.session_max_snapshot_bytes)
+            .saturating_add(1 << 16),
         cgroups: slot_cgroups,
         compile_memory_bytes: config.cgroup_compile_memory_mb.saturating_mul(1 << 20),
         max_invocations: config.worker_max_invocations.filter(|&n| n > 0),
@@ -213,6 +232,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         load: Arc::new(readiness::Readiness::new(config.readiness())),
         connections: http::Connections::new(config.max_connections),
         admin: tokio::sync::Mutex::new(()),
+        sessions: Arc::new(session_store),
         draining: AtomicBool::new(false),
         config,
     });
@@ -222,6 +242,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         let pool = pool.clone();
         tokio::spawn(readiness::sample_forever(app.load.clone(), memory_source, move || pool.status().queued))
     };
+    let sweeper = tokio::spawn(app.sessions.clone().sweep_forever());
     let (stop_health, health_stopped) = tokio::sync::oneshot::channel::<()>();
     let health = health_listener.map(|listener| {
         match listener.local_addr() {
@@ -242,6 +263,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         let _ = health.await;
     }
     sampler.abort();
+    sweeper.abort();
     let status = pool.status();
     tracing::info!(drained, "connections closed");
     tracing::info!(busy = status.busy, "stopping workers");

@@ -11,10 +11,13 @@ use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
 use wasmbox_protocol::{ModuleRef, ModuleSource};
 
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, ModuleKind};
+use crate::session::{Layout, instrument};
 
 /// Why a module could not be made ready.
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +53,15 @@ pub enum CacheDirError {
     Untrusted { path: PathBuf, uid: u32 },
 }
 
+/// A module ready to instantiate; a session module comes with its [`Layout`].
+#[derive(Clone)]
+pub struct Prepared<M> {
+    pub module: M,
+    pub layout: Option<Arc<Layout>>,
+}
+
 struct Entry<M> {
-    module: M,
+    module: Prepared<M>,
     last_used: u64,
 }
 
@@ -60,6 +70,7 @@ pub struct ModuleCache<E: Engine> {
     artifact_dir: Option<PathBuf>,
     capacity: usize,
     max_module_bytes: u64,
+    /// By [`wasmbox_protocol::module_key`]: a module and its session form are two entries.
     entries: HashMap<String, Entry<E::Module>>,
     /// Modules that failed to compile, so a broken module is not recompiled per request.
     invalid: HashMap<String, String>,
@@ -143,34 +154,36 @@ impl<E: Engine> ModuleCache<E> {
         &mut self,
         module: &ModuleRef,
         file: Option<fs::File>,
-    ) -> Result<(E::Module, ModuleSource), PrepareError> {
+        kind: ModuleKind,
+    ) -> Result<(Prepared<E::Module>, ModuleSource), PrepareError> {
         if !is_sha256_hex(&module.sha256) {
             return Err(PrepareError::BadHash);
         }
+        let key = wasmbox_protocol::module_key(&module.sha256, kind == ModuleKind::Session);
         self.clock += 1;
-        if let Some(entry) = self.entries.get_mut(&module.sha256) {
+        if let Some(entry) = self.entries.get_mut(&key) {
             entry.last_used = self.clock;
             return Ok((entry.module.clone(), ModuleSource::Memory));
         }
-        if let Some(message) = self.invalid.get(&module.sha256) {
+        if let Some(message) = self.invalid.get(&key) {
             return Err(PrepareError::Invalid(message.clone()));
         }
-        let (compiled, source) = match self.load_or_compile(module, file) {
+        let (compiled, source) = match self.load_or_compile(module, file, kind) {
             Ok(found) => found,
             Err(PrepareError::Invalid(message)) => {
                 if self.invalid.len() >= self.capacity {
                     self.invalid.clear();
                 }
-                self.invalid.insert(module.sha256.clone(), message.clone());
+                self.invalid.insert(key, message.clone());
                 return Err(PrepareError::Invalid(message));
             }
             Err(e) => return Err(e),
         };
-        self.insert(module.sha256.clone(), compiled.clone());
+        self.insert(key, compiled.clone());
         Ok((compiled, source))
     }
 
-    fn insert(&mut self, hash: String, module: E::Module) {
+    fn insert(&mut self, hash: String, module: Prepared<E::Module>) {
         if self.entries.len() >= self.capacity {
             if let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| k.clone()) {
                 self.entries.remove(&oldest);
@@ -183,12 +196,17 @@ impl<E: Engine> ModuleCache<E> {
         &self,
         module: &ModuleRef,
         file: Option<fs::File>,
-    ) -> Result<(E::Module, ModuleSource), PrepareError> {
-        let artifact = self.artifact_path(&module.sha256);
+        kind: ModuleKind,
+    ) -> Result<(Prepared<E::Module>, ModuleSource), PrepareError> {
+        if kind == ModuleKind::Session {
+            return self.load_or_compile_session(module, file);
+        }
+        let command = |m| Prepared { module: m, layout: None };
+        let artifact = self.artifact_path(&module.sha256, kind);
         if let Some(path) = &artifact {
             if is_trusted_artifact(path) {
-                match self.engine.load_artifact(path) {
-                    Ok(m) => return Ok((m, ModuleSource::Artifact)),
+                match self.engine.load_artifact(path, kind) {
+                    Ok(m) => return Ok((command(m), ModuleSource::Artifact)),
                     Err(e) => {
                         tracing::info!(artifact = %path.display(), error = %e, "discarding unusable artifact");
                         let _ = fs::remove_file(path);
@@ -200,14 +218,56 @@ impl<E: Engine> ModuleCache<E> {
         if sha256_hex(&wasm) != module.sha256 {
             return Err(PrepareError::Changed);
         }
+        let (m, source) = self.compile_cached(&wasm, artifact.as_deref(), kind)?;
+        Ok((command(m), source))
+    }
+
+    /// A session module: the Wasm is always read, as its layout (globals, initial memory
+    /// image) comes from the original bytes; the rewritten module is what gets compiled,
+    /// and its artifact is cached beside the command form's.
+    fn load_or_compile_session(
+        &self,
+        module: &ModuleRef,
+        file: Option<fs::File>,
+    ) -> Result<(Prepared<E::Module>, ModuleSource), PrepareError> {
+        let wasm = read_module(&module.path, file, self.max_module_bytes)?;
+        if sha256_hex(&wasm) != module.sha256 {
+            return Err(PrepareError::Changed);
+        }
+        let instrument::Instrumented { wasm, layout } =
+            instrument::instrument(&wasm).map_err(|e| PrepareError::Invalid(e.to_string()))?;
+        let layout = Some(Arc::new(layout));
+        let artifact = self.artifact_path(&module.sha256, ModuleKind::Session);
         if let Some(path) = &artifact {
-            match self.precompile_to(&wasm, path) {
+            if is_trusted_artifact(path) {
+                match self.engine.load_artifact(path, ModuleKind::Session) {
+                    Ok(m) => return Ok((Prepared { module: m, layout }, ModuleSource::Artifact)),
+                    Err(e) => {
+                        tracing::info!(artifact = %path.display(), error = %e, "discarding unusable artifact");
+                        let _ = fs::remove_file(path);
+                    }
+                }
+            }
+        }
+        let (m, source) = self.compile_cached(&wasm, artifact.as_deref(), ModuleKind::Session)?;
+        Ok((Prepared { module: m, layout }, source))
+    }
+
+    /// Compiles `wasm`, through an artifact written at `artifact` when there is a cache.
+    fn compile_cached(
+        &self,
+        wasm: &[u8],
+        artifact: Option<&Path>,
+        kind: ModuleKind,
+    ) -> Result<(E::Module, ModuleSource), PrepareError> {
+        if let Some(path) = artifact {
+            match self.precompile_to(wasm, path, kind) {
                 Ok(m) => return Ok((m, ModuleSource::Compiled)),
                 Err(EngineError::InvalidModule(message)) => return Err(PrepareError::Invalid(message)),
                 Err(e) => tracing::warn!(error = %e, "precompiling to the cache failed; compiling in memory"),
             }
         }
-        match self.engine.compile(&wasm) {
+        match self.engine.compile(wasm, kind) {
             Ok(m) => Ok((m, ModuleSource::Compiled)),
             Err(e) => Err(PrepareError::Invalid(match e {
                 EngineError::InvalidModule(message) => message,
@@ -218,7 +278,7 @@ impl<E: Engine> ModuleCache<E> {
 
     /// Writes the artifact under a unique temporary name and renames it into place, so a
     /// concurrent reader sees either no artifact or a whole one.
-    fn precompile_to(&self, wasm: &[u8], path: &Path) -> Result<E::Module, EngineError> {
+    fn precompile_to(&self, wasm: &[u8], path: &Path, kind: ModuleKind) -> Result<E::Module, EngineError> {
         // The extension stays last: some engines (WasmEdge's compiler) pick the output
         // format from it.
         let ext = path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
@@ -231,12 +291,16 @@ impl<E: Engine> ModuleCache<E> {
             let _ = fs::remove_file(&tmp);
         }
         result?;
-        self.engine.load_artifact(path)
+        self.engine.load_artifact(path, kind)
     }
 
-    fn artifact_path(&self, hash: &str) -> Option<PathBuf> {
+    fn artifact_path(&self, hash: &str, kind: ModuleKind) -> Option<PathBuf> {
         let ext = self.engine.artifact_extension()?;
-        Some(self.artifact_dir.as_ref()?.join(format!("{hash}.{ext}")))
+        let name = match kind {
+            ModuleKind::Command => format!("{hash}.{ext}"),
+            ModuleKind::Session => format!("{hash}.session.{ext}"),
+        };
+        Some(self.artifact_dir.as_ref()?.join(name))
     }
 }
 
@@ -322,17 +386,17 @@ mod tests {
         let m = module_file(tmp.path(), r#"(module (func (export "_start")))"#);
         let cache_dir = tmp.path().join("cache");
         let mut a = ModuleCache::new(WasmtimeEngine::new(false).unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
-        assert_eq!(a.get(&m, None).unwrap().1, ModuleSource::Compiled);
-        assert_eq!(a.get(&m, None).unwrap().1, ModuleSource::Memory);
+        assert_eq!(a.get(&m, None, ModuleKind::Command).unwrap().1, ModuleSource::Compiled);
+        assert_eq!(a.get(&m, None, ModuleKind::Command).unwrap().1, ModuleSource::Memory);
         // A second worker finds the artifact the first one wrote.
         let mut b = ModuleCache::new(WasmtimeEngine::new(false).unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
-        assert_eq!(b.get(&m, None).unwrap().1, ModuleSource::Artifact);
-        let artifact = b.artifact_path(&m.sha256).unwrap();
+        assert_eq!(b.get(&m, None, ModuleKind::Command).unwrap().1, ModuleSource::Artifact);
+        let artifact = b.artifact_path(&m.sha256, ModuleKind::Command).unwrap();
         assert_eq!(fs::metadata(&artifact).unwrap().mode() & 0o077, 0, "artifact must be owner-only");
         // An artifact others can write is never loaded.
         fs::set_permissions(&artifact, fs::Permissions::from_mode(0o666)).unwrap();
         let mut c = ModuleCache::new(WasmtimeEngine::new(false).unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
-        assert_eq!(c.get(&m, None).unwrap().1, ModuleSource::Compiled);
+        assert_eq!(c.get(&m, None, ModuleKind::Command).unwrap().1, ModuleSource::Compiled);
     }
 
     #[test]
@@ -342,11 +406,11 @@ mod tests {
         let mut cache = ModuleCache::new(WasmtimeEngine::new(false).unwrap(), None, 4, 1 << 20).unwrap();
         let good = m.sha256.clone();
         m.sha256 = "0".repeat(64);
-        assert!(matches!(cache.get(&m, None), Err(PrepareError::Changed)));
+        assert!(matches!(cache.get(&m, None, ModuleKind::Command), Err(PrepareError::Changed)));
         m.sha256 = "../../etc/passwd".into();
-        assert!(matches!(cache.get(&m, None), Err(PrepareError::BadHash)));
+        assert!(matches!(cache.get(&m, None, ModuleKind::Command), Err(PrepareError::BadHash)));
         m.sha256 = good;
-        assert!(cache.get(&m, None).is_ok());
+        assert!(cache.get(&m, None, ModuleKind::Command).is_ok());
     }
 
     #[test]
@@ -360,11 +424,11 @@ mod tests {
                 module_file(&dir, &format!(r#"(module (func (export "_start")) (func (export "f{i}")))"#))
             })
             .collect();
-        cache.get(&refs[0], None).unwrap();
-        cache.get(&refs[1], None).unwrap();
-        cache.get(&refs[0], None).unwrap();
-        cache.get(&refs[2], None).unwrap(); // evicts 1
-        assert_eq!(cache.get(&refs[0], None).unwrap().1, ModuleSource::Memory);
-        assert_eq!(cache.get(&refs[1], None).unwrap().1, ModuleSource::Compiled);
+        cache.get(&refs[0], None, ModuleKind::Command).unwrap();
+        cache.get(&refs[1], None, ModuleKind::Command).unwrap();
+        cache.get(&refs[0], None, ModuleKind::Command).unwrap();
+        cache.get(&refs[2], None, ModuleKind::Command).unwrap(); // evicts 1
+        assert_eq!(cache.get(&refs[0], None, ModuleKind::Command).unwrap().1, ModuleSource::Memory);
+        assert_eq!(cache.get(&refs[1], None, ModuleKind::Command).unwrap().1, ModuleSource::Compiled);
     }
 }

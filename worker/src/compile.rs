@@ -45,7 +45,7 @@ pub fn run<E: Engine>(engine: E, args: &WorkerArgs) -> anyhow::Result<u8> {
     }
     for (path, file, sha256) in modules {
         let module = ModuleRef { path: path.clone(), sha256: sha256.clone() };
-        match cache.get(&module, Some(file)) {
+        match cache.get(&module, Some(file), crate::engine::ModuleKind::Command) {
             Ok((_, source)) => {
                 let what = match source {
                     ModuleSource::Compiled => "compiled",

@@ -9,6 +9,7 @@ pub mod fdpass;
 pub mod harden;
 pub mod oneshot;
 pub mod server;
+pub mod session;
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;

@@ -46,13 +46,15 @@ pub fn run<E: Engine>(engine: E, job: &OneShot) -> anyhow::Result<u8> {
     let bytes = std::fs::read(&job.module).map_err(|e| anyhow::anyhow!("{}: {e}", job.module.display()))?;
     let module = ModuleRef { path: job.module.clone(), sha256: sha256_hex(&bytes) };
     drop(bytes);
-    let (compiled, _) = cache.get(&module, None).map_err(|e| anyhow::anyhow!("{}: {e}", job.module.display()))?;
+    let (compiled, _) = cache
+        .get(&module, None, crate::engine::ModuleKind::Command)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", job.module.display()))?;
     let mut stdin = Vec::new();
     std::io::stdin().read_to_end(&mut stdin)?;
     let mut argv = vec![program_name(&job.module)];
     argv.extend(job.args.iter().cloned());
     let result = cache.engine().run(
-        &compiled,
+        &compiled.module,
         RunRequest {
             argv: &argv,
             env: &job.wasi.env,

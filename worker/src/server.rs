@@ -12,8 +12,9 @@ use wasmbox_protocol::{
 };
 
 use crate::cache::{ModuleCache, PrepareError};
-use crate::engine::{Engine, RunRequest, RunResult};
+use crate::engine::{Engine, ModuleKind, RunRequest, RunResult};
 use crate::fdpass::FdReader;
+use crate::session;
 
 /// Largest stdin a worker accepts in one frame; the supervisor enforces the real (smaller)
 /// body limit, this only bounds what a confused peer can make the worker allocate.
@@ -52,8 +53,9 @@ pub fn serve<E: Engine>(
                     tracing::error!(error = %e, "descriptor count mismatch");
                     FrameError::Unexpected("descriptors do not match the invocation")
                 })?;
-                let (result, run) = invoke(&mut cache, &invocation, stdin, fds, &mut reader, &mut writer)?;
-                write_frame(&mut writer, &FromWorker::Result(result), &[&run.stdout, &run.stderr])?;
+                let (result, run, snapshot) = invoke(&mut cache, &invocation, stdin, fds, &mut reader, &mut writer)?;
+                let snapshot = snapshot.unwrap_or_default();
+                write_frame(&mut writer, &FromWorker::Result(result), &[&run.stdout, &run.stderr, &snapshot])?;
             }
         }
     }
@@ -66,7 +68,7 @@ fn invoke<E: Engine, R: Read, W: Write>(
     fds: Vec<OwnedFd>,
     reader: &mut R,
     writer: &mut W,
-) -> Result<(InvocationResult, RunResult), FrameError> {
+) -> Result<(InvocationResult, RunResult, Option<Vec<u8>>), FrameError> {
     let span = tracing::debug_span!("invoke", request_id = %invocation.request_id, function = %invocation.function);
     let _enter = span.enter();
     let prepare_started = Instant::now();
@@ -77,7 +79,8 @@ fn invoke<E: Engine, R: Read, W: Write>(
     if !preopen_dirs.is_empty() && preopen_dirs.len() != invocation.preopens.len() {
         return Err(FrameError::Unexpected("preopen descriptors do not match the preopens"));
     }
-    let prepared = cache.get(&invocation.module, module_file);
+    let kind = if invocation.session.is_some() { ModuleKind::Session } else { ModuleKind::Command };
+    let prepared = cache.get(&invocation.module, module_file, kind);
     let prepare_us = micros(prepare_started.elapsed());
     let (module, source) = match prepared {
         Ok(found) => found,
@@ -87,20 +90,13 @@ fn invoke<E: Engine, R: Read, W: Write>(
                 PrepareError::Changed => Outcome::ModuleChanged,
                 other => Outcome::SetupFailed { message: other.to_string() },
             };
-            let run =
-                RunResult { outcome, stdout: Vec::new(), stderr: Vec::new(), stderr_dropped: 0, exec: Duration::ZERO };
-            return Ok((result_header(&run, None, prepare_us), run));
+            let run = no_run(outcome);
+            return Ok((result_header(&run, None, prepare_us), run, None));
         }
     };
     if invocation.prepare_only {
-        let run = RunResult {
-            outcome: Outcome::Exited { code: 0 },
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            stderr_dropped: 0,
-            exec: Duration::ZERO,
-        };
-        return Ok((result_header(&run, Some(source), prepare_us), run));
+        let run = no_run(Outcome::Exited { code: 0 });
+        return Ok((result_header(&run, Some(source), prepare_us), run, None));
     }
     if source != ModuleSource::Memory {
         write_frame(writer, &FromWorker::Started, &[])?;
@@ -114,21 +110,54 @@ fn invoke<E: Engine, R: Read, W: Write>(
             }
         }
     }
-    let run = cache.engine().run(
-        &module,
-        RunRequest {
-            argv: &invocation.argv,
-            env: &invocation.env,
-            preopens: &invocation.preopens,
-            preopen_dirs: &preopen_dirs,
-            stdin: stdin.into(),
-            memory_limit_bytes: invocation.memory_limit_bytes,
-            timeout: Duration::from_millis(invocation.timeout_ms),
-            max_output_bytes: invocation.max_output_bytes,
-        },
-    );
-    tracing::debug!(outcome = ?run.outcome, exec_us = micros(run.exec), "invocation finished");
-    Ok((result_header(&run, Some(source), prepare_us), run))
+    let stdin = bytes::Bytes::from(stdin);
+    let request = |stdin| RunRequest {
+        argv: &invocation.argv,
+        env: &invocation.env,
+        preopens: &invocation.preopens,
+        preopen_dirs: &preopen_dirs,
+        stdin,
+        memory_limit_bytes: invocation.memory_limit_bytes,
+        timeout: Duration::from_millis(invocation.timeout_ms),
+        max_output_bytes: invocation.max_output_bytes,
+    };
+    let Some(call) = &invocation.session else {
+        let run = cache.engine().run(&module.module, request(stdin));
+        tracing::debug!(outcome = ?run.outcome, exec_us = micros(run.exec), "invocation finished");
+        return Ok((result_header(&run, Some(source), prepare_us), run, None));
+    };
+    // A session step: the payload is the snapshot, then the message.
+    let snapshot_len = usize::try_from(call.snapshot_len).unwrap_or(usize::MAX);
+    if snapshot_len > stdin.len() {
+        return Err(FrameError::Unexpected("snapshot length exceeds the payload"));
+    }
+    let (Some(layout), Some(module_sha256)) =
+        (module.layout.as_deref(), session::sha256_bytes(&invocation.module.sha256))
+    else {
+        return Err(FrameError::Unexpected("session module without a layout"));
+    };
+    let step = session::Step {
+        op: call.op,
+        handler: &call.handler,
+        snapshot: &stdin[..snapshot_len],
+        module_sha256,
+        memory_limit_bytes: invocation.memory_limit_bytes,
+        max_snapshot_bytes: call.max_snapshot_bytes,
+    };
+    let mut out = session::StepOutput::default();
+    let run = cache.engine().run_session(&module.module, layout, request(stdin.slice(snapshot_len..)), &step, &mut out);
+    // Only a step that succeeded as a whole commits: a guest that filled its stdout cap
+    // (turned into OutputTooLarge after the handler returned) does not.
+    let snapshot = out.snapshot.filter(|_| run.outcome == Outcome::Exited { code: 0 });
+    tracing::debug!(outcome = ?run.outcome, exec_us = micros(run.exec), stats = ?out.stats, "session step finished");
+    let mut header = result_header(&run, Some(source), prepare_us);
+    header.snapshot_len = snapshot.as_ref().map_or(0, |s| s.len() as u64);
+    header.session = Some(out.stats);
+    Ok((header, run, snapshot))
+}
+
+fn no_run(outcome: Outcome) -> RunResult {
+    RunResult { outcome, stdout: Vec::new(), stderr: Vec::new(), stderr_dropped: 0, exec: Duration::ZERO }
 }
 
 fn result_header(run: &RunResult, source: Option<ModuleSource>, prepare_us: u64) -> InvocationResult {
@@ -140,6 +169,8 @@ fn result_header(run: &RunResult, source: Option<ModuleSource>, prepare_us: u64)
         module_source: source,
         prepare_us,
         exec_us: micros(run.exec),
+        snapshot_len: 0,
+        session: None,
     }
 }
 

@@ -195,12 +195,12 @@ fn start_thread<E: Engine + 'static>(
                 Err(_) => return,
             };
             let Ok(job) = job else { return };
-            let reply = match cache.get(&job.module, None) {
+            let reply = match cache.get(&job.module, None, wasmbox_worker::engine::ModuleKind::Command) {
                 Ok((module, _)) => {
                     let mut argv = vec![job.call.function.clone()];
                     argv.extend(job.call.args);
                     let run = cache.engine().run(
-                        &module,
+                        &module.module,
                         RunRequest {
                             argv: &argv,
                             env: &[],

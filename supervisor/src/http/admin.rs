@@ -175,6 +175,7 @@ async fn prepare(
         confirm_start: false,
         passed_fds: 0,
         prepare_only: true,
+        session: None,
     };
     let lease = app.pool.acquire(sha256).await.map_err(|e| match e {
         AcquireError::QueueFull { depth } => ApiError::QueueFull { depth },

@@ -64,6 +64,28 @@ pub enum ApiError {
     Unauthorized(&'static str),
     #[error("compiling the module took longer than WASMBOX_COMPILE_TIMEOUT_MS ({timeout_ms} ms)")]
     CompileTimeout { timeout_ms: u64 },
+    #[error("no session {id} of function {function}")]
+    SessionNotFound { function: String, id: String },
+    #[error("session {id} expired after {idle_secs} s without messages (WASMBOX_SESSION_IDLE_SECS); create a new one")]
+    SessionExpired { id: String, idle_secs: u64 },
+    #[error(
+        "the server holds its maximum of {max} sessions (WASMBOX_SESSION_MAX); delete one or wait for idle ones to expire"
+    )]
+    SessionLimit { max: usize },
+    #[error("invalid snapshot: {0}")]
+    SnapshotInvalid(String),
+    #[error("snapshot exceeds the limit of {limit} bytes (WASMBOX_SESSION_MAX_SNAPSHOT_BYTES)")]
+    SnapshotTooLarge { limit: u64 },
+    #[error(
+        "the session's state encodes larger than WASMBOX_SESSION_MAX_SNAPSHOT_BYTES ({limit} bytes); the message was not applied"
+    )]
+    SessionStateTooLarge { limit: u64 },
+    #[error(
+        "function {function} was replaced since this session's state was saved (state of module {saved}, function is now {current}); delete the session or import a snapshot of the new module"
+    )]
+    SessionModuleChanged { function: String, saved: String, current: String },
+    #[error("session {id}'s stored state is unreadable: {reason}")]
+    SessionCorrupt { id: String, reason: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -77,7 +99,16 @@ impl ApiError {
             | ApiError::InvalidQuery(_)
             | ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::FunctionNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::FunctionNotFound(_) | ApiError::RouteNotFound(_) | ApiError::SessionNotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::SessionExpired { .. } => StatusCode::GONE,
+            ApiError::SnapshotInvalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::SnapshotTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::SessionModuleChanged { .. } => StatusCode::CONFLICT,
+            // The server cannot store what the request needs: one more session, or a state
+            // this large.
+            ApiError::SessionLimit { .. } | ApiError::SessionStateTooLarge { .. } => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InvalidModule(_) | ApiError::InvalidFunctionConfig(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -85,6 +116,7 @@ impl ApiError {
             ApiError::NonZeroExit { .. }
             | ApiError::Trapped { .. }
             | ApiError::OutputTooLarge { .. }
+            | ApiError::SessionCorrupt { .. }
             | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // Distinct from a function bug: the same request may succeed with a larger
             // Memory-Request, and 507 says "could not get the storage it needed".
@@ -122,6 +154,14 @@ impl ApiError {
             ApiError::DeadlineExceeded { .. } => "deadline_exceeded",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::CompileTimeout { .. } => "compile_timeout",
+            ApiError::SessionNotFound { .. } => "session_not_found",
+            ApiError::SessionExpired { .. } => "session_expired",
+            ApiError::SessionLimit { .. } => "session_limit",
+            ApiError::SnapshotInvalid(_) => "snapshot_invalid",
+            ApiError::SnapshotTooLarge { .. } => "snapshot_too_large",
+            ApiError::SessionStateTooLarge { .. } => "session_state_too_large",
+            ApiError::SessionModuleChanged { .. } => "session_module_changed",
+            ApiError::SessionCorrupt { .. } => "session_corrupt",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -133,6 +173,12 @@ impl ApiError {
             }
             ApiError::BodyTooLarge { limit } | ApiError::OutputTooLarge { limit } => {
                 body.insert("limit_bytes".into(), json!(limit));
+            }
+            ApiError::SnapshotTooLarge { limit, .. } | ApiError::SessionStateTooLarge { limit } => {
+                body.insert("limit_bytes".into(), json!(limit));
+            }
+            ApiError::SessionLimit { max } => {
+                body.insert("max_sessions".into(), json!(max));
             }
             ApiError::QueueFull { depth } => {
                 body.insert("queue_depth".into(), json!(depth));

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod error;
 pub mod request;
 pub mod routes;
+pub mod sessions;
 
 use std::future::Future;
 use std::sync::Arc;

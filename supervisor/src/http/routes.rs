@@ -82,6 +82,9 @@ async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Resu
         _ if path == super::admin::PREFIX || path.starts_with("/admin/") => {
             super::admin::route(app, req, request_id).await
         }
+        _ if path == super::sessions::PREFIX || path.starts_with("/sessions/") => {
+            super::sessions::route(app, req, request_id).await
+        }
         _ => {
             let name = request::function_name(path)?;
             let stdin_allowed = match *req.method() {
@@ -170,12 +173,13 @@ async fn invoke(
         confirm_start: false,
         passed_fds: 0,
         prepare_only: false,
+        session: None,
     };
     drop(_entered);
 
     // One retry when the module changed between our hash and the worker's read of it.
     for attempt in 0..2 {
-        let lease = app.pool.acquire(&invocation.module.sha256).await.map_err(|e| match e {
+        let lease = app.pool.acquire(&invocation.module_key()).await.map_err(|e| match e {
             AcquireError::QueueFull { depth } => ApiError::QueueFull { depth },
             AcquireError::ShuttingDown => ApiError::ShuttingDown,
         })?;
@@ -204,7 +208,7 @@ async fn invoke(
                 if let Some(used) = &done.accounting {
                     app.usage.record(&name, used);
                 }
-                let (mut r, kind) = outcome_response(&done.result, done.stdout, &done.stderr, &invocation);
+                let (mut r, kind) = outcome_response(&done.result, done.stdout, &done.stderr, invocation.timeout_ms);
                 add_accounting(r.headers_mut(), done.accounting.as_ref());
                 (r, kind)
             }
@@ -244,7 +248,7 @@ async fn invoke(
 }
 
 /// CPU time, peak memory and the kernel memory limit of the invocation, from its cgroup.
-fn add_accounting(headers: &mut http::HeaderMap, accounting: Option<&Accounting>) {
+pub(super) fn add_accounting(headers: &mut http::HeaderMap, accounting: Option<&Accounting>) {
     let Some(used) = accounting else { return };
     if let Some(cpu) = used.cpu_time {
         headers.insert(HEADER_CPU_TIME, HeaderValue::from(micros(cpu)));
@@ -271,11 +275,11 @@ fn with_meta(mut response: Response<Full<Bytes>>, meta: &Meta) -> Response<Full<
     response
 }
 
-fn outcome_response(
+pub(super) fn outcome_response(
     result: &InvocationResult,
     stdout: Bytes,
     stderr: &[u8],
-    invocation: &Invocation,
+    timeout_ms: u64,
 ) -> (Response<Full<Bytes>>, &'static str) {
     let error = match &result.outcome {
         Outcome::Exited { code: 0 } => None,
@@ -283,9 +287,7 @@ fn outcome_response(
         Outcome::Trapped { message } => {
             Some(ApiError::Trapped { message: message.clone(), stderr: stderr_tail(stderr) })
         }
-        Outcome::DeadlineExceeded => {
-            Some(ApiError::DeadlineExceeded { timeout_ms: invocation.timeout_ms, worker_killed: false })
-        }
+        Outcome::DeadlineExceeded => Some(ApiError::DeadlineExceeded { timeout_ms, worker_killed: false }),
         Outcome::MemoryLimitExceeded { limit_bytes } => {
             Some(ApiError::MemoryLimitExceeded { limit_mb: limit_bytes >> 20, stderr: stderr_tail(stderr) })
         }
@@ -293,6 +295,8 @@ fn outcome_response(
         Outcome::InvalidModule { message } => Some(ApiError::InvalidModule(message.clone())),
         Outcome::ModuleChanged => Some(ApiError::Internal("module file changed during the invocation".into())),
         Outcome::SetupFailed { message } => Some(ApiError::Internal(message.clone())),
+        Outcome::SnapshotInvalid { message } => Some(ApiError::SnapshotInvalid(message.clone())),
+        Outcome::SnapshotTooLarge { limit_bytes } => Some(ApiError::SessionStateTooLarge { limit: *limit_bytes }),
     };
     let (mut response, kind) = match error {
         None => {

@@ -116,6 +116,8 @@ pub struct Completed {
     pub result: InvocationResult,
     pub stdout: Bytes,
     pub stderr: Bytes,
+    /// A session step's new snapshot (empty otherwise).
+    pub snapshot: Bytes,
     /// CPU time and peak memory from the worker's cgroup, when cgroups are on.
     pub accounting: Option<Accounting>,
 }
@@ -711,7 +713,7 @@ impl Lease {
         let Some(worker) = self.worker.as_mut() else {
             return Err(InvokeFailure::ShuttingDown);
         };
-        let hash = invocation.module.sha256.clone();
+        let hash = invocation.module_key();
         // Nothing was sent yet: on failure the worker goes back to the pool unharmed.
         let files = open_passed_files(&invocation).map_err(InvokeFailure::Setup)?;
         invocation.passed_fds = files.len() as u32;
@@ -719,7 +721,10 @@ impl Lease {
         let request = SlotRequest {
             cpu_quota_millis: invocation.cpu_quota_millis,
             memory_request_bytes: invocation.memory_limit_bytes,
-            io_bytes: (stdin.len() as u64).saturating_add(invocation.max_output_bytes.saturating_mul(2)),
+            // A session step also holds the snapshot it restored and the one it captures.
+            io_bytes: (stdin.len() as u64)
+                .saturating_add(invocation.max_output_bytes.saturating_mul(2))
+                .saturating_add(invocation.session.as_ref().map_or(0, |s| s.max_snapshot_bytes)),
         };
         let mut checkpoint = match &cgroup {
             Some(cg) => {
@@ -832,9 +837,12 @@ async fn exchange(
     files: &[OwnedFd],
     mut limits: Option<StartLimits<'_>>,
 ) -> Result<Completed, Exchange> {
-    let timeout = Duration::from_millis(invocation.timeout_ms);
+    // A session step restores and captures a snapshot besides running the guest: host work
+    // bounded by the memory size, allowed as long as a compile.
+    let timeout = Duration::from_millis(invocation.timeout_ms)
+        + if invocation.session.is_some() { config.compile_timeout } else { Duration::ZERO };
     let compile_allowance =
-        if worker.modules.contains(&invocation.module.sha256) { Duration::ZERO } else { config.compile_timeout };
+        if worker.modules.contains(&invocation.module_key()) { Duration::ZERO } else { config.compile_timeout };
     let mut hard_deadline = tokio::time::Instant::now() + compile_allowance + timeout + config.kill_grace;
     let broken = |e: FrameError| match e {
         FrameError::Io(_) | FrameError::Truncated => Exchange::Lost(e.to_string()),
@@ -856,15 +864,16 @@ async fn exchange(
                 hard_deadline = tokio::time::Instant::now() + timeout + config.kill_grace;
             }
             Ok(Ok((FromWorker::Result(result), mut payload))) => {
-                let (out, err) = (result.stdout_len, result.stderr_len);
-                if out.checked_add(err) != Some(payload.len() as u64) {
+                let (out, err, snap) = (result.stdout_len, result.stderr_len, result.snapshot_len);
+                if out.checked_add(err).and_then(|n| n.checked_add(snap)) != Some(payload.len() as u64) {
                     return Err(Exchange::Protocol(format!(
-                        "protocol violation: reply payload is {} bytes, header says {out}+{err}",
+                        "protocol violation: reply payload is {} bytes, header says {out}+{err}+{snap}",
                         payload.len()
                     )));
                 }
                 let stdout = payload.split_to(out as usize);
-                return Ok(Completed { result, stdout, stderr: payload, accounting: None });
+                let stderr = payload.split_to(err as usize);
+                return Ok(Completed { result, stdout, stderr, snapshot: payload, accounting: None });
             }
             Ok(Ok((FromWorker::Hello(_), _))) => {
                 return Err(Exchange::Protocol("protocol violation: hello in the middle of a session".into()));

@@ -23,6 +23,16 @@ struct ConfigFile {
     preopens: Vec<PreopenFile>,
     #[serde(default)]
     limits: FunctionLimits,
+    #[serde(default)]
+    session: SessionFile,
+}
+
+/// `[session]`: how the sessions API drives this function.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionFile {
+    /// The exported function each message is delivered to (default `handle`).
+    handler: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +71,8 @@ pub struct FunctionConfig {
     pub env: Vec<(String, String)>,
     pub preopens: Vec<Preopen>,
     pub limits: FunctionLimits,
+    /// `[session] handler`: the export a session message calls (`None`: `handle`).
+    pub session_handler: Option<String>,
 }
 
 /// Parses and resolves a config file's text; `base` resolves relative preopen paths.
@@ -106,7 +118,23 @@ pub fn parse(text: &str, base: &Path) -> Result<FunctionConfig, String> {
             }
         }
     }
-    Ok(FunctionConfig { default_args: file.args, env: file.env.into_iter().collect(), preopens, limits: l })
+    if let Some(handler) = &file.session.handler {
+        let ok = !handler.is_empty()
+            && handler.len() <= 256
+            && handler.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'$'));
+        if !ok {
+            return Err(format!(
+                "session.handler {handler:?} must be an export name of 1 to 256 letters, digits, '_', '-', '.', '$'"
+            ));
+        }
+    }
+    Ok(FunctionConfig {
+        default_args: file.args,
+        env: file.env.into_iter().collect(),
+        preopens,
+        limits: l,
+        session_handler: file.session.handler,
+    })
 }
 
 #[cfg(test)]
@@ -131,6 +159,8 @@ mod tests {
             [limits]
             memory_mb = 32
             max_memory_mb = 64
+            [session]
+            handler = "on_message"
         "#;
         let c = parse(text, dir.path()).unwrap();
         assert_eq!(c.default_args, ["--fast"]);
@@ -139,6 +169,7 @@ mod tests {
         assert_eq!(c.preopens[0], Preopen { host: data.clone(), guest: "/data".into(), read_only: true });
         assert!(!c.preopens[1].read_only);
         assert_eq!(c.limits.memory_mb, Some(32));
+        assert_eq!(c.session_handler.as_deref(), Some("on_message"));
     }
 
     #[test]
@@ -152,6 +183,8 @@ mod tests {
             ("[limits]\nmemory_mb = 10\nmax_memory_mb = 5", "exceeds"),
             ("[limits]\ntimeout_ms = 0", "at least 1"),
             ("args = \"not a list\"", "sequence"),
+            ("[session]\nhandler = \"a b\"", "session.handler"),
+            ("[session]\nhandlr = \"x\"", "handlr"),
         ];
         for (text, needle) in cases {
             let err = parse(text, dir.path()).unwrap_err();

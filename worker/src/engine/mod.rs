@@ -97,7 +97,17 @@ pub fn run_captured(
     RunResult { outcome, stdout, stderr: err.data, stderr_dropped: err.dropped, exec }
 }
 
-/// A WebAssembly engine able to run WASI preview1 command modules.
+/// What a module is compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleKind {
+    /// A WASI command: `_start: () -> ()` is required and runs per invocation.
+    Command,
+    /// A session module (a WASI reactor, rewritten by [`crate::session::instrument`]): no
+    /// entry point is required at compile time; the handler is looked up per step.
+    Session,
+}
+
+/// A WebAssembly engine able to run WASI preview1 command modules and session steps.
 pub trait Engine {
     /// A compiled, validated, linked module, cheap to clone and ready to instantiate.
     type Module: Clone;
@@ -109,7 +119,7 @@ pub trait Engine {
     fn version(&self) -> String;
 
     /// Validates and compiles a module held in memory.
-    fn compile(&self, wasm: &[u8]) -> Result<Self::Module, EngineError>;
+    fn compile(&self, wasm: &[u8], kind: ModuleKind) -> Result<Self::Module, EngineError>;
 
     /// File extension of precompiled artifacts, or `None` when the engine has none.
     fn artifact_extension(&self) -> Option<&'static str> {
@@ -123,11 +133,22 @@ pub trait Engine {
     }
 
     /// Loads an artifact written by [`Engine::precompile`] of this same engine version.
-    fn load_artifact(&self, artifact: &Path) -> Result<Self::Module, EngineError> {
-        let _ = artifact;
+    fn load_artifact(&self, artifact: &Path, kind: ModuleKind) -> Result<Self::Module, EngineError> {
+        let _ = (artifact, kind);
         Err(EngineError::Unsupported("loading artifacts"))
     }
 
     /// Runs `_start` in a fresh instance with fresh WASI state.
     fn run(&self, module: &Self::Module, request: RunRequest<'_>) -> RunResult;
+
+    /// Runs one session step in a fresh instance with fresh WASI state (stdin is the
+    /// message): [`crate::session::drive`] over the engine's [`crate::session::Instance`].
+    fn run_session(
+        &self,
+        module: &Self::Module,
+        layout: &crate::session::Layout,
+        request: RunRequest<'_>,
+        step: &crate::session::Step<'_>,
+        out: &mut crate::session::StepOutput,
+    ) -> RunResult;
 }

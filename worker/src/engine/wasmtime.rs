@@ -7,13 +7,15 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use wasmbox_protocol::Outcome;
-use wasmtime::{Config, InstancePre, Linker, ResourceLimiter, Store, Trap};
+use wasmbox_protocol::snapshot::GlobalValue;
+use wasmtime::{Config, InstancePre, Linker, ResourceLimiter, Store, Trap, Val};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
-use super::{Engine, EngineError, RunRequest, RunResult, bounded};
+use super::{Engine, EngineError, ModuleKind, RunRequest, RunResult, bounded};
 use crate::capture::Capture;
+use crate::session;
 
 /// Per-invocation store data.
 struct StoreState {
@@ -101,8 +103,9 @@ impl WasmtimeEngine {
         Ok(WasmtimeEngine { engine, linker, watchdog })
     }
 
-    fn link(&self, module: &wasmtime::Module) -> Result<WasmtimeModule, EngineError> {
+    fn link(&self, module: &wasmtime::Module, kind: ModuleKind) -> Result<WasmtimeModule, EngineError> {
         match module.get_export("_start") {
+            _ if kind == ModuleKind::Session => {}
             Some(wasmtime::ExternType::Func(ty)) if ty.params().len() == 0 && ty.results().len() == 0 => {}
             Some(_) => return Err(EngineError::InvalidModule("export `_start` is not a function () -> ()".into())),
             None => {
@@ -132,10 +135,10 @@ impl Engine for WasmtimeEngine {
         format!("{WASMTIME_MAJOR}-{:016x}", hasher.finish())
     }
 
-    fn compile(&self, wasm: &[u8]) -> Result<WasmtimeModule, EngineError> {
+    fn compile(&self, wasm: &[u8], kind: ModuleKind) -> Result<WasmtimeModule, EngineError> {
         let module = wasmtime::Module::new(&self.engine, wasm)
             .map_err(|e| EngineError::InvalidModule(bounded(format!("{e:#}"))))?;
-        self.link(&module)
+        self.link(&module, kind)
     }
 
     fn artifact_extension(&self) -> Option<&'static str> {
@@ -150,29 +153,42 @@ impl Engine for WasmtimeEngine {
             .map_err(|source| EngineError::Io { path: artifact.into(), source })
     }
 
-    fn load_artifact(&self, artifact: &Path) -> Result<WasmtimeModule, EngineError> {
+    fn load_artifact(&self, artifact: &Path, kind: ModuleKind) -> Result<WasmtimeModule, EngineError> {
         // SAFETY: deserializing trusts the file to be native code produced by this engine.
         // The module cache only passes artifacts from its own cache directory, written by
         // this program under this uid and not writable by others (checked before the call);
         // Wasmtime additionally rejects artifacts from another version or configuration.
         let module = unsafe { wasmtime::Module::deserialize_file(&self.engine, artifact) }
             .map_err(|e| EngineError::StaleArtifact { path: artifact.into(), reason: bounded(format!("{e:#}")) })?;
-        self.link(&module)
+        self.link(&module, kind)
     }
 
     fn run(&self, module: &WasmtimeModule, request: RunRequest<'_>) -> RunResult {
         super::run_captured(&request, |stdout, stderr| self.run_guest(module, &request, stdout, stderr))
     }
+
+    fn run_session(
+        &self,
+        module: &WasmtimeModule,
+        layout: &session::Layout,
+        request: RunRequest<'_>,
+        step: &session::Step<'_>,
+        out: &mut session::StepOutput,
+    ) -> RunResult {
+        super::run_captured(&request, |stdout, stderr| {
+            self.session_step(module, layout, &request, step, out, (stdout, stderr))
+        })
+    }
 }
 
 impl WasmtimeEngine {
-    fn run_guest(
+    /// A store with fresh WASI state for one invocation or session step.
+    fn new_store(
         &self,
-        module: &WasmtimeModule,
         request: &RunRequest<'_>,
         stdout: &Capture,
         stderr: &Capture,
-    ) -> Outcome {
+    ) -> Result<Store<StoreState>, Outcome> {
         let mut wasi = WasiCtxBuilder::new();
         wasi.args(request.argv)
             .envs(request.env)
@@ -181,7 +197,7 @@ impl WasmtimeEngine {
             .stderr(stderr.clone())
             .allow_blocking_current_thread(true);
         if let Err(message) = add_preopens(&mut wasi, request) {
-            return Outcome::SetupFailed { message: bounded(message) };
+            return Err(Outcome::SetupFailed { message: bounded(message) });
         }
         let memory_bytes = usize::try_from(request.memory_limit_bytes).unwrap_or(usize::MAX);
         let state = StoreState { wasi: wasi.build_p1(), limits: Limits { memory_bytes, memory_denied: false } };
@@ -190,35 +206,162 @@ impl WasmtimeEngine {
         // Deadline = one epoch tick; the watchdog ticks exactly once, at this invocation's
         // deadline, so an idle worker costs no timer wakeups.
         store.set_epoch_deadline(1);
-        let guard = self.watchdog.arm(Instant::now() + request.timeout);
+        Ok(store)
+    }
 
+    fn run_guest(
+        &self,
+        module: &WasmtimeModule,
+        request: &RunRequest<'_>,
+        stdout: &Capture,
+        stderr: &Capture,
+    ) -> Outcome {
+        let mut store = match self.new_store(request, stdout, stderr) {
+            Ok(store) => store,
+            Err(outcome) => return outcome,
+        };
+        let guard = self.watchdog.arm(Instant::now() + request.timeout);
         let result = module
             .pre
             .instantiate(&mut store)
             .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start"))
             .and_then(|start| start.call(&mut store, ()));
         let fired = guard.disarm();
-
         match result {
             Ok(()) => Outcome::Exited { code: 0 },
-            Err(e) => {
-                if let Some(exit) = e.downcast_ref::<I32Exit>() {
-                    return Outcome::Exited { code: exit.0 };
-                }
-                // The deadline first: a guest that survived a refused growth and then ran
-                // out of time was stopped by the deadline, not by memory.
-                if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
-                    return Outcome::DeadlineExceeded;
-                }
-                if store.data().limits.memory_denied {
-                    return Outcome::MemoryLimitExceeded { limit_bytes: request.memory_limit_bytes };
-                }
-                if fired {
-                    return Outcome::DeadlineExceeded;
-                }
-                Outcome::Trapped { message: bounded(format!("{e:#}")) }
-            }
+            Err(e) => classify(&e, &store, fired, request.memory_limit_bytes),
         }
+    }
+}
+
+/// What ended a guest that did not return: its exit code, the deadline, the memory cap or
+/// a trap.
+fn classify(e: &wasmtime::Error, store: &Store<StoreState>, fired: bool, memory_limit_bytes: u64) -> Outcome {
+    if let Some(exit) = e.downcast_ref::<I32Exit>() {
+        return Outcome::Exited { code: exit.0 };
+    }
+    // The deadline first: a guest that survived a refused growth and then ran out of time
+    // was stopped by the deadline, not by memory.
+    if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+        return Outcome::DeadlineExceeded;
+    }
+    if store.data().limits.memory_denied {
+        return Outcome::MemoryLimitExceeded { limit_bytes: memory_limit_bytes };
+    }
+    if fired {
+        return Outcome::DeadlineExceeded;
+    }
+    Outcome::Trapped { message: bounded(format!("{e:#}")) }
+}
+
+/// A live session instance on Wasmtime.
+struct SessionInstance<'a> {
+    engine: &'a WasmtimeEngine,
+    store: Store<StoreState>,
+    instance: wasmtime::Instance,
+    memory: wasmtime::Memory,
+    deadline: Instant,
+    memory_limit_bytes: u64,
+}
+
+impl session::Instance for SessionInstance<'_> {
+    fn memory_pages(&mut self) -> Result<u32, String> {
+        u32::try_from(self.memory.size(&self.store)).map_err(|_| "memory larger than 4 GiB".to_string())
+    }
+
+    fn grow_memory(&mut self, pages: u32) -> Result<(), String> {
+        self.memory.grow(&mut self.store, u64::from(pages)).map(drop).map_err(|e| format!("{e:#}"))
+    }
+
+    fn memory(&mut self) -> Result<&mut [u8], String> {
+        Ok(self.memory.data_mut(&mut self.store))
+    }
+
+    fn global(&mut self, index: u32, ty: u8) -> Result<[u8; 16], String> {
+        let name = session::instrument::global_export(index);
+        let global = self.instance.get_global(&mut self.store, &name).ok_or_else(|| format!("no export {name}"))?;
+        let mut out = [0u8; 16];
+        match (global.get(&mut self.store), ty) {
+            (Val::I32(v), 0x7f) => out[..4].copy_from_slice(&v.to_le_bytes()),
+            (Val::I64(v), 0x7e) => out[..8].copy_from_slice(&v.to_le_bytes()),
+            (Val::F32(v), 0x7d) => out[..4].copy_from_slice(&v.to_le_bytes()),
+            (Val::F64(v), 0x7c) => out[..8].copy_from_slice(&v.to_le_bytes()),
+            (Val::V128(v), 0x7b) => out.copy_from_slice(&v.as_u128().to_le_bytes()),
+            (other, _) => return Err(format!("global {index} holds {other:?}, expected type {ty:#x}")),
+        }
+        Ok(out)
+    }
+
+    fn set_global(&mut self, value: &GlobalValue) -> Result<(), String> {
+        let name = session::instrument::global_export(value.index);
+        let global = self.instance.get_global(&mut self.store, &name).ok_or_else(|| format!("no export {name}"))?;
+        let b = value.bytes;
+        let word = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let dword = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        let val = match value.ty {
+            0x7f => Val::I32(word as i32),
+            0x7e => Val::I64(dword as i64),
+            0x7d => Val::F32(word),
+            0x7c => Val::F64(dword),
+            0x7b => Val::V128(u128::from_le_bytes(b).into()),
+            other => return Err(format!("type code {other:#x}")),
+        };
+        global.set(&mut self.store, val).map_err(|e| format!("{e:#}"))
+    }
+
+    fn has_function(&mut self, name: &str) -> bool {
+        self.instance.get_typed_func::<(), ()>(&mut self.store, name).is_ok()
+    }
+
+    fn call(&mut self, name: &str) -> Result<(), Outcome> {
+        let func = self
+            .instance
+            .get_typed_func::<(), ()>(&mut self.store, name)
+            .map_err(|e| Outcome::InvalidModule { message: bounded(format!("export `{name}`: {e:#}")) })?;
+        self.store.set_epoch_deadline(1);
+        let guard = self.engine.watchdog.arm(self.deadline);
+        let result = func.call(&mut self.store, ());
+        let fired = guard.disarm();
+        result.map_err(|e| classify(&e, &self.store, fired, self.memory_limit_bytes))
+    }
+}
+
+impl WasmtimeEngine {
+    fn session_step(
+        &self,
+        module: &WasmtimeModule,
+        layout: &session::Layout,
+        request: &RunRequest<'_>,
+        step: &session::Step<'_>,
+        out: &mut session::StepOutput,
+        (stdout, stderr): (&Capture, &Capture),
+    ) -> Outcome {
+        let mut store = match self.new_store(request, stdout, stderr) {
+            Ok(store) => store,
+            Err(outcome) => return outcome,
+        };
+        let deadline = Instant::now() + request.timeout;
+        // Instantiation only applies data segments (a session module has no start
+        // function), but it runs under the deadline all the same.
+        let guard = self.watchdog.arm(deadline);
+        let instance = module.pre.instantiate(&mut store);
+        let fired = guard.disarm();
+        let instance = match instance {
+            Ok(instance) => instance,
+            Err(e) => return classify(&e, &store, fired, request.memory_limit_bytes),
+        };
+        let Some(memory) = instance.get_memory(&mut store, session::instrument::MEMORY_EXPORT) else {
+            return Outcome::InvalidModule { message: "session module has no memory export".into() };
+        };
+        let mut live = SessionInstance {
+            engine: self,
+            store,
+            instance,
+            memory,
+            deadline,
+            memory_limit_bytes: request.memory_limit_bytes,
+        };
+        session::drive(&mut live, layout, step, out)
     }
 }
 
@@ -386,6 +529,16 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    trait CompileCommand {
+        fn compile_command(&self, wasm: &[u8]) -> Result<WasmtimeModule, EngineError>;
+    }
+
+    impl CompileCommand for WasmtimeEngine {
+        fn compile_command(&self, wasm: &[u8]) -> Result<WasmtimeModule, EngineError> {
+            self.compile(wasm, ModuleKind::Command)
+        }
+    }
+
     fn engine() -> WasmtimeEngine {
         WasmtimeEngine::new(false).unwrap()
     }
@@ -413,7 +566,7 @@ mod tests {
         let e = engine();
         let wasm =
             wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start") (loop (br 0))))"#).unwrap();
-        let m = e.compile(&wasm).unwrap();
+        let m = e.compile_command(&wasm).unwrap();
         let argv = vec!["loop".to_string()];
         let started = Instant::now();
         let r = e.run(&m, request(&argv, 100, 1 << 20));
@@ -421,7 +574,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2));
         // The next run on the same engine is not hit by a stale tick.
         let ok = wat::parse_str(r#"(module (func (export "_start")))"#).unwrap();
-        let m = e.compile(&ok).unwrap();
+        let m = e.compile_command(&ok).unwrap();
         assert_eq!(e.run(&m, request(&argv, 1000, 1 << 20)).outcome, Outcome::Exited { code: 0 });
     }
 
@@ -430,12 +583,12 @@ mod tests {
         let e = engine();
         let argv = vec!["loop".to_string()];
         let spin = e
-            .compile(
+            .compile_command(
                 &wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start") (loop (br 0))))"#)
                     .unwrap(),
             )
             .unwrap();
-        let quick = e.compile(&wat::parse_str(r#"(module (func (export "_start")))"#).unwrap()).unwrap();
+        let quick = e.compile_command(&wat::parse_str(r#"(module (func (export "_start")))"#).unwrap()).unwrap();
         // A long deadline leaves the watchdog asleep until far ahead: a shorter one armed
         // after it must wake it.
         assert_eq!(e.run(&quick, request(&argv, 60_000, 1 << 20)).outcome, Outcome::Exited { code: 0 });
@@ -478,7 +631,7 @@ mod tests {
         )
         .unwrap();
         let e = engine();
-        let m = e.compile(&wasm).unwrap();
+        let m = e.compile_command(&wasm).unwrap();
         let argv = vec!["clean".to_string()];
         for run in 0..3 {
             let r = e.run(&m, request(&argv, 5000, 64 << 20));
@@ -493,11 +646,11 @@ mod tests {
         // 100,000 elements: over Wasmtime's default pool limit (20,000), which large C++ and
         // C# programs exceed; within WasmBox's.
         let big = wat::parse_str(r#"(module (table 100000 funcref) (func (export "_start")))"#).unwrap();
-        let m = e.compile(&big).unwrap();
+        let m = e.compile_command(&big).unwrap();
         assert_eq!(e.run(&m, request(&argv, 5000, 1 << 20)).outcome, Outcome::Exited { code: 0 });
         // Past the slot: refused when the module is compiled, with the reason, not per call.
         let huge = wat::parse_str(r#"(module (table 2000000 funcref) (func (export "_start")))"#).unwrap();
-        match e.compile(&huge) {
+        match e.compile_command(&huge) {
             Err(EngineError::InvalidModule(m)) => assert!(m.contains("table"), "{m}"),
             other => panic!("expected an invalid module, got {:?}", other.map(|_| ())),
         }
@@ -507,7 +660,7 @@ mod tests {
     fn initial_memory_above_the_cap_is_memory_exceeded() {
         let e = engine();
         let wasm = wat::parse_str(r#"(module (memory 100) (func (export "_start")))"#).unwrap();
-        let m = e.compile(&wasm).unwrap();
+        let m = e.compile_command(&wasm).unwrap();
         let argv = vec!["big".to_string()];
         let r = e.run(&m, request(&argv, 1000, 1 << 20));
         assert_eq!(r.outcome, Outcome::MemoryLimitExceeded { limit_bytes: 1 << 20 });
@@ -517,20 +670,21 @@ mod tests {
     fn modules_without_start_or_with_unknown_imports_are_invalid() {
         let e = engine();
         let no_start = wat::parse_str(r#"(module (func (export "main")))"#).unwrap();
-        assert!(matches!(e.compile(&no_start), Err(EngineError::InvalidModule(m)) if m.contains("_start")));
+        assert!(matches!(e.compile_command(&no_start), Err(EngineError::InvalidModule(m)) if m.contains("_start")));
         let unknown = wat::parse_str(r#"(module (import "env" "nope" (func)) (func (export "_start")))"#).unwrap();
-        assert!(matches!(e.compile(&unknown), Err(EngineError::InvalidModule(_))));
-        assert!(matches!(e.compile(b"\0asm garbage"), Err(EngineError::InvalidModule(_))));
+        assert!(matches!(e.compile_command(&unknown), Err(EngineError::InvalidModule(_))));
+        assert!(matches!(e.compile_command(b"\0asm garbage"), Err(EngineError::InvalidModule(_))));
     }
 
     #[test]
     fn trap_and_exit_codes_are_distinct() {
         let e = engine();
         let argv = vec!["t".to_string()];
-        let trap = e.compile(&wat::parse_str(r#"(module (func (export "_start") unreachable))"#).unwrap()).unwrap();
+        let trap =
+            e.compile_command(&wat::parse_str(r#"(module (func (export "_start") unreachable))"#).unwrap()).unwrap();
         assert!(matches!(e.run(&trap, request(&argv, 1000, 1 << 20)).outcome, Outcome::Trapped { .. }));
         let exit = e
-            .compile(
+            .compile_command(
                 &wat::parse_str(
                     r#"(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
                        (memory (export "memory") 1)

@@ -1,0 +1,535 @@
+//! The sessions API: `/sessions/{function}[/{id}[/snapshot]]`.
+//!
+//! - `POST /sessions/{function}`: create (instantiate, `_initialize`, snapshot); 201 with the id.
+//! - `POST /sessions/{function}/{id}`: one message (body = stdin, reply = stdout), applied
+//!   one at a time per session; the new state is committed only when the message succeeded.
+//! - `GET /sessions/{function}/{id}`: what the server knows of the session (JSON).
+//! - `GET|PUT /sessions/{function}/{id}/snapshot`: export / import the state.
+//! - `DELETE /sessions/{function}/{id}`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::json;
+use wasmbox_protocol::snapshot;
+use wasmbox_protocol::{Invocation, Outcome, SessionCall, SessionOp, SessionStats};
+
+use super::error::ApiError;
+use super::request::{self, InvocationLimits};
+use super::routes::{
+    HEADER_WORKER, add_accounting, invoke_failure, json_response, outcome_response, read_limited, registry_error,
+};
+use crate::App;
+use crate::pool::{AcquireError, Completed};
+use crate::registry::{Function, FunctionName};
+use crate::sessions::{self, Lookup, Session};
+
+pub const PREFIX: &str = "/sessions";
+
+pub const HEADER_SESSION_ID: &str = "x-wasmbox-session-id";
+pub const HEADER_RESTORE_TIME: &str = "x-wasmbox-session-restore-us";
+pub const HEADER_CAPTURE_TIME: &str = "x-wasmbox-session-capture-us";
+pub const HEADER_COMMIT_TIME: &str = "x-wasmbox-session-commit-us";
+pub const HEADER_SNAPSHOT_BYTES: &str = "x-wasmbox-snapshot-bytes";
+pub const HEADER_PAGES_RESTORED: &str = "x-wasmbox-session-pages-restored";
+pub const HEADER_PAGES_COMPRESSED: &str = "x-wasmbox-session-pages-compressed";
+pub const HEADER_MODULE_SHA256: &str = "x-wasmbox-module-sha256";
+
+/// Media type of an exported snapshot.
+pub const SNAPSHOT_CONTENT_TYPE: &str = "application/vnd.wasmbox.snapshot";
+
+/// The export sessions call when the function's config names none.
+pub const DEFAULT_HANDLER: &str = "handle";
+
+/// Routes a request under [`PREFIX`].
+pub async fn route(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    request_id: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let path = req.uri().path().to_owned();
+    let rest = path.strip_prefix(PREFIX).unwrap_or_default();
+    let parts: Vec<&str> = rest.strip_prefix('/').map(|r| r.split('/').collect()).unwrap_or_default();
+    let not_found = || ApiError::RouteNotFound(path.clone());
+    let method = req.method().clone();
+    match parts.as_slice() {
+        [function] => {
+            let name = function_name(function)?;
+            match method {
+                Method::POST => create(app, req, name, request_id).await,
+                other => Err(ApiError::MethodNotAllowed { method: other.to_string(), allow: "POST" }),
+            }
+        }
+        [function, id] => {
+            let name = function_name(function)?;
+            match method {
+                Method::POST => message(app, req, name, id, request_id).await,
+                Method::GET => info(app, &name, id).await,
+                Method::DELETE => delete(app, &name, id).await,
+                other => Err(ApiError::MethodNotAllowed { method: other.to_string(), allow: "POST, GET, DELETE" }),
+            }
+        }
+        [function, id, "snapshot"] => {
+            let name = function_name(function)?;
+            match method {
+                Method::GET => export(app, &name, id).await,
+                Method::PUT => import(app, req, name, id, request_id).await,
+                other => Err(ApiError::MethodNotAllowed { method: other.to_string(), allow: "GET, PUT" }),
+            }
+        }
+        _ => Err(not_found()),
+    }
+}
+
+fn function_name(raw: &str) -> Result<FunctionName, ApiError> {
+    FunctionName::parse(raw).map_err(|e| ApiError::InvalidFunctionName(e.to_string()))
+}
+
+/// The session `id` of `function`, or why there is none.
+fn find(app: &App, function: &FunctionName, id: &str) -> Result<Arc<Session>, ApiError> {
+    let missing = || ApiError::SessionNotFound { function: function.to_string(), id: id.to_owned() };
+    if !sessions::valid_id(id) {
+        return Err(missing());
+    }
+    match app.sessions.lookup(function, id) {
+        Lookup::Found(session) => Ok(session),
+        Lookup::Expired => Err(ApiError::SessionExpired {
+            id: id.to_owned(),
+            idle_secs: app.sessions.limits().idle.map_or(0, |d| d.as_secs()),
+        }),
+        Lookup::Missing => Err(missing()),
+    }
+}
+
+/// Locks the session for one operation; fails when it was deleted while waiting.
+async fn lock(app: &App, session: &Arc<Session>) -> Result<tokio::sync::OwnedMutexGuard<()>, ApiError> {
+    let guard = session.lock.clone().lock_owned().await;
+    if session.deleted.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(match app.sessions.lookup(&session.function, &session.id) {
+            Lookup::Expired => ApiError::SessionExpired {
+                id: session.id.clone(),
+                idle_secs: app.sessions.limits().idle.map_or(0, |d| d.as_secs()),
+            },
+            _ => ApiError::SessionNotFound { function: session.function.to_string(), id: session.id.clone() },
+        });
+    }
+    Ok(guard)
+}
+
+fn handler(function: &Function) -> String {
+    function.config.session_handler.clone().unwrap_or_else(|| DEFAULT_HANDLER.to_owned())
+}
+
+/// A session step's result with what the response needs besides it.
+struct StepDone {
+    completed: Completed,
+    worker: String,
+    queue_wait: Duration,
+}
+
+/// Runs one session step on a pool worker.
+async fn step(
+    app: &Arc<App>,
+    function: &Function,
+    op: SessionOp,
+    limits: InvocationLimits,
+    snapshot: &[u8],
+    message: Bytes,
+    request_id: &str,
+) -> Result<StepDone, ApiError> {
+    let handler = handler(function);
+    let invocation = Invocation {
+        request_id: request_id.to_owned(),
+        function: function.name.to_string(),
+        module: function.module.clone(),
+        argv: vec![function.name.to_string()],
+        env: function.config.env.clone(),
+        preopens: function.config.preopens.clone(),
+        memory_limit_bytes: limits.memory_mb << 20,
+        timeout_ms: limits.timeout_ms,
+        cpu_quota_millis: limits.cpu_quota_millis,
+        max_output_bytes: app.config.max_output_bytes,
+        confirm_start: false,
+        passed_fds: 0,
+        prepare_only: false,
+        session: Some(SessionCall {
+            op,
+            handler,
+            snapshot_len: snapshot.len() as u64,
+            max_snapshot_bytes: app.sessions.limits().max_snapshot_bytes,
+        }),
+    };
+    let mut payload = BytesMut::with_capacity(snapshot.len() + message.len());
+    payload.extend_from_slice(snapshot);
+    payload.extend_from_slice(&message);
+    let lease = app.pool.acquire(&invocation.module_key()).await.map_err(|e| match e {
+        AcquireError::QueueFull { depth } => ApiError::QueueFull { depth },
+        AcquireError::ShuttingDown => ApiError::ShuttingDown,
+    })?;
+    let queue_wait = lease.queue_wait;
+    let worker = lease.worker_id().map(|w| w.to_string()).unwrap_or_default();
+    // In a task of its own, like invocations: a client that goes away mid-step must not
+    // leave the worker's protocol state unknown.
+    let run = tokio::spawn(lease.invoke(invocation.clone(), payload.freeze()));
+    let completed = run.await.map_err(|e| ApiError::Internal(format!("session task failed: {e}")))?;
+    match completed {
+        Ok(completed) => {
+            if let Some(used) = &completed.accounting {
+                app.usage.record(&function.name, used);
+            }
+            if completed.result.outcome == Outcome::ModuleChanged {
+                app.registry.invalidate(&function.name);
+                return Err(ApiError::SessionModuleChanged {
+                    function: function.name.to_string(),
+                    saved: function.module.sha256.clone(),
+                    current: "(replaced during the message)".into(),
+                });
+            }
+            Ok(StepDone { completed, worker, queue_wait })
+        }
+        Err(failure) => {
+            if matches!(failure, crate::pool::InvokeFailure::OomKilled { .. }) {
+                app.usage.record_oom_kill(&function.name);
+            }
+            Err(invoke_failure(failure, &invocation))
+        }
+    }
+}
+
+/// Maps a step that did not succeed to its error response (as an invocation's would be).
+fn failed_step(done: &StepDone, limits: InvocationLimits, max_snapshot_bytes: u64) -> Option<Response<Full<Bytes>>> {
+    let result = &done.completed.result;
+    match &result.outcome {
+        Outcome::Exited { code: 0 } => None,
+        Outcome::SnapshotInvalid { message } => Some(ApiError::SnapshotInvalid(message.clone()).to_response()),
+        Outcome::SnapshotTooLarge { .. } => {
+            Some(ApiError::SessionStateTooLarge { limit: max_snapshot_bytes }.to_response())
+        }
+        _ => {
+            let c = &done.completed;
+            Some(outcome_response(&c.result, c.stdout.clone(), &c.stderr, limits.timeout_ms).0)
+        }
+    }
+}
+
+/// Checks a snapshot a worker produced before it is committed: whole, of this module,
+/// within the size limit.
+fn verify_new_snapshot(app: &App, function: &Function, bytes: &[u8]) -> Result<(), ApiError> {
+    let limit = app.sessions.limits().max_snapshot_bytes;
+    if bytes.len() as u64 > limit {
+        return Err(ApiError::SessionStateTooLarge { limit });
+    }
+    snapshot::parse_for(bytes, &function.module.sha256)
+        .map(drop)
+        .map_err(|e| ApiError::Internal(format!("worker produced an unusable snapshot: {e}")))
+}
+
+fn session_headers(response: &mut Response<Full<Bytes>>, done: &StepDone, stats: Option<SessionStats>) {
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&done.worker) {
+        headers.insert(HEADER_WORKER, v);
+    }
+    headers.insert(super::routes::HEADER_QUEUE_WAIT, HeaderValue::from(micros(done.queue_wait)));
+    add_accounting(headers, done.completed.accounting.as_ref());
+    if let Some(stats) = stats {
+        headers.insert(HEADER_RESTORE_TIME, HeaderValue::from(stats.restore_us));
+        headers.insert(HEADER_CAPTURE_TIME, HeaderValue::from(stats.capture_us));
+        headers.insert(HEADER_PAGES_RESTORED, HeaderValue::from(stats.pages_restored));
+        headers.insert(HEADER_PAGES_COMPRESSED, HeaderValue::from(stats.pages_compressed));
+    }
+}
+
+async fn create(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    name: FunctionName,
+    request_id: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    if app.is_draining() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let function = app.registry.lookup(&name).await.map_err(registry_error)?;
+    let limits = request::limits(&parts.headers, &function.config.limits, &app.limits)?;
+    let stdin = read_limited(body, app.config.max_body_bytes).await?;
+    let max_snapshot = app.sessions.limits().max_snapshot_bytes;
+    let reservation =
+        app.sessions.reserve().ok_or(ApiError::SessionLimit { max: app.sessions.limits().max_sessions })?;
+    let done = step(app, &function, SessionOp::Create, limits, &[], stdin, request_id).await?;
+    let outcome_kind = outcome_kind(&done);
+    if let Some(response) = failed_step(&done, limits, max_snapshot) {
+        log_step(app, &name, None, "create", outcome_kind, &done, started);
+        let mut response = response;
+        session_headers(&mut response, &done, done.completed.result.session);
+        return Ok(response);
+    }
+    let state = done.completed.snapshot.clone();
+    verify_new_snapshot(app, &function, &state)?;
+    let id = sessions::new_id();
+    let commit_started = Instant::now();
+    app.sessions.write(&name, &id, state.clone()).await.map_err(|e| store_error(&id, &e))?;
+    let commit = commit_started.elapsed();
+    app.sessions.insert(reservation, &name, &id, state.len() as u64);
+    let body = json!({
+        "id": id,
+        "function": name.as_str(),
+        "module_sha256": function.module.sha256,
+        "snapshot_bytes": state.len(),
+    });
+    let mut response = json_response(StatusCode::CREATED, &body);
+    let location = format!("{PREFIX}/{name}/{id}");
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    commit_headers(&mut response, &id, state.len(), commit);
+    session_headers(&mut response, &done, done.completed.result.session);
+    log_step(app, &name, Some(&id), "create", "ok", &done, started);
+    Ok(response)
+}
+
+fn commit_headers(response: &mut Response<Full<Bytes>>, id: &str, bytes: usize, commit: Duration) {
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(id) {
+        headers.insert(HEADER_SESSION_ID, v);
+    }
+    headers.insert(HEADER_SNAPSHOT_BYTES, HeaderValue::from(bytes));
+    headers.insert(HEADER_COMMIT_TIME, HeaderValue::from(micros(commit)));
+}
+
+fn store_error(id: &str, e: &std::io::Error) -> ApiError {
+    tracing::error!(session = %id, error = %e, "session store i/o failed");
+    ApiError::Internal("cannot write the session's state".into())
+}
+
+fn outcome_kind(done: &StepDone) -> &'static str {
+    match &done.completed.result.outcome {
+        Outcome::Exited { code: 0 } => "ok",
+        Outcome::Exited { .. } => "nonzero_exit",
+        Outcome::Trapped { .. } => "trap",
+        Outcome::DeadlineExceeded => "deadline_exceeded",
+        Outcome::MemoryLimitExceeded { .. } => "memory_limit_exceeded",
+        Outcome::OutputTooLarge { .. } => "output_too_large",
+        Outcome::InvalidModule { .. } => "invalid_module",
+        Outcome::SnapshotInvalid { .. } => "snapshot_invalid",
+        Outcome::SnapshotTooLarge { .. } => "session_state_too_large",
+        Outcome::ModuleChanged | Outcome::SetupFailed { .. } => "internal_error",
+    }
+}
+
+fn log_step(
+    app: &App,
+    name: &FunctionName,
+    id: Option<&str>,
+    op: &'static str,
+    kind: &'static str,
+    done: &StepDone,
+    started: Instant,
+) {
+    let result = &done.completed.result;
+    let total = started.elapsed();
+    app.metrics.record_invocation(
+        name.as_str(),
+        kind,
+        done.queue_wait,
+        Some(Duration::from_micros(result.exec_us)),
+        total,
+        result.module_source,
+    );
+    tracing::info!(
+        function = %name,
+        session = id.unwrap_or(""),
+        op,
+        outcome = kind,
+        worker = %done.worker,
+        queue_us = micros(done.queue_wait),
+        exec_us = result.exec_us,
+        restore_us = result.session.map(|s| s.restore_us),
+        capture_us = result.session.map(|s| s.capture_us),
+        snapshot_bytes = result.snapshot_len,
+        total_us = micros(total),
+        "session step"
+    );
+}
+
+async fn message(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    name: FunctionName,
+    id: &str,
+    request_id: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    if app.is_draining() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let started = Instant::now();
+    let session = find(app, &name, id)?;
+    let (parts, body) = req.into_parts();
+    let function = app.registry.lookup(&name).await.map_err(registry_error)?;
+    let limits = request::limits(&parts.headers, &function.config.limits, &app.limits)?;
+    let stdin = read_limited(body, app.config.max_body_bytes).await?;
+    let _guard = lock(app, &session).await?;
+    session.touch();
+    let state = load(app, &session, &function).await?;
+    let done = step(app, &function, SessionOp::Message, limits, &state, stdin, request_id).await?;
+    let kind = outcome_kind(&done);
+    let stats = done.completed.result.session;
+    if let Some(mut response) = failed_step(&done, limits, app.sessions.limits().max_snapshot_bytes) {
+        session_headers(&mut response, &done, stats);
+        log_step(app, &name, Some(id), "message", kind, &done, started);
+        return Ok(response);
+    }
+    let new_state = done.completed.snapshot.clone();
+    let mut commit = Duration::ZERO;
+    let committed = !new_state.is_empty();
+    if committed {
+        verify_new_snapshot(app, &function, &new_state)?;
+        let commit_started = Instant::now();
+        app.sessions.write(&name, id, new_state.clone()).await.map_err(|e| store_error(id, &e))?;
+        commit = commit_started.elapsed();
+        session.snapshot_bytes.store(new_state.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    let c = &done.completed;
+    let (mut response, _) = outcome_response(&c.result, c.stdout.clone(), &c.stderr, limits.timeout_ms);
+    let size = if committed { new_state.len() } else { state.len() };
+    commit_headers(&mut response, id, size, commit);
+    response.headers_mut().insert("x-wasmbox-session-committed", HeaderValue::from_static(bool_str(committed)));
+    session_headers(&mut response, &done, stats);
+    log_step(app, &name, Some(id), "message", kind, &done, started);
+    Ok(response)
+}
+
+fn bool_str(b: bool) -> &'static str {
+    if b { "true" } else { "false" }
+}
+
+/// Reads the session's committed state and checks it belongs to the function's module as
+/// it is now.
+async fn load(app: &App, session: &Session, function: &Function) -> Result<Vec<u8>, ApiError> {
+    let state = app.sessions.read(session).await.map_err(|e| {
+        tracing::error!(session = %session.id, error = %e, "cannot read session state");
+        ApiError::SessionCorrupt { id: session.id.clone(), reason: format!("cannot read it: {e}") }
+    })?;
+    match snapshot::parse(&state) {
+        Ok(parsed) if parsed.module_hex() != function.module.sha256 => Err(ApiError::SessionModuleChanged {
+            function: function.name.to_string(),
+            saved: parsed.module_hex(),
+            current: function.module.sha256.clone(),
+        }),
+        Ok(_) => Ok(state),
+        Err(e) => Err(ApiError::SessionCorrupt { id: session.id.clone(), reason: e.to_string() }),
+    }
+}
+
+async fn info(app: &Arc<App>, name: &FunctionName, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let session = find(app, name, id)?;
+    let idle = app.sessions.limits().idle;
+    let body = json!({
+        "id": session.id,
+        "function": name.as_str(),
+        "snapshot_bytes": session.snapshot_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        "last_used_unix_ms": session.last_used_ms(),
+        "expires_unix_ms": idle.map(|d| session.last_used_ms() + d.as_millis() as u64),
+    });
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+async fn delete(app: &Arc<App>, name: &FunctionName, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let session = find(app, name, id)?;
+    let _guard = lock(app, &session).await?;
+    app.sessions.remove(&session).await.map_err(|e| store_error(id, &e))?;
+    tracing::info!(function = %name, session = %id, "session deleted");
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    Ok(response)
+}
+
+async fn export(app: &Arc<App>, name: &FunctionName, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let session = find(app, name, id)?;
+    let _guard = lock(app, &session).await?;
+    let state = app
+        .sessions
+        .read(&session)
+        .await
+        .map_err(|e| ApiError::SessionCorrupt { id: id.to_owned(), reason: format!("cannot read it: {e}") })?;
+    let module = snapshot::parse(&state)
+        .map_err(|e| ApiError::SessionCorrupt { id: id.to_owned(), reason: e.to_string() })?
+        .module_hex();
+    let mut response = Response::new(Full::new(Bytes::from(state)));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(SNAPSHOT_CONTENT_TYPE));
+    if let Ok(v) = HeaderValue::from_str(&module) {
+        headers.insert(HEADER_MODULE_SHA256, v);
+    }
+    Ok(response)
+}
+
+/// Imports a snapshot as session `id` (creating or replacing it), after checking that it is
+/// whole, within the limits, of this function's module, and restorable (a worker restores
+/// it without running anything). On any failure nothing changes.
+async fn import(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    name: FunctionName,
+    id: &str,
+    request_id: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    if app.is_draining() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let started = Instant::now();
+    if !sessions::valid_id(id) {
+        return Err(ApiError::SnapshotInvalid(format!(
+            "session id {id:?} is not 32 lowercase hex digits (as the server makes them)"
+        )));
+    }
+    let (parts, body) = req.into_parts();
+    let function = app.registry.lookup(&name).await.map_err(registry_error)?;
+    let limits = request::limits(&parts.headers, &function.config.limits, &app.limits)?;
+    let max = app.sessions.limits().max_snapshot_bytes;
+    let state = read_limited(body, max).await.map_err(|e| match e {
+        ApiError::BodyTooLarge { limit } => ApiError::SnapshotTooLarge { limit },
+        other => other,
+    })?;
+    snapshot::parse_for(&state, &function.module.sha256).map_err(|e| ApiError::SnapshotInvalid(e.to_string()))?;
+    let done = step(app, &function, SessionOp::Check, limits, &state, Bytes::new(), request_id).await?;
+    if let Some(mut response) = failed_step(&done, limits, max) {
+        session_headers(&mut response, &done, done.completed.result.session);
+        log_step(app, &name, Some(id), "import", outcome_kind(&done), &done, started);
+        return Ok(response);
+    }
+    let (session, status) = match app.sessions.lookup(&name, id) {
+        Lookup::Found(session) => (Some(session), StatusCode::OK),
+        _ => (None, StatusCode::CREATED),
+    };
+    match session {
+        Some(session) => {
+            let _guard = lock(app, &session).await?;
+            app.sessions.write(&name, id, state.clone()).await.map_err(|e| store_error(id, &e))?;
+            session.snapshot_bytes.store(state.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            session.touch();
+        }
+        None => {
+            if app.sessions.exists_elsewhere(&name, id) {
+                return Err(ApiError::SnapshotInvalid(format!("session id {id} belongs to another function")));
+            }
+            let reservation =
+                app.sessions.reserve().ok_or(ApiError::SessionLimit { max: app.sessions.limits().max_sessions })?;
+            app.sessions.write(&name, id, state.clone()).await.map_err(|e| store_error(id, &e))?;
+            app.sessions.insert(reservation, &name, id, state.len() as u64);
+        }
+    }
+    log_step(app, &name, Some(id), "import", "ok", &done, started);
+    let body = json!({"id": id, "function": name.as_str(), "snapshot_bytes": state.len()});
+    let mut response = json_response(status, &body);
+    commit_headers(&mut response, id, state.len(), Duration::ZERO);
+    Ok(response)
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,361 @@
+//! The session store: every session's committed snapshot as a file under
+//! `WASMBOX_STATE_DIR/sessions/{function}/{id}.snap`, an in-memory index of them, and the
+//! per-session lock that applies messages one at a time in arrival order.
+//!
+//! A snapshot is replaced by writing a temporary file beside it, syncing it, renaming it
+//! over the old one and syncing the directory: after a crash at any moment the file is the
+//! old state or the new one, whole. The state directory is locked (`flock`) by the one
+//! supervisor that uses it, so two processes never interleave their writes.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::registry::FunctionName;
+
+/// Settings of the session store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Sessions the server holds at most (over all functions).
+    pub max_sessions: usize,
+    /// Largest snapshot, in bytes: imported, or produced by a message.
+    pub max_snapshot_bytes: u64,
+    /// Sessions without a message for this long are deleted; `None`: never.
+    pub idle: Option<Duration>,
+}
+
+/// Errors of the store itself (not of a request).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot use state directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "state directory {path} is in use by another wasmbox process (it holds {lock}); each supervisor needs a state directory of its own"
+    )]
+    Locked { path: PathBuf, lock: PathBuf },
+}
+
+/// One session in the index.
+#[derive(Debug)]
+pub struct Session {
+    pub function: FunctionName,
+    pub id: String,
+    /// Held while a message, an export, an import or a delete works on the session; tokio's
+    /// mutex is fair, so waiting messages go in the order they arrived.
+    pub lock: Arc<tokio::sync::Mutex<()>>,
+    /// Set (under `lock`) when the session is deleted or expires: a message that was waiting
+    /// for the lock finds it gone.
+    pub deleted: AtomicBool,
+    /// Last message or import, in milliseconds since the Unix epoch.
+    last_used_ms: AtomicU64,
+    /// Size of the committed snapshot.
+    pub snapshot_bytes: AtomicU64,
+}
+
+impl Session {
+    pub fn touch(&self) {
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Relaxed)
+    }
+
+    fn idle_for(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(now_ms.saturating_sub(self.last_used_ms()))
+    }
+}
+
+/// Ids of expired sessions remembered, so a late message hears "expired", not "not found".
+const EXPIRED_REMEMBERED: usize = 65_536;
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup {
+    Found(Arc<Session>),
+    Expired,
+    Missing,
+}
+
+pub struct SessionStore {
+    dir: PathBuf,
+    limits: SessionLimits,
+    index: Mutex<Index>,
+    /// Keeps the state directory's lock for the store's lifetime.
+    _lock: nix::fcntl::Flock<File>,
+}
+
+#[derive(Default)]
+struct Index {
+    sessions: HashMap<String, Arc<Session>>,
+    /// Sessions being created or imported, counted against the limit before they exist.
+    reserved: usize,
+    expired: HashSet<String>,
+    expired_order: VecDeque<String>,
+}
+
+impl Index {
+    fn remember_expired(&mut self, id: String) {
+        if self.expired.len() >= EXPIRED_REMEMBERED {
+            if let Some(oldest) = self.expired_order.pop_front() {
+                self.expired.remove(&oldest);
+            }
+        }
+        if self.expired.insert(id.clone()) {
+            self.expired_order.push_back(id);
+        }
+    }
+}
+
+/// A place counted against `WASMBOX_SESSION_MAX` for a session being created; given back
+/// when dropped unless [`SessionStore::insert`] turned it into a session.
+pub struct Reservation<'a> {
+    store: &'a SessionStore,
+    used: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.used {
+            let mut index = self.store.index.lock().unwrap_or_else(|p| p.into_inner());
+            index.reserved = index.reserved.saturating_sub(1);
+        }
+    }
+}
+
+/// A new session id: a version 4 UUID (122 bits from the OS's CSPRNG), as 32 lowercase hex
+/// digits. Knowing one id tells nothing about another.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Whether `id` has the shape of a session id (so it can name a file).
+pub fn valid_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+impl SessionStore {
+    /// Opens (creating it) the store under `state_dir`, locks it, removes temporary files
+    /// a crash left behind, and indexes every session found.
+    pub fn open(state_dir: &Path, limits: SessionLimits) -> Result<Self, StoreError> {
+        let dir_err = |source| StoreError::Dir { path: state_dir.to_path_buf(), source };
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir).map_err(dir_err)?;
+        let lock_path = state_dir.join("lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(dir_err)?;
+        let lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => locked,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(StoreError::Locked { path: state_dir.to_path_buf(), lock: lock_path });
+            }
+            Err((_, e)) => return Err(dir_err(e.into())),
+        };
+        let dir = state_dir.join("sessions");
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(dir_err)?;
+        let mut index = Index::default();
+        for function_dir in fs::read_dir(&dir).map_err(dir_err)?.flatten() {
+            let Some(function) = function_dir.file_name().to_str().and_then(|n| FunctionName::parse(n).ok()) else {
+                continue;
+            };
+            let Ok(entries) = fs::read_dir(function_dir.path()) else { continue };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if name.starts_with('.') && name.ends_with(".tmp") {
+                    let _ = fs::remove_file(entry.path());
+                    continue;
+                }
+                let Some(id) = name.strip_suffix(".snap").filter(|id| valid_id(id)) else { continue };
+                let Ok(meta) = entry.metadata() else { continue };
+                let modified = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+                let session = Session {
+                    function: function.clone(),
+                    id: id.to_owned(),
+                    lock: Arc::new(tokio::sync::Mutex::new(())),
+                    deleted: AtomicBool::new(false),
+                    last_used_ms: AtomicU64::new(modified.map_or_else(now_ms, |d| d.as_millis() as u64)),
+                    snapshot_bytes: AtomicU64::new(meta.len()),
+                };
+                index.sessions.insert(id.to_owned(), Arc::new(session));
+            }
+        }
+        Ok(SessionStore { dir, limits, index: Mutex::new(index), _lock: lock })
+    }
+
+    pub fn limits(&self) -> SessionLimits {
+        self.limits
+    }
+
+    /// Number of sessions held.
+    pub fn count(&self) -> usize {
+        self.lock_index().sessions.len()
+    }
+
+    fn lock_index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Finds session `id` of `function`. A session idle past the expiry is reported as
+    /// expired (and removed by the next sweep) even before the sweep ran.
+    pub fn lookup(&self, function: &FunctionName, id: &str) -> Lookup {
+        let index = self.lock_index();
+        match index.sessions.get(id) {
+            Some(s) if &s.function == function => {
+                if self.limits.idle.is_some_and(|idle| s.idle_for(now_ms()) > idle) {
+                    Lookup::Expired
+                } else {
+                    Lookup::Found(s.clone())
+                }
+            }
+            Some(_) => Lookup::Missing,
+            None if index.expired.contains(id) => Lookup::Expired,
+            None => Lookup::Missing,
+        }
+    }
+
+    /// Counts a new session against the limit, or says the limit is reached.
+    pub fn reserve(&self) -> Option<Reservation<'_>> {
+        let mut index = self.lock_index();
+        if index.sessions.len() + index.reserved >= self.limits.max_sessions {
+            return None;
+        }
+        index.reserved += 1;
+        Some(Reservation { store: self, used: false })
+    }
+
+    /// Adds a session whose snapshot was just written; uses the reservation. When a
+    /// concurrent import of the same id got there first, that entry stays (the file holds
+    /// whichever import wrote last) and the reservation is given back.
+    pub fn insert(
+        &self,
+        mut reservation: Reservation<'_>,
+        function: &FunctionName,
+        id: &str,
+        bytes: u64,
+    ) -> Arc<Session> {
+        let mut index = self.lock_index();
+        if let Some(existing) = index.sessions.get(id).filter(|s| !s.deleted.load(Ordering::Relaxed)) {
+            return existing.clone();
+        }
+        let session = Arc::new(Session {
+            function: function.clone(),
+            id: id.to_owned(),
+            lock: Arc::new(tokio::sync::Mutex::new(())),
+            deleted: AtomicBool::new(false),
+            last_used_ms: AtomicU64::new(now_ms()),
+            snapshot_bytes: AtomicU64::new(bytes),
+        });
+        index.reserved = index.reserved.saturating_sub(1);
+        reservation.used = true;
+        index.expired.remove(id);
+        index.sessions.insert(id.to_owned(), session.clone());
+        session
+    }
+
+    /// Whether `id` names a session of a function other than `function`.
+    pub fn exists_elsewhere(&self, function: &FunctionName, id: &str) -> bool {
+        self.lock_index().sessions.get(id).is_some_and(|s| &s.function != function)
+    }
+
+    /// Path of the committed snapshot of `id`.
+    pub fn path(&self, function: &FunctionName, id: &str) -> PathBuf {
+        self.dir.join(function.as_str()).join(format!("{id}.snap"))
+    }
+
+    /// Reads the committed snapshot.
+    pub async fn read(&self, session: &Session) -> io::Result<Vec<u8>> {
+        tokio::fs::read(self.path(&session.function, &session.id)).await
+    }
+
+    /// Replaces the snapshot of `id` atomically and durably (temp file, fsync, rename,
+    /// fsync of the directory).
+    pub async fn write(&self, function: &FunctionName, id: &str, bytes: bytes::Bytes) -> io::Result<()> {
+        let path = self.path(function, id);
+        let tmp = path.with_file_name(format!(".{id}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        tokio::task::spawn_blocking(move || {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            let result = (|| {
+                let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+                file.write_all(&bytes)?;
+                file.sync_all()?;
+                fs::rename(&tmp, &path)?;
+                File::open(dir)?.sync_all()
+            })();
+            if result.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            result
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Deletes a session: the caller holds its lock.
+    pub async fn remove(&self, session: &Session) -> io::Result<()> {
+        session.deleted.store(true, Ordering::Relaxed);
+        {
+            let mut index = self.lock_index();
+            if index.sessions.get(&session.id).is_some_and(|s| std::ptr::eq(&**s, session)) {
+                index.sessions.remove(&session.id);
+            }
+        }
+        match tokio::fs::remove_file(self.path(&session.function, &session.id)).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes every session idle past the expiry; returns how many. A session busy with a
+    /// message is not idle and is left alone.
+    pub async fn sweep(&self) -> usize {
+        let Some(idle) = self.limits.idle else { return 0 };
+        let now = now_ms();
+        let stale: Vec<Arc<Session>> =
+            self.lock_index().sessions.values().filter(|s| s.idle_for(now) > idle).cloned().collect();
+        let mut removed = 0;
+        for session in stale {
+            let Ok(_guard) = session.lock.try_lock() else { continue };
+            if session.deleted.load(Ordering::Relaxed) || session.idle_for(now_ms()) <= idle {
+                continue;
+            }
+            match self.remove(&session).await {
+                Ok(()) => {
+                    removed += 1;
+                    self.lock_index().remember_expired(session.id.clone());
+                    tracing::info!(function = %session.function, session = %session.id, "session expired");
+                }
+                Err(e) => tracing::warn!(session = %session.id, error = %e, "cannot delete expired session"),
+            }
+        }
+        removed
+    }
+
+    /// Sweeps for expired sessions forever, at a fraction of the idle time.
+    pub async fn sweep_forever(self: Arc<Self>) {
+        let Some(idle) = self.limits.idle else { return };
+        let every = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        loop {
+            tokio::time::sleep(every).await;
+            self.sweep().await;
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
