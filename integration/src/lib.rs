@@ -257,6 +257,8 @@ impl Builder {
             .env("WASMBOX_LISTEN", "127.0.0.1:0")
             .env("WASMBOX_FUNCTIONS_DIR", &functions)
             .env("WASMBOX_CACHE_DIR", shared_cache_dir())
+            // Each supervisor has a state directory of its own (they are locked while in use).
+            .env("WASMBOX_STATE_DIR", dir.path().join("state"))
             .env("WASMBOX_WORKER_BIN", &worker)
             .env("WASMBOX_WORKERS", self.workers.to_string())
             .env("LOG_LEVEL", "info")
@@ -428,6 +430,11 @@ impl Supervisor {
 
     pub fn functions_dir(&self) -> PathBuf {
         self.dir.path().join("functions")
+    }
+
+    /// WASMBOX_STATE_DIR unless the test set its own.
+    pub fn default_state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
     }
 
     pub fn logs(&self) -> String {

@@ -39,6 +39,7 @@ macro_rules! suite {
             infinite_loop_is_504_within_a_second_and_the_pool_goes_on,
             stdout_over_the_cap_is_an_error_not_a_cut_body,
             modules_compile_once_into_the_cache_and_load_from_it_after_a_restart,
+            sessions_keep_state_roll_back_failures_and_export_whole,
         );
     };
 }
@@ -332,5 +333,40 @@ pub async fn modules_compile_once_into_the_cache_and_load_from_it_after_a_restar
     assert_eq!(r.header("x-wasmbox-module-source"), Some("compiled"));
     assert_eq!(artifacts(cache.path(), engine, &version), vec![artifact.clone()]);
     assert!(std::fs::metadata(artifact)?.len() > 1000, "rebuilt");
+    Ok(())
+}
+
+pub async fn sessions_keep_state_roll_back_failures_and_export_whole(engine: &str) -> anyhow::Result<()> {
+    use crate::sessions::{create, ok, send};
+    let s = Supervisor::builder().engine(engine).function("counter").start()?;
+    let c = s.client();
+    let id = create(&c, "counter").await?;
+    for i in 1..=5 {
+        assert_eq!(ok(&c, "counter", &id, "incr n").await?, i.to_string());
+    }
+    assert_eq!(send(&c, "counter", &id, "trap n").await?.kind(), "trap");
+    let path = format!("/sessions/counter/{id}");
+    let r = c.request(Method::POST, &path, &[("Timeout-Ms", "300")], "spin n".into()).await?;
+    assert_eq!(r.kind(), "deadline_exceeded");
+    let r = c.request(Method::POST, &path, &[("Memory-Request", "32")], "grow 64".into()).await?;
+    assert_eq!(r.kind(), "memory_limit_exceeded");
+    assert_eq!(ok(&c, "counter", &id, "get n").await?, "5");
+    // A heap of 4 MiB, then a message that changes one byte of it: the state moves through
+    // export and import intact.
+    assert_eq!(ok(&c, "counter", &id, "fill 4 9").await?, "filled 4");
+    assert_eq!(ok(&c, "counter", &id, "touch 1").await?, (4 << 20).to_string());
+    let snapshot = c.get(&format!("{path}/snapshot")).await?.body;
+    let copy = "c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0";
+    let r = c.request(Method::PUT, &format!("/sessions/counter/{copy}/snapshot"), &[], snapshot).await?;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    assert_eq!(ok(&c, "counter", copy, "keys").await?, "n=5");
+    let sum = ok(&c, "counter", &id, "sum").await?;
+    assert_eq!(sum.len(), 16);
+    assert_eq!(ok(&c, "counter", copy, "sum").await?, sum);
+    // Both copies change the same way from the same state.
+    ok(&c, "counter", &id, "touch 3").await?;
+    ok(&c, "counter", copy, "touch 3").await?;
+    assert_eq!(ok(&c, "counter", copy, "sum").await?, ok(&c, "counter", &id, "sum").await?);
+    assert_ne!(ok(&c, "counter", &id, "sum").await?, sum);
     Ok(())
 }

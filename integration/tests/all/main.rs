@@ -17,3 +17,4 @@ mod invoke;
 mod limits;
 mod load_balancer;
 mod operations;
+mod sessions;

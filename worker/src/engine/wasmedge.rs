@@ -3,7 +3,8 @@
 //!
 //! Same semantics as the Wasmtime engine:
 //! - validation and linking at compile time: a module whose imports WASI does not provide,
-//!   or without a `_start: () -> ()`, is an invalid module, never a run-time surprise;
+//!   or (a command) without a `_start: () -> ()`, is an invalid module, never a run-time
+//!   surprise;
 //! - AOT: where libwasmedge has its LLVM compiler, each module is compiled once into
 //!   WasmEdge's native format in the artifact directory (interruptible code, so deadlines
 //!   work), else the interpreter runs it;
@@ -13,19 +14,24 @@
 //! - linear memory capped at Memory-Request (the executor's maximum page count);
 //! - the deadline through WasmEdge's asynchronous invocation: wait for it, then cancel.
 //!   A function the engine cannot interrupt (inside a host call) is left to the
-//!   supervisor's hard kill.
+//!   supervisor's hard kill;
+//! - session steps: the same fresh instance, driven by [`session::drive`] through the
+//!   memory and globals the rewritten module exports.
 
 use std::ffi::{CStr, CString};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::rc::Rc;
+use std::time::Instant;
 
 use wasmbox_protocol::Outcome;
+use wasmbox_protocol::snapshot::GlobalValue;
 use wasmedge_sys::ffi;
 
-use super::{Engine, EngineError, RunRequest, RunResult, bounded};
+use super::{Engine, EngineError, ModuleKind, RunRequest, RunResult, bounded};
 use crate::capture::Capture;
+use crate::session;
 
 const PAGE: u64 = 64 * 1024;
 
@@ -210,9 +216,13 @@ impl WasmEdgeEngine {
         }
     }
 
-    /// Validates a parsed module and checks that it is a WASI command whose every import
-    /// WASI provides with the same signature.
-    fn check(&self, ast: Owned<ffi::WasmEdge_ASTModuleContext>) -> Result<WasmEdgeModule, EngineError> {
+    /// Validates a parsed module and checks that every import is one WASI provides with the
+    /// same signature and, for a command, that it exports `_start: () -> ()`.
+    fn check(
+        &self,
+        ast: Owned<ffi::WasmEdge_ASTModuleContext>,
+        kind: ModuleKind,
+    ) -> Result<WasmEdgeModule, EngineError> {
         let invalid = |m: String| EngineError::InvalidModule(bounded(m));
         // SAFETY: `ast` is a live module just parsed by this engine's loader; every list is
         // sized by the length WasmEdge reports and read only while `ast` lives.
@@ -265,6 +275,7 @@ impl WasmEdgeEngine {
                 }
             }
             match start {
+                _ if kind == ModuleKind::Session => {}
                 Some((p, r)) if p.is_empty() && r.is_empty() => {}
                 Some(_) => return Err(invalid("export `_start` is not a function () -> ()".into())),
                 None => return Err(invalid("module has no `_start` export (not a WASI command module)".into())),
@@ -298,12 +309,12 @@ impl Engine for WasmEdgeEngine {
         self.version.clone()
     }
 
-    fn compile(&self, wasm: &[u8]) -> Result<WasmEdgeModule, EngineError> {
+    fn compile(&self, wasm: &[u8], kind: ModuleKind) -> Result<WasmEdgeModule, EngineError> {
         if wasm.len() > u32::MAX as usize {
             return Err(EngineError::InvalidModule("module larger than 4 GiB".into()));
         }
         let ast = self.parse_buffer(wasm)?;
-        self.check(ast)
+        self.check(ast, kind)
     }
 
     fn artifact_extension(&self) -> Option<&'static str> {
@@ -312,8 +323,9 @@ impl Engine for WasmEdgeEngine {
 
     fn precompile(&self, wasm: &[u8], artifact: &Path) -> Result<(), EngineError> {
         let Some(compiler) = &self.compiler else { return Err(EngineError::Unsupported("precompiling")) };
-        // Validate first: the compiler's own errors are less precise.
-        self.compile(wasm)?;
+        // Validate first: the compiler's own errors are less precise. The kind is not known
+        // here: `_start` is checked when the artifact is loaded (as with Wasmtime).
+        self.compile(wasm, ModuleKind::Session)?;
         let out = c_path(artifact)?;
         // SAFETY: the compiler reads `wasm` and writes the native library at `out`.
         let res = unsafe {
@@ -327,7 +339,7 @@ impl Engine for WasmEdgeEngine {
         Ok(())
     }
 
-    fn load_artifact(&self, artifact: &Path) -> Result<WasmEdgeModule, EngineError> {
+    fn load_artifact(&self, artifact: &Path, kind: ModuleKind) -> Result<WasmEdgeModule, EngineError> {
         let path = c_path(artifact)?;
         let mut ast = std::ptr::null_mut();
         AOT_FELL_BACK.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -347,13 +359,30 @@ impl Engine for WasmEdgeEngine {
                 reason: "WasmEdge cannot run its native code".into(),
             });
         }
-        self.check(ast)
+        self.check(ast, kind)
     }
 
     fn run(&self, module: &WasmEdgeModule, request: RunRequest<'_>) -> RunResult {
+        super::run_captured(&request, |stdout, stderr| self.run_guest(module, &request, (stdout, stderr)))
+    }
+
+    fn run_session(
+        &self,
+        module: &WasmEdgeModule,
+        layout: &session::Layout,
+        request: RunRequest<'_>,
+        step: &session::Step<'_>,
+        out: &mut session::StepOutput,
+    ) -> RunResult {
         super::run_captured(&request, |stdout, stderr| {
-            self.run_guest(module, &request, stdout, stderr)
-                .unwrap_or_else(|message| Outcome::SetupFailed { message: bounded(message) })
+            self.with_guest(module, &request, (stdout, stderr), |guest| {
+                let memory = guest.memory(session::instrument::MEMORY_EXPORT);
+                if memory.is_null() {
+                    return Ok(Outcome::InvalidModule { message: "session module has no memory export".into() });
+                }
+                let mut live = SessionInstance { guest, memory };
+                Ok(session::drive(&mut live, layout, step, out))
+            })
         })
     }
 }
@@ -446,18 +475,147 @@ fn stdin_file(bytes: &[u8]) -> std::io::Result<OwnedFd> {
     Ok(OwnedFd::from(file))
 }
 
+/// A module instantiated with fresh WASI state, alive while the body given to
+/// [`WasmEdgeEngine::with_guest`] runs (which only lends it out by reference).
+struct Guest {
+    executor: *mut ffi::WasmEdge_ExecutorContext,
+    wasi: *const ffi::WasmEdge_ModuleInstanceContext,
+    instance: *const ffi::WasmEdge_ModuleInstanceContext,
+    /// The memory cap, in pages (as the executor enforces it) and in bytes.
+    max_pages: u64,
+    memory_limit_bytes: u64,
+    /// `Instant::now() + request.timeout`, taken before instantiation.
+    deadline: Instant,
+}
+
+impl Guest {
+    /// The exported function `name`, or null.
+    fn function(&self, name: &str) -> *mut ffi::WasmEdge_FunctionInstanceContext {
+        // SAFETY: `instance` is live (see `Guest`); `wstr` borrows `name`, which outlives the call.
+        unsafe { ffi::WasmEdge_ModuleInstanceFindFunction(self.instance, wstr(name)) }
+    }
+
+    /// Whether `func` (non-null, from [`Guest::function`]) has type `() -> ()`.
+    fn is_nullary(func: *const ffi::WasmEdge_FunctionInstanceContext) -> bool {
+        if func.is_null() {
+            return false;
+        }
+        // SAFETY: `func` is a live function instance of the guest; its type is owned by it.
+        let ty = unsafe { ffi::WasmEdge_FunctionInstanceGetFunctionType(func) };
+        matches!(signature(ty), Some((p, r)) if p.is_empty() && r.is_empty())
+    }
+
+    /// The exported memory `name`, or null.
+    fn memory(&self, name: &str) -> *mut ffi::WasmEdge_MemoryInstanceContext {
+        // SAFETY: `instance` is live (see `Guest`); `wstr` borrows `name`, which outlives the call.
+        unsafe { ffi::WasmEdge_ModuleInstanceFindMemory(self.instance, wstr(name)) }
+    }
+
+    /// The exported global `name`.
+    fn global(&self, name: &str) -> Result<*mut ffi::WasmEdge_GlobalInstanceContext, String> {
+        // SAFETY: `instance` is live (see `Guest`); `wstr` borrows `name`, which outlives the call.
+        let global = unsafe { ffi::WasmEdge_ModuleInstanceFindGlobal(self.instance, wstr(name)) };
+        if global.is_null() { Err(format!("no export {name}")) } else { Ok(global) }
+    }
+
+    /// Runs `func` (a `() -> ()` function of the instance) until it returns or `deadline`
+    /// passes. `Ok` when it returned; otherwise what ended it: `Exited` for a `proc_exit`
+    /// (whatever the code), the deadline, the memory cap (`memory_export` names the memory
+    /// whose size tells it) or a trap.
+    fn invoke(
+        &self,
+        func: *const ffi::WasmEdge_FunctionInstanceContext,
+        deadline: Instant,
+        memory_export: &str,
+    ) -> Result<(), Outcome> {
+        GROW_REFUSED.store(false, std::sync::atomic::Ordering::Relaxed);
+        let millis = u64::try_from(deadline.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000))
+            .unwrap_or(u64::MAX);
+        // SAFETY: the executor and `func` are live (see `Guest`) and `func` takes no
+        // parameters. The asynchronous job is owned by `job` and joined (`AsyncGet` waits for
+        // the execution to end) before it is deleted and before this returns, so WasmEdge's
+        // worker thread never touches the instance afterwards.
+        let (finished, res) = unsafe {
+            let job = Owned::new(
+                ffi::WasmEdge_ExecutorAsyncInvoke(self.executor, func, std::ptr::null(), 0),
+                ffi::WasmEdge_AsyncDelete,
+                "async invocation",
+            )
+            .map_err(|message| Outcome::SetupFailed { message: bounded(message) })?;
+            let finished = ffi::WasmEdge_AsyncWaitFor(job.ptr, millis);
+            if !finished {
+                ffi::WasmEdge_AsyncCancel(job.ptr);
+            }
+            // Waits for the execution to end (at once after a cancel at the next
+            // interruption check).
+            (finished, ffi::WasmEdge_AsyncGet(job.ptr, std::ptr::null_mut(), 0))
+        };
+        if ok(res) {
+            if code(res) == TERMINATED {
+                // SAFETY: the WASI instance is live (see `Guest`).
+                let code = unsafe { ffi::WasmEdge_ModuleInstanceWASIGetExitCode(self.wasi) };
+                return Err(Outcome::Exited { code: code as i32 });
+            }
+            return Ok(());
+        }
+        let memory = self.memory(memory_export);
+        // SAFETY: a live memory instance of the guest, checked non-null.
+        let pages = if memory.is_null() { 0 } else { unsafe { ffi::WasmEdge_MemoryInstanceGetPageSize(memory) } };
+        Err(if !finished || code(res) == INTERRUPTED {
+            Outcome::DeadlineExceeded
+        } else if GROW_REFUSED.load(std::sync::atomic::Ordering::Relaxed)
+            || (self.max_pages > 0 && pages >= self.max_pages)
+        {
+            // A trap after a refused memory.grow (a Rust guest aborts when allocation
+            // fails), or with the memory at its cap: the guest ran out of memory.
+            Outcome::MemoryLimitExceeded { limit_bytes: self.memory_limit_bytes }
+        } else {
+            Outcome::Trapped { message: message(res) }
+        })
+    }
+}
+
 impl WasmEdgeEngine {
-    fn run_guest(
+    fn run_guest(&self, module: &WasmEdgeModule, request: &RunRequest<'_>, captures: (&Capture, &Capture)) -> Outcome {
+        self.with_guest(module, request, captures, |guest| {
+            let start = guest.function("_start");
+            if start.is_null() {
+                return Err("`_start` vanished".into());
+            }
+            // A command's deadline counts from the call of `_start`.
+            match guest.invoke(start, Instant::now() + request.timeout, "memory") {
+                Ok(()) => Ok(Outcome::Exited { code: 0 }),
+                Err(outcome) => Ok(outcome),
+            }
+        })
+    }
+
+    /// Instantiates `module` with fresh WASI state for `request` (stdout and stderr into
+    /// `captures`) and runs `body` on it; the outcome of a failed instantiation otherwise.
+    /// Setting up failing, in `body` too, is [`Outcome::SetupFailed`].
+    fn with_guest(
         &self,
         module: &WasmEdgeModule,
         request: &RunRequest<'_>,
-        stdout: &Capture,
-        stderr: &Capture,
-    ) -> Result<Outcome, String> {
+        (stdout, stderr): (&Capture, &Capture),
+        body: impl FnOnce(&Guest) -> Result<Outcome, String>,
+    ) -> Outcome {
         let max_pages = request.memory_limit_bytes / PAGE;
         if module.min_pages > max_pages {
-            return Ok(Outcome::MemoryLimitExceeded { limit_bytes: request.memory_limit_bytes });
+            return Outcome::MemoryLimitExceeded { limit_bytes: request.memory_limit_bytes };
         }
+        self.instantiate(module, request, (stdout, stderr), max_pages, body)
+            .unwrap_or_else(|message| Outcome::SetupFailed { message: bounded(message) })
+    }
+
+    fn instantiate(
+        &self,
+        module: &WasmEdgeModule,
+        request: &RunRequest<'_>,
+        (stdout, stderr): (&Capture, &Capture),
+        max_pages: u64,
+        body: impl FnOnce(&Guest) -> Result<Outcome, String>,
+    ) -> Result<Outcome, String> {
         let cstrings = |items: Vec<String>| -> Result<Vec<CString>, String> {
             items
                 .into_iter()
@@ -493,7 +651,8 @@ impl WasmEdgeEngine {
         // of this block in reverse order (instances before the store and executor), and used
         // only on this thread except by WasmEdge's own async worker, which is joined (waited
         // for) before anything is dropped. The WASI instance borrows the three descriptors
-        // passed to it; they outlive it and are closed after it.
+        // passed to it; they outlive it and are closed after it. `body` gets the contexts
+        // only through a `&Guest` that does not outlive its call.
         let outcome = (|| unsafe {
             let conf = Owned::new(ffi::WasmEdge_ConfigureCreate(), ffi::WasmEdge_ConfigureDelete, "configuration")?;
             ffi::WasmEdge_ConfigureRemoveProposal(conf.ptr, ffi::WasmEdge_Proposal_MultiMemories);
@@ -524,49 +683,21 @@ impl WasmEdgeEngine {
             if !ok(res) {
                 return Err(format!("registering WASI: {}", message(res)));
             }
+            let deadline = Instant::now() + request.timeout;
             let mut instance = std::ptr::null_mut();
             let res = ffi::WasmEdge_ExecutorInstantiate(executor.ptr, &mut instance, store.ptr, module.ast.ptr);
             let outcome = if !ok(res) {
                 Outcome::Trapped { message: message(res) }
             } else {
                 let instance = Owned::new(instance, ffi::WasmEdge_ModuleInstanceDelete, "instance")?;
-                let start = ffi::WasmEdge_ModuleInstanceFindFunction(instance.ptr, wstr("_start"));
-                if start.is_null() {
-                    return Err("`_start` vanished".into());
-                }
-                GROW_REFUSED.store(false, std::sync::atomic::Ordering::Relaxed);
-                let job = Owned::new(
-                    ffi::WasmEdge_ExecutorAsyncInvoke(executor.ptr, start, std::ptr::null(), 0),
-                    ffi::WasmEdge_AsyncDelete,
-                    "async invocation",
-                )?;
-                let millis = u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX);
-                let finished = ffi::WasmEdge_AsyncWaitFor(job.ptr, millis);
-                if !finished {
-                    ffi::WasmEdge_AsyncCancel(job.ptr);
-                }
-                // Waits for the execution to end (at once after a cancel at the next
-                // interruption check).
-                let res = ffi::WasmEdge_AsyncGet(job.ptr, std::ptr::null_mut(), 0);
-                let pages = {
-                    let memory = ffi::WasmEdge_ModuleInstanceFindMemory(instance.ptr, wstr("memory"));
-                    if memory.is_null() { 0 } else { ffi::WasmEdge_MemoryInstanceGetPageSize(memory) }
-                };
-                if ok(res) {
-                    let code =
-                        if code(res) == TERMINATED { ffi::WasmEdge_ModuleInstanceWASIGetExitCode(wasi.ptr) } else { 0 };
-                    Outcome::Exited { code: code as i32 }
-                } else if !finished || code(res) == INTERRUPTED {
-                    Outcome::DeadlineExceeded
-                } else if GROW_REFUSED.load(std::sync::atomic::Ordering::Relaxed)
-                    || (max_pages > 0 && pages >= max_pages)
-                {
-                    // A trap after a refused memory.grow (a Rust guest aborts when allocation
-                    // fails), or with the memory at its cap: the guest ran out of memory.
-                    Outcome::MemoryLimitExceeded { limit_bytes: request.memory_limit_bytes }
-                } else {
-                    Outcome::Trapped { message: message(res) }
-                }
+                body(&Guest {
+                    executor: executor.ptr,
+                    wasi: wasi.ptr,
+                    instance: instance.ptr,
+                    max_pages,
+                    memory_limit_bytes: request.memory_limit_bytes,
+                    deadline,
+                })?
             };
             drop(wasi);
             Ok(outcome)
@@ -580,20 +711,240 @@ impl WasmEdgeEngine {
     }
 }
 
+/// A live session instance on WasmEdge.
+struct SessionInstance<'g> {
+    guest: &'g Guest,
+    /// The rewritten module's memory export ([`session::instrument::MEMORY_EXPORT`]), non-null.
+    memory: *mut ffi::WasmEdge_MemoryInstanceContext,
+}
+
+impl session::Instance for SessionInstance<'_> {
+    fn memory_pages(&mut self) -> Result<u32, String> {
+        // SAFETY: a live memory instance of the guest.
+        let pages = unsafe { ffi::WasmEdge_MemoryInstanceGetPageSize(self.memory) };
+        u32::try_from(pages).map_err(|_| "memory larger than 4 GiB".to_string())
+    }
+
+    fn grow_memory(&mut self, pages: u32) -> Result<(), String> {
+        let current = u64::from(self.memory_pages()?);
+        if current + u64::from(pages) > self.guest.max_pages {
+            return Err(format!("growing {current} pages by {pages} passes the cap of {} pages", self.guest.max_pages));
+        }
+        // SAFETY: a live memory instance of the guest, not borrowed (`memory()` lends it out
+        // only while `self` is borrowed mutably, and no guest code is running).
+        let res = unsafe { ffi::WasmEdge_MemoryInstanceGrowPage(self.memory, u64::from(pages)) };
+        if ok(res) { Ok(()) } else { Err(message(res)) }
+    }
+
+    fn memory(&mut self) -> Result<&mut [u8], String> {
+        let pages = u64::from(self.memory_pages()?);
+        let len = usize::try_from(pages * PAGE).map_err(|_| "memory larger than the address space".to_string())?;
+        if len == 0 {
+            // WasmEdge has no pointer to give for an empty memory.
+            return Ok(&mut []);
+        }
+        // SAFETY: a live memory instance of the guest, `len` being exactly its size.
+        let data = unsafe { ffi::WasmEdge_MemoryInstanceGetPointer(self.memory, 0, len as u64) };
+        if data.is_null() {
+            return Err("WasmEdge gave no pointer to the memory".into());
+        }
+        // SAFETY: `data` points at the `len` bytes of the linear memory, which stay mapped
+        // and in place until the memory grows or the instance is deleted. The slice borrows
+        // `self` mutably, so neither `grow_memory` nor `call` (the only ways to grow it, and
+        // to run guest code that could touch it) can run while it lives, and the instance
+        // outlives `self` (`'g`). WasmEdge's async worker is idle: every call was joined.
+        Ok(unsafe { std::slice::from_raw_parts_mut(data, len) })
+    }
+
+    fn global(&mut self, index: u32, ty: u8) -> Result<[u8; 16], String> {
+        let global = self.guest.global(&session::instrument::global_export(index))?;
+        let mut out = [0u8; 16];
+        // SAFETY: a live global instance of the guest; the value accessors only read the
+        // value after its type was checked.
+        unsafe {
+            let value = ffi::WasmEdge_GlobalInstanceGetValue(global);
+            let t = value.Type;
+            match ty {
+                0x7f if ffi::WasmEdge_ValTypeIsI32(t) => {
+                    out[..4].copy_from_slice(&ffi::WasmEdge_ValueGetI32(value).to_le_bytes());
+                }
+                0x7e if ffi::WasmEdge_ValTypeIsI64(t) => {
+                    out[..8].copy_from_slice(&ffi::WasmEdge_ValueGetI64(value).to_le_bytes());
+                }
+                0x7d if ffi::WasmEdge_ValTypeIsF32(t) => {
+                    out[..4].copy_from_slice(&ffi::WasmEdge_ValueGetF32(value).to_bits().to_le_bytes());
+                }
+                0x7c if ffi::WasmEdge_ValTypeIsF64(t) => {
+                    out[..8].copy_from_slice(&ffi::WasmEdge_ValueGetF64(value).to_bits().to_le_bytes());
+                }
+                0x7b if ffi::WasmEdge_ValTypeIsV128(t) => {
+                    out.copy_from_slice(&ffi::WasmEdge_ValueGetV128(value).to_le_bytes());
+                }
+                _ => return Err(format!("global {index} does not hold a value of type {ty:#x}")),
+            }
+        }
+        Ok(out)
+    }
+
+    fn set_global(&mut self, value: &GlobalValue) -> Result<(), String> {
+        let global = self.guest.global(&session::instrument::global_export(value.index))?;
+        let b = value.bytes;
+        let word = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let dword = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        // SAFETY: value constructors, and a live global instance of the guest (WasmEdge
+        // refuses a value of another type, or an immutable global, with an error result).
+        let res = unsafe {
+            let val = match value.ty {
+                0x7f => ffi::WasmEdge_ValueGenI32(word as i32),
+                0x7e => ffi::WasmEdge_ValueGenI64(dword as i64),
+                0x7d => ffi::WasmEdge_ValueGenF32(f32::from_bits(word)),
+                0x7c => ffi::WasmEdge_ValueGenF64(f64::from_bits(dword)),
+                0x7b => ffi::WasmEdge_ValueGenV128(i128::from_le_bytes(b)),
+                other => return Err(format!("type code {other:#x}")),
+            };
+            ffi::WasmEdge_GlobalInstanceSetValue(global, val)
+        };
+        if ok(res) { Ok(()) } else { Err(message(res)) }
+    }
+
+    fn has_function(&mut self, name: &str) -> bool {
+        Guest::is_nullary(self.guest.function(name))
+    }
+
+    fn call(&mut self, name: &str) -> Result<(), Outcome> {
+        let func = self.guest.function(name);
+        if !Guest::is_nullary(func) {
+            return Err(Outcome::InvalidModule { message: format!("export `{name}` is not a function () -> ()") });
+        }
+        self.guest.invoke(func, self.guest.deadline, session::instrument::MEMORY_EXPORT)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     // The conformance suite (integration/tests/all/conformance.rs) runs every behaviour
     // against this engine in builds with the `wasmedge` feature where libwasmedge is found.
     use super::*;
+    use std::time::Duration;
+    use wasmbox_protocol::SessionOp;
 
     #[test]
     fn unknown_imports_and_missing_start_are_invalid_modules() {
         let engine = WasmEdgeEngine::new().expect("libwasmedge");
-        let unknown = wat::parse_str(r#"(module (import "env" "launch" (func)) (func (export "_start")))"#).unwrap();
-        assert!(matches!(engine.compile(&unknown), Err(EngineError::InvalidModule(m)) if m.contains("env::launch")));
-        let no_start = wat::parse_str(r#"(module (func (export "main")))"#).unwrap();
-        assert!(matches!(engine.compile(&no_start), Err(EngineError::InvalidModule(m)) if m.contains("_start")));
-        let fine = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#).unwrap();
-        assert_eq!(engine.compile(&fine).unwrap().min_pages, 1);
+        let command = |wat: &str| engine.compile(&wat::parse_str(wat).unwrap(), ModuleKind::Command);
+        let unknown = command(r#"(module (import "env" "launch" (func)) (func (export "_start")))"#);
+        assert!(matches!(unknown, Err(EngineError::InvalidModule(m)) if m.contains("env::launch")));
+        let no_start = command(r#"(module (func (export "main")))"#);
+        assert!(matches!(no_start, Err(EngineError::InvalidModule(m)) if m.contains("_start")));
+        let fine = command(r#"(module (memory (export "memory") 1) (func (export "_start")))"#);
+        assert_eq!(fine.unwrap().min_pages, 1);
+    }
+
+    #[test]
+    fn a_module_without_start_is_a_session_module_but_not_a_command() {
+        let engine = WasmEdgeEngine::new().expect("libwasmedge");
+        let reactor = wat::parse_str(
+            r#"(module (memory (export "__wasmbox_memory") 2) (func (export "_initialize")) (func (export "handle")))"#,
+        )
+        .unwrap();
+        assert_eq!(engine.compile(&reactor, ModuleKind::Session).unwrap().min_pages, 2);
+        assert!(matches!(
+            engine.compile(&reactor, ModuleKind::Command),
+            Err(EngineError::InvalidModule(m)) if m.contains("_start")
+        ));
+        // Imports are checked for sessions all the same.
+        let unknown = wat::parse_str(r#"(module (import "env" "launch" (func)) (func (export "handle")))"#).unwrap();
+        assert!(matches!(engine.compile(&unknown, ModuleKind::Session), Err(EngineError::InvalidModule(_))));
+    }
+
+    /// Memory (grown past its initial size) and globals of every type, including a
+    /// signalling NaN, survive snapshot and restore; `check` traps unless they did.
+    const SESSION: &str = r#"(module
+        (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+        (memory (export "memory") 1)
+        (global $i (mut i32) (i32.const 0))
+        (global $l (mut i64) (i64.const 0))
+        (global $f (mut f32) (f32.const 0))
+        (global $d (mut f64) (f64.const 0))
+        (global $v (mut v128) (v128.const i32x4 0 0 0 0))
+        (global $nan (mut f32) (f32.const 0))
+        (func $last (result i32) (i32.sub (i32.shl (memory.size) (i32.const 16)) (i32.const 4)))
+        (func (export "bump")
+          (global.set $i (i32.add (global.get $i) (i32.const 1)))
+          (global.set $l (i64.add (global.get $l) (i64.const 0x100000000)))
+          (global.set $f (f32.add (global.get $f) (f32.const 1.5)))
+          (global.set $d (f64.add (global.get $d) (f64.const 0.25)))
+          (global.set $v (i32x4.add (global.get $v) (v128.const i32x4 1 2 3 4)))
+          (global.set $nan (f32.reinterpret_i32 (i32.const 0x7fa00001)))
+          (i32.store (i32.const 1024) (i32.add (i32.load (i32.const 1024)) (i32.const 1)))
+          (drop (memory.grow (i32.const 1)))
+          (i32.store (call $last) (global.get $i)))
+        (func (export "check")
+          (if (i32.ne (global.get $i) (i32.const 2)) (then unreachable))
+          (if (i64.ne (global.get $l) (i64.const 0x200000000)) (then unreachable))
+          (if (f32.ne (global.get $f) (f32.const 3)) (then unreachable))
+          (if (f64.ne (global.get $d) (f64.const 0.5)) (then unreachable))
+          (if (i32.ne (i32x4.extract_lane 3 (global.get $v)) (i32.const 8)) (then unreachable))
+          (if (i32.ne (i32.reinterpret_f32 (global.get $nan)) (i32.const 0x7fa00001)) (then unreachable))
+          (if (i32.ne (i32.load (i32.const 1024)) (i32.const 2)) (then unreachable))
+          (if (i32.ne (memory.size) (i32.const 3)) (then unreachable))
+          (if (i32.ne (i32.load (call $last)) (i32.const 2)) (then unreachable)))
+        (func (export "spin") (loop (br 0)))
+        (func (export "quit") (call $exit (i32.const 3))))"#;
+
+    #[test]
+    fn session_state_survives_snapshots_and_steps_end_as_with_wasmtime() {
+        let engine = WasmEdgeEngine::new().expect("libwasmedge");
+        let instrumented = session::instrument::instrument(&wat::parse_str(SESSION).unwrap()).unwrap();
+        let module = engine.compile(&instrumented.wasm, ModuleKind::Session).unwrap();
+        let layout = &instrumented.layout;
+        let argv = vec!["session".to_string()];
+        let step = |op, handler: &str, snapshot: &[u8], timeout_ms| {
+            let request = RunRequest {
+                argv: &argv,
+                env: &[],
+                preopens: &[],
+                preopen_dirs: &[],
+                stdin: bytes::Bytes::new(),
+                memory_limit_bytes: 16 << 16,
+                timeout: Duration::from_millis(timeout_ms),
+                max_output_bytes: 1024,
+            };
+            let step = session::Step {
+                op,
+                handler,
+                snapshot,
+                module_sha256: [7; 32],
+                memory_limit_bytes: request.memory_limit_bytes,
+                max_snapshot_bytes: 1 << 20,
+            };
+            let mut out = session::StepOutput::default();
+            let outcome = engine.run_session(&module, layout, request, &step, &mut out).outcome;
+            (outcome, out.snapshot)
+        };
+        let (outcome, created) = step(SessionOp::Create, "bump", &[], 5000);
+        assert_eq!(outcome, Outcome::Exited { code: 0 });
+        let created = created.unwrap();
+        let mut snapshot = created.clone();
+        for _ in 0..2 {
+            let (outcome, next) = step(SessionOp::Message, "bump", &snapshot, 5000);
+            assert_eq!(outcome, Outcome::Exited { code: 0 });
+            snapshot = next.unwrap();
+        }
+        assert_eq!(wasmbox_protocol::snapshot::parse(&snapshot).unwrap().memory_pages, 3);
+        let (outcome, checked) = step(SessionOp::Message, "check", &snapshot, 5000);
+        assert_eq!(outcome, Outcome::Exited { code: 0 });
+        assert!(checked.is_some());
+        assert_eq!(step(SessionOp::Check, "check", &snapshot, 5000).0, Outcome::Exited { code: 0 });
+
+        let started = std::time::Instant::now();
+        assert_eq!(step(SessionOp::Message, "spin", &snapshot, 200), (Outcome::DeadlineExceeded, None));
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(step(SessionOp::Message, "quit", &snapshot, 5000), (Outcome::Exited { code: 3 }, None));
+        let (outcome, _) = step(SessionOp::Message, "nothing", &snapshot, 5000);
+        assert!(matches!(outcome, Outcome::InvalidModule { message } if message.contains("nothing")));
+        // A fresh instance has not seen the steps above.
+        let (outcome, _) = step(SessionOp::Message, "check", &created, 5000);
+        assert!(matches!(outcome, Outcome::Trapped { .. }));
     }
 }

@@ -20,7 +20,8 @@
 //! `trap KEY` / `spin KEY` (increment KEY, then trap / loop forever: both must be rolled back),
 //! `grow MIB` (allocate and touch MIB MiB, then free it), `fill MIB [SEED]` (replace the ballast
 //! with MIB MiB of partly compressible pseudo-random bytes), `touch [N]` (change N ballast bytes,
-//! reply the ballast length) and `echo REST` (reply REST verbatim). Anything else: `unknown
+//! reply the ballast length), `sum` (FNV-1a hash of the ballast) and `echo REST` (reply REST
+//! verbatim). Anything else: `unknown
 //! command` on stderr and exit status 2.
 
 use std::collections::BTreeMap;
@@ -84,6 +85,13 @@ pub extern "C" fn handle() {
         ["fill", mib, seed] => fill(number(mib), number(seed)),
         ["touch"] => touch(1),
         ["touch", n] => touch(number(n)),
+        ["sum"] => {
+            // FNV-1a over the ballast: proves a heap came through a snapshot intact.
+            let ballast = BALLAST.lock().unwrap();
+            let hash =
+                ballast.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            format!("{hash:016x}")
+        }
         _ => fail("unknown command"),
     };
     reply(format!("{answer}\n").as_bytes());

@@ -27,7 +27,8 @@ fn main() {
     if input.is_empty() {
         input = generate(wasmbox_functions::arg_or(1, 5_000));
     }
-    let doc: Value = serde_json::from_slice(&input).unwrap_or_else(|e| wasmbox_functions::fail(&format!("bad JSON: {e}")));
+    let doc: Value =
+        serde_json::from_slice(&input).unwrap_or_else(|e| wasmbox_functions::fail(&format!("bad JSON: {e}")));
     let Value::Array(records) = &doc else { wasmbox_functions::fail("expected a JSON array of records") };
     let mut revenue: std::collections::BTreeMap<String, u64> = Default::default();
     for r in records {
