@@ -445,3 +445,20 @@ where
     prop_assert!(matches!(end, Ok(None)), "expected a clean end, got {:?}", end.map(|o| o.map(|(_, p)| p)));
     Ok(())
 }
+
+proptest! {
+    /// Any bytes, and any mutation of a valid snapshot, parse to a result, never a panic.
+    #[test]
+    fn snapshot_parse_never_panics(bytes in vec(any::<u8>(), 0..512), flip in any::<(usize, u8)>()) {
+        let _ = crate::snapshot::parse(&bytes);
+        let mut w = crate::snapshot::Writer::new([1; 32], 4);
+        w.global(0, 0x7f, &[1, 2, 3, 4]).unwrap();
+        w.page(3, &bytes[..bytes.len().min(300)].iter().copied().chain([0]).collect::<Vec<_>>()).unwrap();
+        let mut good = w.finish();
+        let at = flip.0 % good.len();
+        good[at] ^= flip.1;
+        let _ = crate::snapshot::parse(&good);
+        let cut = flip.0 % (good.len() + 1);
+        let _ = crate::snapshot::parse(&good[..cut]);
+    }
+}

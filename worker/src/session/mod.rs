@@ -266,3 +266,6 @@ pub fn sha256_bytes(hex: &str) -> Option<[u8; 32]> {
     }
     Some(out)
 }
+
+#[cfg(test)]
+mod tests;
