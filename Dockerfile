@@ -43,16 +43,19 @@ RUN WASMEDGE_DIR=/usr/local cargo build --release --locked --features wasmedge -
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 RUN useradd --system --uid 10001 --user-group --home-dir /var/cache/wasmbox --no-create-home wasmbox \
- && mkdir -p /functions /var/cache/wasmbox \
- && chown wasmbox:wasmbox /var/cache/wasmbox \
- && chmod 700 /var/cache/wasmbox
+ && mkdir -p /functions /var/cache/wasmbox /var/lib/wasmbox \
+ && chown wasmbox:wasmbox /var/cache/wasmbox /var/lib/wasmbox \
+ && chmod 700 /var/cache/wasmbox /var/lib/wasmbox
 COPY --from=source /out/functions /functions
 ENV WASMBOX_LISTEN=0.0.0.0:8095 \
     WASMBOX_FUNCTIONS_DIR=/functions \
     WASMBOX_CACHE_DIR=/var/cache/wasmbox \
+    WASMBOX_STATE_DIR=/var/lib/wasmbox \
     LOG_FORMAT=json
 EXPOSE 8095
 VOLUME ["/functions"]
+# Session snapshots: mount a persistent volume here for sessions to outlive the container.
+VOLUME ["/var/lib/wasmbox"]
 # /healthz over bash's /dev/tcp: no HTTP client needed in the image.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8095 && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && head -n1 <&3 | grep -q ' 200 '"]

@@ -215,6 +215,10 @@ fn deployment_files_match_what_the_supervisor_understands() {
     if !dockerfile.contains(&format!("VOLUME [\"{functions}\"]")) {
         problems.push(format!("Dockerfile: {functions} is not a VOLUME"));
     }
+    let state = image_env.get("WASMBOX_STATE_DIR").expect("the image sets WASMBOX_STATE_DIR");
+    if !dockerfile.contains(&format!("VOLUME [\"{state}\"]")) {
+        problems.push(format!("Dockerfile: the session state directory {state} is not a VOLUME"));
+    }
     for stage in ["AS wasmtime", "AS wasmedge"] {
         if !dockerfile.contains(stage) {
             problems.push(format!("Dockerfile: no stage {stage}"));
