@@ -73,6 +73,7 @@ pub struct Metrics {
     memory_utilization: Gauge<f64, AtomicU64>,
     memory_working_set: Gauge,
     memory_limit: Gauge,
+    sessions: Gauge,
 }
 
 impl Default for Metrics {
@@ -165,8 +166,11 @@ impl Metrics {
             "Memory limit of the supervisor's cgroup (the host's memory without one)",
             memory_limit.clone(),
         );
+        let sessions = Gauge::default();
+        registry.register("sessions", "Stateful sessions held (WASMBOX_SESSION_MAX is the limit)", sessions.clone());
         Metrics {
             registry: Mutex::new(registry),
+            sessions,
             cold_starts,
             ready,
             memory_utilization,
@@ -209,6 +213,11 @@ impl Metrics {
                 self.cold_starts.inc();
             }
         }
+    }
+
+    /// The number of sessions the store holds, as of the next scrape.
+    pub fn set_sessions(&self, count: usize) {
+        self.sessions.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// The registry as OpenMetrics text, after copying in the pool's state and the usage
@@ -308,6 +317,7 @@ mod tests {
                 ..Default::default()
             },
         };
+        m.set_sessions(3);
         let text = m.encode(usage.iter().map(|(k, v)| (k, v)), &readiness).unwrap();
         for line in [
             "wasmbox_invocations_total{function=\"hello\",outcome=\"ok\"} 2",
@@ -327,6 +337,7 @@ mod tests {
             "wasmbox_function_memory_peak_bytes{function=\"hello\"} 4096",
             "wasmbox_cold_starts_total 1",
             "wasmbox_ready 0",
+            "wasmbox_sessions 3",
             "wasmbox_memory_utilization_ratio 0.95",
             "wasmbox_memory_working_set_bytes 950",
             "wasmbox_memory_limit_bytes 1000",

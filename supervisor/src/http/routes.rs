@@ -116,6 +116,7 @@ fn health(app: &Arc<App>, method: &Method, path: &str) -> Result<Response<Full<B
         }
         "/metrics" => {
             let usage = app.usage.snapshot();
+            app.metrics.set_sessions(app.sessions.count());
             let text = app
                 .metrics
                 .encode(&usage, &app.readiness())
