@@ -1,5 +1,5 @@
-//! What WasmBox costs besides request latency: cold starts, worker respawn, idle memory, and
-//! the per-invocation price of cgroups.
+//! What WasmBox costs besides request latency: cold starts, worker respawn, idle memory, the
+//! per-invocation price of cgroups, and that of session state by heap size.
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,8 @@ pub struct Extras {
     pub hello_mean_cgroups_us: f64,
     pub hello_mean_no_cgroups_us: f64,
     pub cgroups_active: bool,
+    /// Restore, capture and commit of session state, by heap size.
+    pub sessions: crate::sessions::Sessions,
 }
 
 /// A copy of `wasm` with a custom section that makes its hash (so its cache key) unique.
@@ -69,6 +71,7 @@ pub async fn measure(setup: &Setup, plan: &Plan) -> anyhow::Result<Extras> {
     cold_starts(setup, if quick { 5 } else { 50 }, &mut extras).await?;
     respawn_and_memory(setup, if quick { 3 } else { 20 }, &mut extras).await?;
     cgroup_cost(setup, plan, &mut extras).await?;
+    extras.sessions = crate::sessions::measure(setup, plan).await?;
     Ok(extras)
 }
 

@@ -6,5 +6,6 @@ pub mod loadgen;
 pub mod modes;
 pub mod report;
 pub mod servers;
+pub mod sessions;
 pub mod stats;
 pub mod suite;

@@ -86,7 +86,10 @@ pub async fn run(target: &Target, load: Load, progress: &indicatif::ProgressBar)
     }
 }
 
-struct Conn {
+/// One keep-alive connection sending `target`'s request, reconnecting when it was closed.
+/// The load generator keeps only each answer's status; [`Conn::send`] gives callers that
+/// need more (headers, body) the whole response.
+pub struct Conn {
     target: Target,
     sender: Option<SendRequest<Full<Bytes>>>,
 }
@@ -94,8 +97,23 @@ struct Conn {
 /// One finished request: its status, or `None` when it failed without one.
 type Answer = Option<u16>;
 
+/// A response read to its end.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: http::StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// Header `name` as a number, if present and numeric.
+    pub fn header_u64(&self, name: &str) -> Option<u64> {
+        self.headers.get(name)?.to_str().ok()?.parse().ok()
+    }
+}
+
 impl Conn {
-    fn new(target: &Target) -> Conn {
+    pub fn new(target: &Target) -> Conn {
         Conn { target: target.clone(), sender: None }
     }
 
@@ -112,8 +130,13 @@ impl Conn {
         self.sender.as_mut().ok_or_else(|| anyhow::anyhow!("no connection"))
     }
 
-    /// Sends one request and reads the whole response.
+    /// Sends one request and reads the whole response; its status, or `None` without one.
     async fn request(&mut self) -> Answer {
+        self.send().await.ok().map(|reply| reply.status.as_u16())
+    }
+
+    /// Sends one request and reads the whole response (within [`REQUEST_TIMEOUT`]).
+    pub async fn send(&mut self) -> anyhow::Result<Reply> {
         let attempt = async {
             let mut builder = Request::builder()
                 .method(Method::POST)
@@ -125,19 +148,18 @@ impl Conn {
             let request = builder.body(Full::new(self.target.body.clone()))?;
             let sender = self.connect().await?;
             sender.ready().await?;
-            let response = sender.send_request(request).await?;
-            let status = response.status().as_u16();
-            response.into_body().collect().await?;
-            anyhow::Ok(status)
+            let (parts, body) = sender.send_request(request).await?.into_parts();
+            let body = body.collect().await?.to_bytes();
+            anyhow::Ok(Reply { status: parts.status, headers: parts.headers, body })
         };
-        match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
-            Ok(Ok(status)) => Some(status),
-            _ => {
-                // Whatever state the connection is in, start the next request on a new one.
-                self.sender = None;
-                None
-            }
+        let reply = tokio::time::timeout(REQUEST_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {REQUEST_TIMEOUT:?}")));
+        if reply.is_err() {
+            // Whatever state the connection is in, start the next request on a new one.
+            self.sender = None;
         }
+        reply
     }
 }
 

@@ -85,9 +85,11 @@ pub struct Server {
     child: Child,
     /// The server's stdout and stderr, removed when it stops.
     log: PathBuf,
+    /// WasmBox's session state directory (its own: a supervisor locks it), removed when it stops.
+    state_dir: Option<PathBuf>,
 }
 
-fn next_log_number() -> usize {
+fn next_server_number() -> usize {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
@@ -99,7 +101,12 @@ impl Server {
 
     /// Like [`Server::start`], with extra environment for the server process.
     pub fn start_with_env(mode: Mode, setup: &Setup, env: &[(&str, &str)]) -> anyhow::Result<Server> {
+        let number = next_server_number();
+        let scratch = |what: &str| {
+            std::env::temp_dir().join(format!("wasmbox-bench-{}-{}-{number}{what}", std::process::id(), mode.letter()))
+        };
         let mut cmd;
+        let mut state_dir = None;
         match mode {
             Mode::WasmBox => {
                 cmd = Command::new(&setup.wasmbox);
@@ -110,6 +117,11 @@ impl Server {
                     .env("WASMBOX_WORKERS", setup.workers.to_string())
                     .env("WASMBOX_ENGINE", &setup.engine)
                     .env("WASMBOX_CGROUP_PARENT", format!("wasmbox-bench-{}", std::process::id()));
+                // Not the per-user default: two supervisors of one run (or a run and a
+                // supervisor someone else started) would contend for its lock.
+                let dir = scratch("-state");
+                cmd.env("WASMBOX_STATE_DIR", &dir);
+                state_dir = Some(dir);
             }
             Mode::InProcess => {
                 cmd = setup.wasm_server("serve-inproc");
@@ -129,12 +141,7 @@ impl Server {
         // here would cost the harness CPU per log line and could stall the server on a full
         // pipe. The supervisor logs "listening on ... addr=A"; the comparison servers print
         // "listening on A".
-        let log_path = std::env::temp_dir().join(format!(
-            "wasmbox-bench-{}-{}-{}.log",
-            std::process::id(),
-            mode.letter(),
-            next_log_number()
-        ));
+        let log_path = scratch(".log");
         let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -142,7 +149,7 @@ impl Server {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", mode.title()))?;
-        let mut server = Server { mode, addr: "127.0.0.1:0".parse()?, child, log: log_path };
+        let mut server = Server { mode, addr: "127.0.0.1:0".parse()?, child, log: log_path, state_dir };
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let text = std::fs::read_to_string(&server.log).unwrap_or_default();
@@ -196,6 +203,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.terminate();
         let _ = std::fs::remove_file(&self.log);
+        if let Some(dir) = &self.state_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 
 use crate::modes::Mode;
+use crate::sessions::Sessions;
 use crate::stats::{Summary, ratio};
 use crate::suite::{Cell, CpuPerRequest, Results};
 
@@ -53,6 +54,14 @@ impl Machine {
             kernel,
             cgroup,
         }
+    }
+
+    /// One line: CPU, cores, memory, kernel, cgroup version.
+    fn line(&self) -> String {
+        format!(
+            "{} ({} cores), {:.1} GiB, Linux {}, cgroup {}",
+            self.cpu, self.cores, self.memory_gib, self.kernel, self.cgroup
+        )
     }
 }
 
@@ -125,10 +134,95 @@ pub fn write(results: &Results, dir: &Path, name: &str) -> anyhow::Result<PathBu
     std::fs::create_dir_all(dir)?;
     let svg = dir.join(format!("{name}.svg"));
     plot(results, &svg)?;
-    std::fs::write(dir.join(format!("{name}.json")), serde_json::to_vec_pretty(results)?)?;
-    let md = dir.join(format!("{name}.md"));
-    std::fs::write(&md, markdown(results, &format!("{name}.svg")))?;
-    Ok(md)
+    write_md_json(dir, name, &markdown(results, &format!("{name}.svg")), results)
+}
+
+/// Writes the report of `wasmbox-bench sessions`: `<dir>/<name>.md` and `<name>.json`.
+pub fn write_sessions(results: &crate::sessions::Results, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    write_md_json(dir, name, &sessions_markdown(results), results)
+}
+
+fn write_md_json(dir: &Path, name: &str, md: &str, json: &impl serde::Serialize) -> anyhow::Result<PathBuf> {
+    std::fs::write(dir.join(format!("{name}.json")), serde_json::to_vec_pretty(json)?)?;
+    let path = dir.join(format!("{name}.md"));
+    std::fs::write(&path, md)?;
+    Ok(path)
+}
+
+pub fn sessions_markdown(r: &crate::sessions::Results) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# WasmBox sessions benchmark: {}, engine {}\n", r.plan.name, r.engine);
+    let _ = writeln!(
+        out,
+        "Machine: {}. One run, {:.0} s of wall time; WasmBox with {} pre-forked workers, cgroups {}.\n",
+        r.machine.line(),
+        r.wall.as_secs_f64(),
+        r.workers,
+        cgroups(r.sessions.cgroups_active),
+    );
+    sessions(&mut out, &r.sessions);
+    out
+}
+
+fn cgroups(active: bool) -> &'static str {
+    if active { "on" } else { "off (not available here)" }
+}
+
+/// The sessions tables: per heap size, a message's state cost and latency beside a hello's;
+/// then the one-off `fill` that made each heap.
+fn sessions(out: &mut String, s: &Sessions) {
+    let Some(first) = s.heaps.first() else { return };
+    let _ = writeln!(out, "## Sessions (mode a, the counter function)\n");
+    let _ = writeln!(
+        out,
+        "Per heap size, one session is filled with that many MiB and then sent, {} times, a stateless \
+         hello and a message changing one byte of its heap (`touch 1`) in turn: restore (worker: \
+         decompress the snapshot, write its pages, set the globals), capture (worker: find the changed \
+         pages, compress them, encode) and commit (supervisor: temporary file, fsync, rename, fsync of the \
+         directory, on {}) are the server's own times from the touch's response headers, snapshot bytes \
+         the compressed size it committed, touch and hello latency what the client measured end to end, \
+         and ratio touch p50 / hello p50 (p99 of so few messages is about the slowest).\n",
+        first.messages, s.state_filesystem
+    );
+    let _ = writeln!(
+        out,
+        "| heap MiB | snapshot bytes | restore µs p50 | capture µs p50 | commit µs p50 | \
+         restore+capture+commit µs p50 / p99 | touch latency µs p50 / p99 | hello µs p50 | ratio |\n\
+         |---|---|---|---|---|---|---|---|---|"
+    );
+    for h in &s.heaps {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} |",
+            h.heap_mib,
+            h.snapshot_bytes,
+            h.restore.p50_us,
+            h.capture.p50_us,
+            h.commit.p50_us,
+            h.state.p50_us,
+            h.state.p99_us,
+            h.touch.p50_us,
+            h.touch.p99_us,
+            h.hello.p50_us,
+            x(h.touch_to_hello)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nThe `fill` message that made each heap, once: the first time all its pages are compressed.\n\n\
+         | heap MiB | snapshot bytes | pages compressed | restore µs | capture µs | commit µs | latency µs |\n\
+         |---|---|---|---|---|---|---|"
+    );
+    for h in &s.heaps {
+        let f = &h.fill;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            h.heap_mib, f.snapshot_bytes, f.pages_compressed, f.restore_us, f.capture_us, f.commit_us, f.latency_us
+        );
+    }
+    out.push('\n');
 }
 
 pub fn markdown(r: &Results, svg_name: &str) -> String {
@@ -138,13 +232,9 @@ pub fn markdown(r: &Results, svg_name: &str) -> String {
     let _ = writeln!(out, "# WasmBox benchmark: {}, engine {}\n", p.name, r.engine);
     let _ = writeln!(
         out,
-        "Machine: {} ({} cores), {:.1} GiB, Linux {}, cgroup {}. One run, {:.0} s of wall time; \
+        "Machine: {}. One run, {:.0} s of wall time; \
          one server loaded at a time, the modes taking turns in {} round(s) per scenario.\n",
-        m.cpu,
-        m.cores,
-        m.memory_gib,
-        m.kernel,
-        m.cgroup,
+        m.line(),
         r.wall.as_secs_f64(),
         p.rounds
     );
@@ -159,7 +249,7 @@ pub fn markdown(r: &Results, svg_name: &str) -> String {
         p.duration.as_secs_f64(),
         p.warmup,
         r.workers,
-        if r.extras.cgroups_active { "on" } else { "off (not available here)" },
+        cgroups(r.extras.cgroups_active),
         r.workers,
     );
     for s in &r.scenarios {
@@ -239,7 +329,9 @@ pub fn markdown(r: &Results, svg_name: &str) -> String {
         e.hello_mean_no_cgroups_us,
         e.hello_mean_cgroups_us - e.hello_mean_no_cgroups_us
     );
-    let _ = writeln!(out, "\n## Latency\n\n![latency by percentile]({svg_name})");
+    out.push('\n');
+    sessions(&mut out, &e.sessions);
+    let _ = writeln!(out, "## Latency\n\n![latency by percentile]({svg_name})");
     out
 }
 
@@ -363,9 +455,77 @@ mod tests {
             ],
             open: vec![],
             open_skipped: BTreeMap::from([("(c) spawn per request".to_string(), "too slow".to_string())]),
-            extras: crate::extras::Extras { cold_samples: 5, cold_warm_cache_p99_us: 3020, ..Default::default() },
+            extras: crate::extras::Extras {
+                cold_samples: 5,
+                cold_warm_cache_p99_us: 3020,
+                sessions: sessions(),
+                ..Default::default()
+            },
             wall: Duration::from_secs(30),
         }
+    }
+
+    fn sessions() -> Sessions {
+        use crate::sessions::{Heap, Quantiles, Step};
+        let q = |p50_us, p99_us| Quantiles { p50_us, p99_us };
+        let heap = Heap {
+            heap_mib: 16,
+            messages: 10,
+            snapshot_bytes: 8_518_864,
+            pages_restored: 258,
+            pages_compressed: 4,
+            restore: q(13_663, 15_000),
+            capture: q(11_823, 12_000),
+            commit: q(19_599, 40_000),
+            state: q(43_743, 63_903),
+            exec: q(30_000, 40_000),
+            touch: q(59_359, 91_583),
+            hello: q(521, 900),
+            touch_to_hello: ratio(59_359.0, 521.0),
+            fill: Step {
+                latency_us: 79_359,
+                exec_us: 40_000,
+                restore_us: 63,
+                capture_us: 34_913,
+                commit_us: 20_051,
+                snapshot_bytes: 8_518_701,
+                pages_restored: 1,
+                pages_compressed: 258,
+            },
+        };
+        Sessions { state_filesystem: "ext4".into(), cgroups_active: true, heaps: vec![heap] }
+    }
+
+    #[test]
+    fn the_sessions_tables_have_a_row_per_heap() {
+        let md = markdown(&results(), "x.svg");
+        assert!(md.contains("sent, 10 times, a stateless hello"), "{md}");
+        assert!(md.contains("fsync of the directory, on ext4)"), "{md}");
+        assert!(
+            md.contains("| 16 | 8518864 | 13663 | 11823 | 19599 | 43743 / 63903 | 59359 / 91583 | 521 | 113.93x |"),
+            "{md}"
+        );
+        assert!(md.contains("| 16 | 8518701 | 258 | 63 | 34913 | 20051 | 79359 |"), "{md}");
+        // Before the plot; and the standalone report has the same tables.
+        assert!(md.find("## Sessions") < md.find("## Latency"), "{md}");
+        let alone = crate::sessions::Results {
+            plan: Plan::full(),
+            machine: results().machine,
+            workers: 2,
+            engine: "wasmtime".into(),
+            sessions: sessions(),
+            wall: Duration::from_secs(90),
+        };
+        let md_alone = sessions_markdown(&alone);
+        assert!(md_alone.starts_with("# WasmBox sessions benchmark: full, engine wasmtime\n"), "{md_alone}");
+        assert!(md_alone.contains("Machine: Test CPU (2 cores), 24.0 GiB, Linux 6.1, cgroup v1. One run, 90 s"));
+        assert!(md_alone.contains("2 pre-forked workers, cgroups on."), "{md_alone}");
+        let table = |md: &str| md[md.find("## Sessions").unwrap()..].split("## Latency").next().unwrap().to_owned();
+        assert_eq!(table(&md_alone), table(&md));
+        // No heaps, no section.
+        let mut none = results();
+        none.extras.sessions.heaps.clear();
+        assert!(!markdown(&none, "x.svg").contains("## Sessions"));
     }
 
     #[test]

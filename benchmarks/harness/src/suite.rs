@@ -245,7 +245,7 @@ pub async fn run(plan: Plan, setup: &Setup, modes: &[Mode], scenarios: Vec<Scena
     for server in servers {
         server.stop();
     }
-    progress.set_message("cold start, respawn, memory");
+    progress.set_message("cold start, respawn, memory, sessions");
     let extras = crate::extras::measure(setup, &plan).await?;
     progress.finish_and_clear();
     Ok(Results {
@@ -265,7 +265,7 @@ pub async fn run(plan: Plan, setup: &Setup, modes: &[Mode], scenarios: Vec<Scena
 
 /// Sends `n` requests one at a time; each must succeed, or the scenario is broken for this
 /// mode and measuring it would mean nothing.
-async fn warm_up(target: &Target, n: u64, mode: Mode, scenario: &str) -> anyhow::Result<()> {
+pub(crate) async fn warm_up(target: &Target, n: u64, mode: Mode, scenario: &str) -> anyhow::Result<()> {
     let load = Load::Closed { connections: 1, duration: Duration::from_secs(120), max_requests: n };
     let m = loadgen::run(target, load, &indicatif::ProgressBar::hidden()).await?;
     anyhow::ensure!(

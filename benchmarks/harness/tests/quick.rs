@@ -72,9 +72,23 @@ fn quick_mode_measures_every_mode_and_loses_no_request() {
             "extras.{key}: {e}"
         );
     }
+    // Sessions: the quick plan's heaps of 1 and 16 MiB, each message with its state costs.
+    let heaps = e["sessions"]["heaps"].as_array().expect("extras.sessions.heaps");
+    assert_eq!(heaps.iter().map(|h| h["heap_mib"].as_u64()).collect::<Vec<_>>(), [Some(1), Some(16)], "{heaps:?}");
+    for h in heaps {
+        assert!(h["snapshot_bytes"].as_u64() > Some(0), "{h}");
+        for figure in ["capture", "commit", "state", "touch", "hello"] {
+            assert!(h[figure]["p50_us"].as_u64() > Some(0), "sessions.{figure}: {h}");
+        }
+        assert!(h["touch_to_hello"].as_f64() > Some(0.0), "{h}");
+        // The fill compressed every page of the heap: at least 16 of 64 KiB per MiB.
+        assert!(h["fill"]["pages_compressed"].as_u64() >= h["heap_mib"].as_u64().map(|m| m * 16), "{h}");
+    }
 
     let md = std::fs::read_to_string(out.path().join("ci.md")).expect("ci.md");
-    for needle in ["| (a)/(b) |", "| (a)/(c) |", "| (a)/(d) |", "Machine:", "![latency by percentile](ci.svg)"] {
+    for needle in
+        ["| (a)/(b) |", "| (a)/(c) |", "| (a)/(d) |", "Machine:", "## Sessions", "![latency by percentile](ci.svg)"]
+    {
         assert!(md.contains(needle), "report lacks {needle:?}:\n{md}");
     }
     let svg = std::fs::read_to_string(out.path().join("ci.svg")).expect("ci.svg");
