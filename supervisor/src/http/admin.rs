@@ -30,9 +30,9 @@ use subtle::ConstantTimeEq;
 use wasmbox_protocol::{Invocation, ModuleRef, Outcome};
 
 use super::error::ApiError;
+use super::routes::dispatch;
 use super::routes::{invoke_failure, json_response, read_limited, registry_error};
 use crate::App;
-use crate::pool::AcquireError;
 use crate::registry::{FunctionName, sha256_hex};
 
 /// The path prefix of the API.
@@ -177,13 +177,7 @@ async fn prepare(
         prepare_only: true,
         session: None,
     };
-    let lease = app.pool.acquire(sha256).await.map_err(|e| match e {
-        AcquireError::QueueFull { depth } => ApiError::QueueFull { depth },
-        AcquireError::ShuttingDown => ApiError::ShuttingDown,
-    })?;
-    let run = tokio::spawn(lease.invoke(invocation.clone(), Bytes::new()));
-    let done = run.await.map_err(|e| ApiError::Internal(format!("compile task failed: {e}")))?;
-    let done = done.map_err(|failure| match failure {
+    let done = dispatch(app, &invocation, Bytes::new()).await?.completed.map_err(|failure| match failure {
         crate::pool::InvokeFailure::HardDeadline => {
             ApiError::CompileTimeout { timeout_ms: app.config.compile_timeout_ms }
         }

@@ -180,16 +180,7 @@ async fn invoke(
 
     // One retry when the module changed between our hash and the worker's read of it.
     for attempt in 0..2 {
-        let lease = app.pool.acquire(&invocation.module_key()).await.map_err(|e| match e {
-            AcquireError::QueueFull { depth } => ApiError::QueueFull { depth },
-            AcquireError::ShuttingDown => ApiError::ShuttingDown,
-        })?;
-        let queue_wait = lease.queue_wait;
-        let worker = lease.worker_id().map(|w| w.to_string()).unwrap_or_default();
-        // The exchange runs in its own task: a client that disconnects must not cancel it
-        // halfway, which would leave the worker's protocol state unknown.
-        let run = tokio::spawn(lease.invoke(invocation.clone(), stdin.clone()));
-        let completed = run.await.map_err(|e| ApiError::Internal(format!("invocation task failed: {e}")))?;
+        let Dispatched { completed, worker, queue_wait } = dispatch(app, &invocation, stdin.clone()).await?;
         let meta = Meta { worker, queue_wait };
         let ran =
             completed.as_ref().ok().map(|done| (Duration::from_micros(done.result.exec_us), done.result.module_source));
@@ -246,6 +237,28 @@ async fn invoke(
         return Ok(with_meta(response, &meta));
     }
     Err(ApiError::Internal("module kept changing while it was being loaded".into()))
+}
+
+/// An invocation's exchange with a worker, and which worker and how long it waited for it.
+pub(super) struct Dispatched {
+    pub completed: Result<crate::pool::Completed, InvokeFailure>,
+    pub worker: String,
+    pub queue_wait: Duration,
+}
+
+/// Waits for a worker and runs `invocation` on it (`payload` is its frame payload). The
+/// exchange runs in its own task: a client that disconnects must not cancel it halfway,
+/// which would leave the worker's protocol state unknown.
+pub(super) async fn dispatch(app: &App, invocation: &Invocation, payload: Bytes) -> Result<Dispatched, ApiError> {
+    let lease = app.pool.acquire(&invocation.module_key()).await.map_err(|e| match e {
+        AcquireError::QueueFull { depth } => ApiError::QueueFull { depth },
+        AcquireError::ShuttingDown => ApiError::ShuttingDown,
+    })?;
+    let queue_wait = lease.queue_wait;
+    let worker = lease.worker_id().map(|w| w.to_string()).unwrap_or_default();
+    let run = tokio::spawn(lease.invoke(invocation.clone(), payload));
+    let completed = run.await.map_err(|e| ApiError::Internal(format!("worker exchange task failed: {e}")))?;
+    Ok(Dispatched { completed, worker, queue_wait })
 }
 
 /// CPU time, peak memory and the kernel memory limit of the invocation, from its cgroup.

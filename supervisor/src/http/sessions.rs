@@ -21,10 +21,11 @@ use wasmbox_protocol::{Invocation, Outcome, SessionCall, SessionOp, SessionStats
 use super::error::ApiError;
 use super::request::{self, InvocationLimits};
 use super::routes::{
-    HEADER_WORKER, add_accounting, invoke_failure, json_response, outcome_response, read_limited, registry_error,
+    Dispatched, HEADER_WORKER, add_accounting, dispatch, invoke_failure, json_response, outcome_response, read_limited,
+    registry_error,
 };
 use crate::App;
-use crate::pool::{AcquireError, Completed};
+use crate::pool::Completed;
 use crate::registry::{Function, FunctionName};
 use crate::sessions::{self, Lookup, Session};
 
@@ -124,6 +125,18 @@ fn handler(function: &Function) -> String {
     function.config.session_handler.clone().unwrap_or_else(|| DEFAULT_HANDLER.to_owned())
 }
 
+/// The function a step runs and its limits (from the request's headers), and the body.
+async fn resolve(
+    app: &App,
+    name: &FunctionName,
+    req: Request<Incoming>,
+) -> Result<(Arc<Function>, InvocationLimits, Incoming), ApiError> {
+    let (parts, body) = req.into_parts();
+    let function = app.registry.lookup(name).await.map_err(registry_error)?;
+    let limits = request::limits(&parts.headers, &function.config.limits, &app.limits)?;
+    Ok((function, limits, body))
+}
+
 /// A session step's result with what the response needs besides it.
 struct StepDone {
     completed: Completed,
@@ -166,16 +179,7 @@ async fn step(
     let mut payload = BytesMut::with_capacity(snapshot.len() + message.len());
     payload.extend_from_slice(snapshot);
     payload.extend_from_slice(&message);
-    let lease = app.pool.acquire(&invocation.module_key()).await.map_err(|e| match e {
-        AcquireError::QueueFull { depth } => ApiError::QueueFull { depth },
-        AcquireError::ShuttingDown => ApiError::ShuttingDown,
-    })?;
-    let queue_wait = lease.queue_wait;
-    let worker = lease.worker_id().map(|w| w.to_string()).unwrap_or_default();
-    // In a task of its own, like invocations: a client that goes away mid-step must not
-    // leave the worker's protocol state unknown.
-    let run = tokio::spawn(lease.invoke(invocation.clone(), payload.freeze()));
-    let completed = run.await.map_err(|e| ApiError::Internal(format!("session task failed: {e}")))?;
+    let Dispatched { completed, worker, queue_wait } = dispatch(app, &invocation, payload.freeze()).await?;
     match completed {
         Ok(completed) => {
             if let Some(used) = &completed.accounting {
@@ -201,19 +205,10 @@ async fn step(
 }
 
 /// Maps a step that did not succeed to its error response (as an invocation's would be).
-fn failed_step(done: &StepDone, limits: InvocationLimits, max_snapshot_bytes: u64) -> Option<Response<Full<Bytes>>> {
-    let result = &done.completed.result;
-    match &result.outcome {
-        Outcome::Exited { code: 0 } => None,
-        Outcome::SnapshotInvalid { message } => Some(ApiError::SnapshotInvalid(message.clone()).to_response()),
-        Outcome::SnapshotTooLarge { .. } => {
-            Some(ApiError::SessionStateTooLarge { limit: max_snapshot_bytes }.to_response())
-        }
-        _ => {
-            let c = &done.completed;
-            Some(outcome_response(&c.result, c.stdout.clone(), &c.stderr, limits.timeout_ms).0)
-        }
-    }
+fn failed_step(done: &StepDone, limits: InvocationLimits) -> Option<Response<Full<Bytes>>> {
+    let c = &done.completed;
+    (c.result.outcome != Outcome::Exited { code: 0 })
+        .then(|| outcome_response(&c.result, c.stdout.clone(), &c.stderr, limits.timeout_ms).0)
 }
 
 /// Checks a snapshot a worker produced before it is committed: whole, of this module,
@@ -253,16 +248,13 @@ async fn create(
         return Err(ApiError::ShuttingDown);
     }
     let started = Instant::now();
-    let (parts, body) = req.into_parts();
-    let function = app.registry.lookup(&name).await.map_err(registry_error)?;
-    let limits = request::limits(&parts.headers, &function.config.limits, &app.limits)?;
+    let (function, limits, body) = resolve(app, &name, req).await?;
     let stdin = read_limited(body, app.config.max_body_bytes).await?;
-    let max_snapshot = app.sessions.limits().max_snapshot_bytes;
     let reservation =
         app.sessions.reserve().ok_or(ApiError::SessionLimit { max: app.sessions.limits().max_sessions })?;
     let done = step(app, &function, SessionOp::Create, limits, &[], stdin, request_id).await?;
     let outcome_kind = outcome_kind(&done);
-    if let Some(response) = failed_step(&done, limits, max_snapshot) {
+    if let Some(response) = failed_step(&done, limits) {
         log_step(app, &name, None, "create", outcome_kind, &done, started);
         let mut response = response;
         session_headers(&mut response, &done, done.completed.result.session);
@@ -368,9 +360,7 @@ async fn message(
     }
     let started = Instant::now();
     let session = find(app, &name, id)?;
-    let (parts, body) = req.into_parts();
-    let function = app.registry.lookup(&name).await.map_err(registry_error)?;
-    let limits = request::limits(&parts.headers, &function.config.limits, &app.limits)?;
+    let (function, limits, body) = resolve(app, &name, req).await?;
     let stdin = read_limited(body, app.config.max_body_bytes).await?;
     let _guard = lock(app, &session).await?;
     session.touch();
@@ -378,7 +368,7 @@ async fn message(
     let done = step(app, &function, SessionOp::Message, limits, &state, stdin, request_id).await?;
     let kind = outcome_kind(&done);
     let stats = done.completed.result.session;
-    if let Some(mut response) = failed_step(&done, limits, app.sessions.limits().max_snapshot_bytes) {
+    if let Some(mut response) = failed_step(&done, limits) {
         session_headers(&mut response, &done, stats);
         log_step(app, &name, Some(id), "message", kind, &done, started);
         return Ok(response);
@@ -487,9 +477,7 @@ async fn import(
             "session id {id:?} is not 32 lowercase hex digits (as the server makes them)"
         )));
     }
-    let (parts, body) = req.into_parts();
-    let function = app.registry.lookup(&name).await.map_err(registry_error)?;
-    let limits = request::limits(&parts.headers, &function.config.limits, &app.limits)?;
+    let (function, limits, body) = resolve(app, &name, req).await?;
     let max = app.sessions.limits().max_snapshot_bytes;
     let state = read_limited(body, max).await.map_err(|e| match e {
         ApiError::BodyTooLarge { limit } => ApiError::SnapshotTooLarge { limit },
@@ -497,7 +485,7 @@ async fn import(
     })?;
     snapshot::parse_for(&state, &function.module.sha256).map_err(|e| ApiError::SnapshotInvalid(e.to_string()))?;
     let done = step(app, &function, SessionOp::Check, limits, &state, Bytes::new(), request_id).await?;
-    if let Some(mut response) = failed_step(&done, limits, max) {
+    if let Some(mut response) = failed_step(&done, limits) {
         session_headers(&mut response, &done, done.completed.result.session);
         log_step(app, &name, Some(id), "import", outcome_kind(&done), &done, started);
         return Ok(response);
