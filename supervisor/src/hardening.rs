@@ -75,6 +75,12 @@ impl WorkerHardening {
             off("rlimits", "WASMBOX_WORKER_RLIMITS");
         }
         let root = nix::unistd::geteuid().is_root();
+        // A user named explicitly must be one the layer means: never root, whether or not
+        // this process could switch to it.
+        let named = match config.worker_user.as_deref().map(str::trim) {
+            Some(spec) if !spec.is_empty() => Some(refuse_root(lookup_user(spec)?)?),
+            _ => None,
+        };
         let user = match config.worker_user.as_deref().map(str::trim) {
             Some("") => {
                 skipped.push(("user", "WASMBOX_WORKER_USER is empty: workers run as the supervisor's user".into()));
@@ -84,10 +90,9 @@ impl WorkerHardening {
                 skipped.push(("user", "not started as root: workers run as the supervisor's user".into()));
                 None
             }
-            Some(spec) => Some(lookup_user(spec)?),
-            None => Some(lookup_user("nobody")?),
+            Some(_) => named,
+            None => Some(refuse_root(lookup_user("nobody")?)?),
         };
-        let user = user.filter(|u| u.uid != 0);
         let netns = if !config.worker_netns {
             skipped.push(("netns", "WASMBOX_WORKER_NETNS=false".into()));
             false
@@ -213,6 +218,19 @@ impl fmt::Display for WorkerHardening {
     }
 }
 
+/// The unprivileged-user layer with uid 0 or gid 0 would be no layer at all, and saying
+/// nothing would let an operator believe workers are confined: refuse it.
+fn refuse_root(user: WorkerUser) -> Result<WorkerUser, ConfigError> {
+    if user.uid == 0 || user.gid == 0 {
+        return Err(ConfigError(format!(
+            "WASMBOX_WORKER_USER names {}({}:{}): workers must not run as root or group 0; set an unprivileged user, \
+             or an empty value to run workers as the supervisor's own user (reported as a skipped layer)",
+            user.name, user.uid, user.gid
+        )));
+    }
+    Ok(user)
+}
+
 /// `name`, `uid` or `uid:gid`.
 fn lookup_user(spec: &str) -> Result<WorkerUser, ConfigError> {
     let bad = |why: String| ConfigError(format!("WASMBOX_WORKER_USER={spec:?}: {why}"));
@@ -293,6 +311,18 @@ mod tests {
     fn seccomp_without_no_new_privs_is_refused() {
         let err = resolve(&["--worker-no-new-privs=false"]).expect_err("must refuse");
         assert!(err.to_string().contains("WASMBOX_WORKER_NO_NEW_PRIVS"), "{err}");
+    }
+
+    #[test]
+    fn root_as_the_worker_user_is_refused() {
+        for spec in ["0", "root", "0:0", "nobody:0", "root:65534"] {
+            let err = resolve(&[&format!("--worker-user={spec}")]).expect_err(spec);
+            assert!(err.to_string().contains("must not run as root or group 0"), "{spec}: {err}");
+        }
+        // Empty keeps the supervisor's user, and says so.
+        let same = resolve(&["--worker-user="]).expect("empty");
+        assert!(same.user.is_none());
+        assert!(same.to_string().contains("user (WASMBOX_WORKER_USER is empty"), "{same}");
     }
 
     #[test]

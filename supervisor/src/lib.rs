@@ -141,6 +141,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             .map_err(|e| sessions::StoreError::Dir { path: state_dir.clone(), source: std::io::Error::other(e) })??
     };
     tracing::info!(state = %state_dir.display(), sessions = session_store.count(), "session store");
+    // Created here (as the workers would) so the registry can compare preopens with its
+    // canonical path.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&cache_dir);
+    }
+    let registry = registry.protect(&[("cache", &cache_dir), ("state", &state_dir)]);
     let hardening = hardening::WorkerHardening::resolve(&config)?;
     tracing::info!("worker hardening: {hardening}");
     // The supervisor's memory cgroup as the container runtime made it, before the

@@ -42,6 +42,12 @@ pub enum StoreError {
         "state directory {path} is in use by another wasmbox process (it holds {lock}); each supervisor needs a state directory of its own"
     )]
     Locked { path: PathBuf, lock: PathBuf },
+    /// Session snapshots are tenants' state, restored into their instances: a directory
+    /// someone else owns or may write to could hand one tenant another's state.
+    #[error(
+        "state directory {path} is {problem}; refusing to keep sessions there (it must be a directory owned by uid {uid}, not writable by group or others: point WASMBOX_STATE_DIR at a directory of this user, e.g. a new subdirectory it creates)"
+    )]
+    Untrusted { path: PathBuf, uid: u32, problem: String },
 }
 
 /// One session in the index.
@@ -138,6 +144,15 @@ pub fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
+/// How logs name a session: a session id is a bearer credential (whoever knows it may send
+/// messages, export and delete), so logs carry the first 12 hex digits of its SHA-256
+/// instead; enough to follow one session through the log, useless to reach it.
+pub fn log_id(id: &str) -> String {
+    let mut hash = crate::registry::sha256_hex(id.as_bytes());
+    hash.truncate(12);
+    hash
+}
+
 /// Whether `id` has the shape of a session id (so it can name a file).
 pub fn valid_id(id: &str) -> bool {
     id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -149,6 +164,7 @@ impl SessionStore {
     pub fn open(state_dir: &Path, limits: SessionLimits) -> Result<Self, StoreError> {
         let dir_err = |source| StoreError::Dir { path: state_dir.to_path_buf(), source };
         fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir).map_err(dir_err)?;
+        check_private_dir(state_dir)?;
         let lock_path = state_dir.join("lock");
         let lock = fs::OpenOptions::new()
             .create(true)
@@ -225,6 +241,14 @@ impl SessionStore {
             None if index.expired.contains(id) => Lookup::Expired,
             None => Lookup::Missing,
         }
+    }
+
+    /// The index entry of `id` when it is a session of `function` that expired but was not
+    /// swept yet: an import of that id must replace it, not revive its stale entry.
+    pub fn expired_entry(&self, function: &FunctionName, id: &str) -> Option<Arc<Session>> {
+        let index = self.lock_index();
+        let idle = self.limits.idle?;
+        index.sessions.get(id).filter(|s| &s.function == function && s.idle_for(now_ms()) > idle).cloned()
     }
 
     /// Counts a new session against the limit, or says the limit is reached.
@@ -337,9 +361,9 @@ impl SessionStore {
                 Ok(()) => {
                     removed += 1;
                     self.lock_index().remember_expired(session.id.clone());
-                    tracing::info!(function = %session.function, session = %session.id, "session expired");
+                    tracing::info!(function = %session.function, session = %log_id(&session.id), "session expired");
                 }
-                Err(e) => tracing::warn!(session = %session.id, error = %e, "cannot delete expired session"),
+                Err(e) => tracing::warn!(session = %log_id(&session.id), error = %e, "cannot delete expired session"),
             }
         }
         removed
@@ -356,6 +380,87 @@ impl SessionStore {
     }
 }
 
+/// Refuses a state directory that is a symbolic link, not a directory, owned by another
+/// user or writable by group or others (the same rule as the artifact cache's). A
+/// predictable default such as `/tmp/wasmbox-state-<uid>` that another local user created
+/// first is refused here rather than trusted.
+fn check_private_dir(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = nix::unistd::geteuid().as_raw();
+    let meta = fs::symlink_metadata(path).map_err(|source| StoreError::Dir { path: path.to_path_buf(), source })?;
+    let problem = if meta.file_type().is_symlink() {
+        Some("a symbolic link".to_string())
+    } else if !meta.is_dir() {
+        Some("not a directory".to_string())
+    } else if meta.uid() != uid {
+        Some(format!("owned by uid {}", meta.uid()))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!("writable by group or others (mode {:o})", meta.mode() & 0o7777))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(StoreError::Untrusted { path: path.to_path_buf(), uid, problem }),
+        None => Ok(()),
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn limits() -> SessionLimits {
+        SessionLimits { max_sessions: 10, max_snapshot_bytes: 1 << 20, idle: None }
+    }
+
+    fn refused(dir: &Path) -> String {
+        match SessionStore::open(dir, limits()) {
+            Err(e @ StoreError::Untrusted { .. }) => e.to_string(),
+            Err(e) => panic!("{}: expected untrusted, got {e}", dir.display()),
+            Ok(_) => panic!("{}: an untrusted state directory was accepted", dir.display()),
+        }
+    }
+
+    #[test]
+    fn state_directories_others_control_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let open = tmp.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(refused(&open).contains("writable by group or others"));
+
+        let target = tmp.path().join("target");
+        fs::create_dir(&target).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(refused(&link).contains("symbolic link"));
+
+        let file = tmp.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            SessionStore::open(&file, limits()),
+            Err(StoreError::Dir { .. } | StoreError::Untrusted { .. })
+        ));
+
+        if nix::unistd::geteuid().is_root() {
+            // As another local user would have made it first (a predictable /tmp default).
+            let foreign = tmp.path().join("foreign");
+            fs::create_dir(&foreign).unwrap();
+            fs::set_permissions(&foreign, fs::Permissions::from_mode(0o700)).unwrap();
+            std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+            assert!(refused(&foreign).contains("owned by uid 65534"));
+        } else {
+            eprintln!("SKIPPED the foreign-owner case: needs root to chown");
+        }
+
+        // A fresh directory is created private and accepted.
+        let fresh = tmp.path().join("fresh").join("state");
+        SessionStore::open(&fresh, limits()).unwrap();
+        assert_eq!(fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o700);
+    }
 }

@@ -225,3 +225,51 @@ async fn a_function_stuck_in_a_host_call_is_killed_by_the_supervisor() -> anyhow
     }
     Ok(())
 }
+
+/// A module that failed to prepare is not in the worker's cache, so the supervisor must not
+/// count it there: with one cache entry, recording it pushed out the module the worker
+/// really held, which then looked cold and kept the compile allowance (60 s more on the
+/// hard deadline, 1 GiB more memory) while the worker ran it from memory.
+#[tokio::test]
+async fn a_module_that_failed_to_prepare_does_not_make_a_cached_one_look_cold() -> anyhow::Result<()> {
+    let s = Supervisor::builder()
+        .workers(1)
+        .env("WASMBOX_WORKER_MODULE_CACHE", 1)
+        .function("alloc")
+        .function("counter")
+        .start()?;
+    let warm = s.get("/alloc?arg=1&arg=0").await?;
+    assert_eq!(warm.status, 200, "{}", warm.text());
+    // A reactor is no command module: 422 from the worker.
+    let r = s.get("/counter").await?;
+    assert_eq!(
+        (r.status, r.kind().as_str()),
+        (http::StatusCode::UNPROCESSABLE_ENTITY, "invalid_module"),
+        "{}",
+        r.text()
+    );
+    // Held for 30 s in a host call (sleep): only the supervisor's hard deadline stops it.
+    let started = std::time::Instant::now();
+    let r = s.request(http::Method::GET, "/alloc?arg=1&arg=30000", &[("Timeout-Ms", "500")], "".into()).await?;
+    let took = started.elapsed();
+    assert_eq!((r.status.as_u16(), r.kind().as_str()), (504, "deadline_exceeded"), "{}", r.text());
+    assert_eq!(r.json()["worker_killed"], true, "{}", r.text());
+    // Timeout 500 ms + the default grace of 1 s, far from the compile allowance.
+    assert!(took < Duration::from_secs(10), "killed after {took:?}");
+    Ok(())
+}
+
+/// `WASMBOX_WORKER_USER` naming root (or group 0) would leave the unprivileged-user layer
+/// out without a word: the supervisor refuses to start and says why.
+#[tokio::test]
+async fn root_as_the_worker_user_is_refused_at_startup() -> anyhow::Result<()> {
+    for user in ["0", "root", "nobody:0"] {
+        let err = Supervisor::builder().env("WASMBOX_WORKER_USER", user).start().err().expect("started");
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("WASMBOX_WORKER_USER") && err.contains("must not run as root or group 0"),
+            "{user}: {err}"
+        );
+    }
+    Ok(())
+}

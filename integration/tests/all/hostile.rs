@@ -785,3 +785,73 @@ async fn odd_exit_codes() -> Result<()> {
     }
     t.unharmed().await
 }
+
+// 12. What anonymous callers learn about the host.
+
+/// Config mistakes and setup failures are answered with their kind and a generic message:
+/// the reason, which can carry config values (an env key meant to be secret) and host
+/// paths, goes to the server log only.
+#[tokio::test]
+async fn config_and_setup_errors_name_no_values_and_no_host_paths() -> Result<()> {
+    let s = Supervisor::builder()
+        .function("hello")
+        .file("leaky.toml", "[env]\n\"API_KEY=sk-live-0123456789\" = \"x\"\n")
+        .file("missing.toml", "[[preopen]]\nhost = \"/srv/private-tenant-area\"\nguest = \"/p\"\n")
+        .file("gone.toml", "[[preopen]]\nhost = \"vanishing-dir\"\nguest = \"/v\"\n")
+        .file("vanishing-dir/.keep", "")
+        .start()?;
+    let functions = s.functions_dir();
+    for name in ["leaky", "missing", "gone"] {
+        std::fs::copy(functions.join("hello.wasm"), functions.join(format!("{name}.wasm")))?;
+    }
+    assert_eq!(s.get("/gone").await?.status, StatusCode::OK, "gone works before its directory goes");
+    std::fs::remove_dir_all(functions.join("vanishing-dir"))?;
+    let secrets = ["sk-live-0123456789", "/srv/private-tenant-area", "vanishing-dir", &functions.display().to_string()];
+    for name in ["leaky", "missing", "gone"] {
+        for _ in 0..REPEAT {
+            let r = s.get(&format!("/{name}")).await?;
+            assert_eq!(
+                (r.status, r.kind().as_str()),
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_function_config"),
+                "{name}"
+            );
+            for secret in secrets {
+                assert!(!r.text().contains(secret), "{name}: {secret} in {}", r.text());
+            }
+        }
+    }
+    let logs = s.logs();
+    assert!(
+        logs.contains("sk-live-0123456789") && logs.contains("/srv/private-tenant-area"),
+        "the log has the reasons:\n{logs}"
+    );
+    // Once per reason, not once per request.
+    assert_eq!(logs.matches("sk-live-0123456789").count(), 1, "{logs}");
+    assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
+    Ok(())
+}
+
+/// A `name.toml` or a module that is a FIFO would block the thread opening it forever
+/// (until something writes to it); it is refused at once instead.
+#[tokio::test]
+async fn fifo_configs_and_modules_are_refused_without_blocking() -> Result<()> {
+    let s = Supervisor::builder().function("hello").start()?;
+    let functions = s.functions_dir();
+    std::fs::copy(functions.join("hello.wasm"), functions.join("piped.wasm"))?;
+    let mode = nix::sys::stat::Mode::from_bits_truncate(0o644);
+    nix::unistd::mkfifo(&functions.join("piped.toml"), mode)?;
+    nix::unistd::mkfifo(&functions.join("fifo-module.wasm"), mode)?;
+    for _ in 0..REPEAT {
+        let r = tokio::time::timeout(Duration::from_secs(5), s.get("/piped"))
+            .await
+            .context("blocked on the FIFO config")??;
+        assert_eq!((r.status, r.kind().as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_function_config"));
+        let r = tokio::time::timeout(Duration::from_secs(5), s.get("/fifo-module"))
+            .await
+            .context("blocked on the FIFO module")??;
+        assert_eq!((r.status, r.kind().as_str()), (StatusCode::NOT_FOUND, "function_not_found"));
+    }
+    assert!(s.logs().contains("not a regular file"), "{}", s.logs());
+    assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
+    Ok(())
+}

@@ -17,4 +17,5 @@ mod invoke;
 mod limits;
 mod load_balancer;
 mod operations;
+mod preopens;
 mod sessions;

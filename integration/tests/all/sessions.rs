@@ -358,3 +358,78 @@ fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(tmp, path)
 }
+
+/// A state directory that another user made first (the predictable `/tmp` default), or
+/// that anyone may write to, is refused at startup with the reason, never trusted.
+#[tokio::test]
+async fn a_state_directory_others_control_is_refused() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir()?;
+    let open = tmp.path().join("open");
+    std::fs::create_dir(&open)?;
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777))?;
+    let mut cases = vec![(open, "writable by group or others")];
+    if nix::unistd::geteuid().is_root() {
+        let foreign = tmp.path().join("foreign");
+        std::fs::create_dir(&foreign)?;
+        std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o700))?;
+        std::os::unix::fs::chown(&foreign, Some(65534), Some(65534))?;
+        cases.push((foreign, "owned by uid 65534"));
+    }
+    for (dir, why) in cases {
+        let err = counter().env("WASMBOX_STATE_DIR", dir.display()).start().err().expect("started on an untrusted dir");
+        let err = format!("{err:#}");
+        assert!(err.contains(why) && err.contains("WASMBOX_STATE_DIR"), "{}: {err}", dir.display());
+        assert!(!dir.join("sessions").exists(), "nothing written into {}", dir.display());
+    }
+    Ok(())
+}
+
+/// An import into the id of a session that expired but was not swept yet makes a live
+/// session (201), which the next sweep leaves alone; it used to revive the stale entry,
+/// which was still expired and was deleted by the sweep.
+#[tokio::test]
+async fn an_import_into_an_expired_session_makes_a_live_one() -> anyhow::Result<()> {
+    let s = counter().env("WASMBOX_SESSION_IDLE_SECS", 1).start()?;
+    let c = s.client();
+    let id = create(&c, "counter").await?;
+    assert_eq!(ok(&c, "counter", &id, "incr n").await?, "1");
+    let snapshot = c.get(&format!("/sessions/counter/{id}/snapshot")).await?;
+    assert_eq!(snapshot.status, StatusCode::OK);
+    // Expired (the lookup says so at once, whether or not the sweep ran yet); asked without
+    // a message, which would keep it alive.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.get(&format!("/sessions/counter/{id}")).await?.status != StatusCode::GONE {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the session never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = c.request(Method::PUT, &format!("/sessions/counter/{id}/snapshot"), &[], snapshot.body.clone()).await?;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let info = c.get(&format!("/sessions/counter/{id}")).await?;
+    assert_eq!(info.status, StatusCode::OK, "{}", info.text());
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    assert!(info.json()["expires_unix_ms"].as_u64().is_some_and(|t| t > now_ms), "{}", info.text());
+    // In use, it stays across sweeps (every 250 ms here), with the imported state.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(ok(&c, "counter", &id, "get n").await?, "1");
+    }
+    Ok(())
+}
+
+/// Session ids are bearer credentials: the log names a session by a short hash of its id.
+#[tokio::test]
+async fn session_ids_stay_out_of_the_log() -> anyhow::Result<()> {
+    let s = counter().start()?;
+    let c = s.client();
+    let id = create(&c, "counter").await?;
+    ok(&c, "counter", &id, "incr n").await?;
+    let r = c.request(Method::DELETE, &format!("/sessions/counter/{id}"), &[], Bytes::new()).await?;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let logs = s.logs();
+    assert!(!logs.contains(&id), "the id is in the log:\n{logs}");
+    use sha2::Digest;
+    let short: String = sha2::Sha256::digest(id.as_bytes()).iter().take(6).map(|b| format!("{b:02x}")).collect();
+    assert!(logs.matches(&short).count() >= 3, "create, message and delete name {short}:\n{logs}");
+    Ok(())
+}

@@ -177,7 +177,12 @@ async fn prepare(
         prepare_only: true,
         session: None,
     };
-    let done = dispatch(app, &invocation, Bytes::new()).await?.completed.map_err(|failure| match failure {
+    let module = crate::registry::files::open_regular(staged).map_err(|e| {
+        tracing::error!(path = %staged.display(), error = %e, "cannot open a staged upload");
+        ApiError::Internal("cannot open the staged module".into())
+    })?;
+    let files = vec![std::os::fd::OwnedFd::from(module)];
+    let done = dispatch(app, &invocation, Vec::new(), files).await?.completed.map_err(|failure| match failure {
         crate::pool::InvokeFailure::HardDeadline => {
             ApiError::CompileTimeout { timeout_ms: app.config.compile_timeout_ms }
         }
@@ -238,7 +243,15 @@ async fn list(app: &Arc<App>) -> Result<Response<Full<Bytes>>, ApiError> {
 }
 
 async fn describe(app: &Arc<App>, name: &FunctionName, artifacts: &Artifacts) -> Result<Value, ApiError> {
-    let function = app.registry.lookup(name).await.map_err(registry_error)?;
+    let function = match app.registry.lookup(name).await {
+        Ok(function) => function,
+        // The operator holding the admin token may see why a config was refused; anonymous
+        // callers of the function only learn that it was.
+        Err(crate::registry::RegistryError::InvalidConfig { message, .. }) => {
+            return Err(ApiError::InvalidFunctionConfig(message));
+        }
+        Err(e) => return Err(registry_error(e)),
+    };
     let config = app.registry.dir().join(format!("{name}.toml")).exists();
     Ok(json!({
         "name": name.as_str(),

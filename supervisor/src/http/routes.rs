@@ -1,6 +1,7 @@
 //! Request routing and the invocation path: validate, resolve the function, read the body
 //! within its limit, wait for a worker, run, and map the outcome to a response.
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,8 +15,9 @@ use wasmbox_protocol::{Invocation, InvocationResult, Outcome};
 use super::error::{ApiError, stderr_tail};
 use super::request;
 use crate::cgroup::Accounting;
-use crate::pool::{AcquireError, InvokeFailure};
-use crate::registry::{FunctionName, RegistryError};
+use crate::pool::{AcquireError, InvokeFailure, Lease};
+use crate::registry::files::PreopenError;
+use crate::registry::{Function, FunctionName, OpenError, RegistryError};
 use crate::{App, error_chain};
 
 pub const HEADER_REQUEST_ID: &str = "x-wasmbox-request-id";
@@ -179,8 +181,14 @@ async fn invoke(
     drop(_entered);
 
     // One retry when the module changed between our hash and the worker's read of it.
+    let mut function = function;
     for attempt in 0..2 {
-        let Dispatched { completed, worker, queue_wait } = dispatch(app, &invocation, stdin.clone()).await?;
+        let (opened, files) = open_files(app, function).await?;
+        function = opened;
+        invocation.module = function.module.clone();
+        invocation.preopens = function.config.preopens.clone();
+        let Dispatched { completed, worker, queue_wait } =
+            dispatch(app, &invocation, vec![stdin.clone()], files).await?;
         let meta = Meta { worker, queue_wait };
         let ran =
             completed.as_ref().ok().map(|done| (Duration::from_micros(done.result.exec_us), done.result.module_source));
@@ -192,8 +200,7 @@ async fn invoke(
         let (response, kind) = match completed {
             Ok(done) if done.result.outcome == Outcome::ModuleChanged && attempt == 0 => {
                 app.registry.invalidate(&name);
-                let function = app.registry.lookup(&name).await.map_err(registry_error)?;
-                invocation.module = function.module.clone();
+                function = app.registry.lookup(&name).await.map_err(registry_error)?;
                 continue;
             }
             Ok(done) => {
@@ -246,19 +253,80 @@ pub(super) struct Dispatched {
     pub queue_wait: Duration,
 }
 
-/// Waits for a worker and runs `invocation` on it (`payload` is its frame payload). The
-/// exchange runs in its own task: a client that disconnects must not cancel it halfway,
-/// which would leave the worker's protocol state unknown.
-pub(super) async fn dispatch(app: &App, invocation: &Invocation, payload: Bytes) -> Result<Dispatched, ApiError> {
-    let lease = app.pool.acquire(&invocation.module_key()).await.map_err(|e| match e {
+/// Waits for a worker and runs `invocation` on it (`payload`: its frame payload, in
+/// parts; `files`: the descriptors it passes).
+pub(super) async fn dispatch(
+    app: &App,
+    invocation: &Invocation,
+    payload: Vec<Bytes>,
+    files: Vec<OwnedFd>,
+) -> Result<Dispatched, ApiError> {
+    let lease = acquire(app, invocation).await?;
+    run(lease, invocation, payload, files).await
+}
+
+/// A worker for `invocation`, or why there is none (429 queue full, 503 shutting down).
+pub(super) async fn acquire(app: &App, invocation: &Invocation) -> Result<Lease, ApiError> {
+    app.pool.acquire(&invocation.module_key()).await.map_err(|e| match e {
         AcquireError::QueueFull { depth } => ApiError::QueueFull { depth },
         AcquireError::ShuttingDown => ApiError::ShuttingDown,
-    })?;
+    })
+}
+
+/// Runs `invocation` on the worker `lease` holds. The exchange runs in its own task: a
+/// client that disconnects must not cancel it halfway, which would leave the worker's
+/// protocol state unknown.
+pub(super) async fn run(
+    lease: Lease,
+    invocation: &Invocation,
+    payload: Vec<Bytes>,
+    files: Vec<OwnedFd>,
+) -> Result<Dispatched, ApiError> {
     let queue_wait = lease.queue_wait;
     let worker = lease.worker_id().map(|w| w.to_string()).unwrap_or_default();
-    let run = tokio::spawn(lease.invoke(invocation.clone(), payload));
+    let run = tokio::spawn(lease.invoke(invocation.clone(), payload, files));
     let completed = run.await.map_err(|e| ApiError::Internal(format!("worker exchange task failed: {e}")))?;
     Ok(Dispatched { completed, worker, queue_wait })
+}
+
+/// Opens what an invocation of `function` passes to its worker (module file, preopened
+/// directories), on the blocking pool: a file system can stall. A preopen that is no longer
+/// the directory the config was checked with (renamed, replaced, a link put in its path)
+/// makes the registry read and check the config again, once, against the directories as
+/// they are now; it is used only if it passes. Returns the function as it was opened.
+pub(super) async fn open_files(app: &App, function: Arc<Function>) -> Result<(Arc<Function>, Vec<OwnedFd>), ApiError> {
+    let mut function = function;
+    for attempt in 0..2 {
+        let opening = function.clone();
+        let opened = tokio::task::spawn_blocking(move || opening.open_files())
+            .await
+            .map_err(|e| ApiError::Internal(format!("opening task failed: {e}")))?;
+        match opened {
+            Ok(files) => return Ok((function, files)),
+            Err(OpenError::Preopen(e @ PreopenError::Changed { .. })) if attempt == 0 => {
+                tracing::info!(function = %function.name, reason = %e, "preopened directory changed; checking the config again");
+                app.registry.invalidate(&function.name);
+                function = app.registry.lookup(&function.name).await.map_err(registry_error)?;
+            }
+            Err(OpenError::Preopen(e @ PreopenError::Changed { .. })) => {
+                tracing::warn!(function = %function.name, reason = %e, "preopened directory keeps changing; refused");
+                return Err(ApiError::InvalidFunctionConfig(invalid_config_message(&function.name)));
+            }
+            Err(e) => {
+                tracing::error!(function = %function.name, error = %error_chain(&e), "cannot open the function's files");
+                return Err(ApiError::Internal("cannot open the function's module or preopened directories".into()));
+            }
+        }
+    }
+    Err(ApiError::Internal("cannot open the function's module or preopened directories".into()))
+}
+
+/// What a caller hears about a config the server refused: which function, not why (the
+/// reason can name host paths and config values; it is in the server log).
+fn invalid_config_message(name: &FunctionName) -> String {
+    format!(
+        "function {name}'s name.toml or one of its preopened directories is not acceptable; the server log says why"
+    )
 }
 
 /// CPU time, peak memory and the kernel memory limit of the invocation, from its cgroup.
@@ -308,7 +376,11 @@ pub(super) fn outcome_response(
         Outcome::OutputTooLarge { limit_bytes } => Some(ApiError::OutputTooLarge { limit: *limit_bytes }),
         Outcome::InvalidModule { message } => Some(ApiError::InvalidModule(message.clone())),
         Outcome::ModuleChanged => Some(ApiError::Internal("module file changed during the invocation".into())),
-        Outcome::SetupFailed { message } => Some(ApiError::Internal(message.clone())),
+        Outcome::SetupFailed { message } => {
+            // The worker's message can name host paths: for the log only.
+            tracing::error!(error = %message, "the worker could not set the invocation up");
+            Some(ApiError::Internal("the worker could not set the invocation up".into()))
+        }
         Outcome::SnapshotInvalid { message } => Some(ApiError::SnapshotInvalid(message.clone())),
         Outcome::SnapshotTooLarge { limit_bytes } => Some(ApiError::SessionStateTooLarge { limit: *limit_bytes }),
     };
@@ -343,7 +415,6 @@ pub(super) fn invoke_failure(failure: InvokeFailure, invocation: &Invocation) ->
             ApiError::OomKilled { memory_request_mb: invocation.memory_limit_bytes >> 20, limit_bytes }
         }
         InvokeFailure::SeccompViolation => ApiError::SeccompViolation,
-        InvokeFailure::Setup(message) => ApiError::Internal(message),
         InvokeFailure::Limits(message) => {
             tracing::error!(error = %message, "cannot apply cgroup limits");
             ApiError::Internal("cannot apply the invocation's resource limits".into())
@@ -357,7 +428,8 @@ pub(super) fn registry_error(e: RegistryError) -> ApiError {
         RegistryError::ModuleTooLarge { size, limit, .. } => {
             ApiError::InvalidModule(format!("module is {size} bytes, more than the limit of {limit}"))
         }
-        RegistryError::InvalidConfig { message, .. } => ApiError::InvalidFunctionConfig(message),
+        // Logged by the registry, once per version of the config.
+        RegistryError::InvalidConfig { name, .. } => ApiError::InvalidFunctionConfig(invalid_config_message(&name)),
         RegistryError::Io { .. } => {
             tracing::error!(error = %error_chain(&e), "registry i/o failed");
             ApiError::Internal("cannot read the function".into())

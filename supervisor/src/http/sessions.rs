@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -147,7 +147,7 @@ struct StepDone {
 /// Runs one session step on a pool worker.
 async fn step(
     app: &Arc<App>,
-    function: &Function,
+    function: &Arc<Function>,
     op: SessionOp,
     limits: InvocationLimits,
     snapshot: &[u8],
@@ -176,10 +176,9 @@ async fn step(
             max_snapshot_bytes: app.sessions.limits().max_snapshot_bytes,
         }),
     };
-    let mut payload = BytesMut::with_capacity(snapshot.len() + message.len());
-    payload.extend_from_slice(snapshot);
-    payload.extend_from_slice(&message);
-    let Dispatched { completed, worker, queue_wait } = dispatch(app, &invocation, payload.freeze()).await?;
+    let (_, files) = super::routes::open_files(app, function.clone()).await?;
+    let payload = vec![Bytes::copy_from_slice(snapshot), message];
+    let Dispatched { completed, worker, queue_wait } = dispatch(app, &invocation, payload, files).await?;
     match completed {
         Ok(completed) => {
             if let Some(used) = &completed.accounting {
@@ -294,7 +293,7 @@ fn commit_headers(response: &mut Response<Full<Bytes>>, id: &str, bytes: usize, 
 }
 
 fn store_error(id: &str, e: &std::io::Error) -> ApiError {
-    tracing::error!(session = %id, error = %e, "session store i/o failed");
+    tracing::error!(session = %sessions::log_id(id), error = %e, "session store i/o failed");
     ApiError::Internal("cannot write the session's state".into())
 }
 
@@ -334,7 +333,7 @@ fn log_step(
     );
     tracing::info!(
         function = %name,
-        session = id.unwrap_or(""),
+        session = id.map(sessions::log_id).unwrap_or_default(),
         op,
         outcome = kind,
         worker = %done.worker,
@@ -401,7 +400,7 @@ fn bool_str(b: bool) -> &'static str {
 /// it is now.
 async fn load(app: &App, session: &Session, function: &Function) -> Result<Vec<u8>, ApiError> {
     let state = app.sessions.read(session).await.map_err(|e| {
-        tracing::error!(session = %session.id, error = %e, "cannot read session state");
+        tracing::error!(session = %sessions::log_id(&session.id), error = %e, "cannot read session state");
         ApiError::SessionCorrupt { id: session.id.clone(), reason: format!("cannot read it: {e}") }
     })?;
     match snapshot::parse(&state) {
@@ -432,7 +431,7 @@ async fn delete(app: &Arc<App>, name: &FunctionName, id: &str) -> Result<Respons
     let session = find(app, name, id)?;
     let _guard = lock(app, &session).await?;
     app.sessions.remove(&session).await.map_err(|e| store_error(id, &e))?;
-    tracing::info!(function = %name, session = %id, "session deleted");
+    tracing::info!(function = %name, session = %sessions::log_id(id), "session deleted");
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
     Ok(response)
@@ -502,6 +501,15 @@ async fn import(
             session.touch();
         }
         None => {
+            // An expired session the sweep has not removed yet: it goes now, as the sweep
+            // would remove it (under its lock, so the two never race on the file), and the
+            // import makes a new session of the id.
+            if let Some(stale) = app.sessions.expired_entry(&name, id) {
+                let _guard = stale.lock.clone().lock_owned().await;
+                if !stale.deleted.load(std::sync::atomic::Ordering::Relaxed) {
+                    app.sessions.remove(&stale).await.map_err(|e| store_error(id, &e))?;
+                }
+            }
             if app.sessions.exists_elsewhere(&name, id) {
                 return Err(ApiError::SnapshotInvalid(format!("session id {id} belongs to another function")));
             }

@@ -26,27 +26,31 @@ impl Connection {
         Connection { stream, max_payload, inbox: BytesMut::new() }
     }
 
-    /// Sends a message; the payload is written as is, after the header.
-    pub async fn send(&mut self, message: &ToWorker, payload: &[u8]) -> Result<(), FrameError> {
-        self.send_with_fds(message, payload, &[]).await
+    /// Sends a message without payload.
+    pub async fn send(&mut self, message: &ToWorker) -> Result<(), FrameError> {
+        self.send_with_fds(message, &[], &[]).await
     }
 
     /// Sends a message with descriptors attached to its first bytes (SCM_RIGHTS); the
-    /// kernel duplicates them into the worker, the caller keeps and closes its own. Head and
-    /// payload leave in one `sendmsg` when the socket takes them whole, so the worker wakes
-    /// up once, to a complete frame.
+    /// kernel duplicates them into the worker, the caller keeps and closes its own. The
+    /// payload is the concatenation of `payload`'s parts, written as they are (never copied
+    /// into one buffer). Head and payload leave in one `sendmsg` when the socket takes them
+    /// whole, so the worker wakes up once, to a complete frame.
     pub async fn send_with_fds(
         &mut self,
         message: &ToWorker,
-        payload: &[u8],
+        payload: &[Bytes],
         fds: &[OwnedFd],
     ) -> Result<(), FrameError> {
-        let head = encode_head(message, payload.len());
+        let total = payload.iter().map(Bytes::len).sum();
+        let head = encode_head(message, total);
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
         let rights = [ControlMessage::ScmRights(&raw)];
         let control: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
-        let mut slices = [IoSlice::new(&head), IoSlice::new(payload)];
-        let mut rest: &mut [IoSlice<'_>] = if payload.is_empty() { &mut slices[..1] } else { &mut slices };
+        let mut slices: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&head))
+            .chain(payload.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)))
+            .collect();
+        let mut rest: &mut [IoSlice<'_>] = &mut slices;
         // The descriptors ride on the first write that moves any bytes, and only on it.
         let mut control = control;
         while !rest.is_empty() {

@@ -104,10 +104,6 @@ pub enum InvokeFailure {
     /// The worker made a syscall outside its seccomp allow-list and the kernel killed it.
     #[error("worker was killed by its seccomp filter (SIGSYS)")]
     SeccompViolation,
-    /// The module file or a preopened directory could not be opened for the worker; the
-    /// invocation did not run.
-    #[error("{0}")]
-    Setup(String),
 }
 
 /// A finished invocation.
@@ -474,7 +470,7 @@ impl Pool {
         drop(waiters);
         self.0.closed.send_replace(true);
         for mut worker in idle {
-            let _ = worker.conn.send(&ToWorker::Shutdown, &[]).await;
+            let _ = worker.conn.send(&ToWorker::Shutdown).await;
         }
         let slots = std::mem::take(&mut *lock(&self.0.slots));
         let all = futures_join_all(slots);
@@ -704,8 +700,15 @@ impl Lease {
         self.worker.as_ref().map(|w| w.pid)
     }
 
-    /// Runs one invocation. A worker that fails in any way is killed and replaced.
-    pub async fn invoke(mut self, mut invocation: Invocation, stdin: Bytes) -> Result<Completed, InvokeFailure> {
+    /// Runs one invocation: `payload` is the frame's payload in parts (sent as they are, one
+    /// vectored write), `files` the descriptors the worker gets with it (see
+    /// `Invocation::passed_fds`). A worker that fails in any way is killed and replaced.
+    pub async fn invoke(
+        mut self,
+        mut invocation: Invocation,
+        payload: Vec<Bytes>,
+        files: Vec<OwnedFd>,
+    ) -> Result<Completed, InvokeFailure> {
         // The pool handle is one Arc; cloning the config would copy the launch settings and
         // every slot's cgroup handle on each invocation.
         let pool = self.pool.clone();
@@ -714,15 +717,14 @@ impl Lease {
             return Err(InvokeFailure::ShuttingDown);
         };
         let hash = invocation.module_key();
-        // Nothing was sent yet: on failure the worker goes back to the pool unharmed.
-        let files = open_passed_files(&invocation).map_err(InvokeFailure::Setup)?;
         invocation.passed_fds = files.len() as u32;
+        let payload_len: u64 = payload.iter().map(|p| p.len() as u64).sum();
         let cgroup = self.pool.slot_cgroup(worker.id.slot).cloned();
         let request = SlotRequest {
             cpu_quota_millis: invocation.cpu_quota_millis,
             memory_request_bytes: invocation.memory_limit_bytes,
             // A session step also holds the snapshot it restored and the one it captures.
-            io_bytes: (stdin.len() as u64)
+            io_bytes: payload_len
                 .saturating_add(invocation.max_output_bytes.saturating_mul(2))
                 .saturating_add(invocation.session.as_ref().map_or(0, |s| s.max_snapshot_bytes)),
         };
@@ -742,9 +744,13 @@ impl Lease {
             request,
             checkpoint: cp,
         });
-        match exchange(worker, config, invocation, &stdin, &files, limits).await {
+        match exchange(worker, config, invocation, &payload, &files, limits).await {
             Ok(mut done) => {
-                worker.note_module(&hash, config.launch.module_cache_entries);
+                // Only a module the worker prepared is in its cache now: one that failed to
+                // compile or load is not, and must not make later calls look warm or cold.
+                if done.result.module_source.is_some() {
+                    worker.note_module(&hash, config.launch.module_cache_entries);
+                }
                 worker.invocations += 1;
                 // Recycling: a worker that served its quota is replaced instead of reused.
                 let retire = config.max_invocations.is_some_and(|max| worker.invocations >= max);
@@ -833,7 +839,7 @@ async fn exchange(
     worker: &mut Worker,
     config: &PoolConfig,
     invocation: Invocation,
-    stdin: &[u8],
+    payload: &[Bytes],
     files: &[OwnedFd],
     mut limits: Option<StartLimits<'_>>,
 ) -> Result<Completed, Exchange> {
@@ -848,18 +854,25 @@ async fn exchange(
         FrameError::Io(_) | FrameError::Truncated => Exchange::Lost(e.to_string()),
         other => Exchange::Protocol(format!("protocol violation: {other}")),
     };
-    worker.conn.send_with_fds(&ToWorker::Invoke(invocation), stdin, files).await.map_err(broken)?;
+    worker.conn.send_with_fds(&ToWorker::Invoke(invocation), payload, files).await.map_err(broken)?;
+    let mut started = false;
     loop {
         match tokio::time::timeout_at(hard_deadline, worker.conn.recv()).await {
             Err(_) => return Err(Exchange::HardDeadline),
             Ok(Err(e)) => return Err(broken(e)),
+            // `Started` restarts the hard deadline once; a worker that sends it again is
+            // trying to run forever.
+            Ok(Ok((FromWorker::Started, _))) if started => {
+                return Err(Exchange::Protocol("protocol violation: a second started in one invocation".into()));
+            }
             Ok(Ok((FromWorker::Started, _))) => {
+                started = true;
                 if let Some(limits) = limits.as_mut() {
                     limits
                         .cgroup
                         .tighten(&limits.request, limits.checkpoint)
                         .map_err(|e| Exchange::Protocol(format!("cannot apply the invocation's memory limit: {e}")))?;
-                    worker.conn.send(&ToWorker::Proceed, &[]).await.map_err(broken)?;
+                    worker.conn.send(&ToWorker::Proceed).await.map_err(broken)?;
                 }
                 hard_deadline = tokio::time::Instant::now() + timeout + config.kill_grace;
             }
@@ -896,29 +909,6 @@ pub fn describe_exit(status: ExitStatus) -> String {
     }
 }
 
-/// Opens what the worker may use for this invocation, in the order of
-/// `Invocation::passed_fds`: the module file, then each preopened directory (as a path
-/// handle: the worker reaches the directory through it, never through its parents).
-fn open_passed_files(invocation: &Invocation) -> Result<Vec<OwnedFd>, String> {
-    use nix::fcntl::{OFlag, open};
-    use nix::sys::stat::Mode;
-    if invocation.preopens.len() + 1 > wasmbox_protocol::MAX_PASSED_FDS {
-        return Err(format!("at most {} preopened directories", wasmbox_protocol::MAX_PASSED_FDS - 1));
-    }
-    let module = &invocation.module.path;
-    let mut files = Vec::with_capacity(1 + invocation.preopens.len());
-    files.push(
-        open(module, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| format!("cannot open module {}: {e}", module.display()))?,
-    );
-    for preopen in &invocation.preopens {
-        let dir = open(&preopen.host, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| format!("preopen {} -> {}: {e}", preopen.host.display(), preopen.guest))?;
-        files.push(dir);
-    }
-    Ok(files)
-}
-
 /// Resolves once the pool is closed (owning nothing across awaits, so it stays `Send`).
 async fn closed_signal(closed: &mut watch::Receiver<bool>) {
     let _ = closed.wait_for(|c| *c).await.map(|_| ());
@@ -942,6 +932,95 @@ mod tests {
     fn exit_descriptions_name_the_signal() {
         assert_eq!(describe_exit(ExitStatus::from_raw(9)), "killed by signal 9 (SIGKILL)");
         assert_eq!(describe_exit(ExitStatus::from_raw(1 << 8)), "exited with status 1");
+    }
+
+    fn config(kill_grace: Duration) -> PoolConfig {
+        PoolConfig {
+            size: 1,
+            queue_depth: 1,
+            launch: WorkerLaunch {
+                binary: "wasmbox-worker".into(),
+                engine: "wasmtime".into(),
+                cache_dir: None,
+                module_cache_entries: 4,
+                max_module_bytes: 1 << 20,
+                log_filter: "warn".into(),
+                log_json: false,
+                hardening_args: Vec::new(),
+                hardening_layers: Vec::new(),
+            },
+            handshake_timeout: Duration::from_secs(1),
+            kill_grace,
+            compile_timeout: Duration::from_secs(60),
+            max_reply_bytes: 1 << 20,
+            cgroups: Vec::new(),
+            compile_memory_bytes: 0,
+            max_invocations: None,
+        }
+    }
+
+    fn invocation(timeout_ms: u64) -> Invocation {
+        Invocation {
+            request_id: "r".into(),
+            function: "f".into(),
+            module: wasmbox_protocol::ModuleRef { path: "/f.wasm".into(), sha256: "0".repeat(64) },
+            argv: vec!["f".into()],
+            env: Vec::new(),
+            preopens: Vec::new(),
+            memory_limit_bytes: 1 << 20,
+            timeout_ms,
+            cpu_quota_millis: 1000,
+            max_output_bytes: 1024,
+            confirm_start: false,
+            passed_fds: 0,
+            prepare_only: false,
+            session: None,
+        }
+    }
+
+    /// A compromised worker that answers every invocation with `Started` over and over
+    /// would push its hard deadline out forever; the second one ends the exchange.
+    #[tokio::test]
+    async fn a_second_started_is_a_protocol_violation() {
+        use tokio::io::AsyncWriteExt;
+        let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+        let mut worker = Worker {
+            id: WorkerId { slot: 0, generation: 1 },
+            pid: 1,
+            conn: Connection::new(ours, 1 << 20),
+            life: Arc::new(Life {
+                kill: Notify::new(),
+                exit: watch::channel(None).0,
+                oom_killed: AtomicBool::new(false),
+                kill_reason: std::sync::Mutex::new(None),
+            }),
+            // Warm: no compile allowance, so the deadline is the invocation's own.
+            modules: VecDeque::from(["0".repeat(64)]),
+            invocations: 0,
+        };
+        let fake = tokio::spawn(async move {
+            let started = wasmbox_protocol::encode_head(&FromWorker::Started, 0);
+            for _ in 0..100 {
+                if theirs.write_all(&started).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let config = config(Duration::from_millis(100));
+        let ran = tokio::time::timeout(
+            Duration::from_secs(3),
+            exchange(&mut worker, &config, invocation(200), &[], &[], None),
+        )
+        .await
+        .expect("the exchange ended instead of being extended by each started");
+        match ran {
+            Err(Exchange::Protocol(detail)) => assert!(detail.contains("second started"), "{detail}"),
+            Err(Exchange::HardDeadline) => panic!("ended by the hard deadline, not by the second started"),
+            Err(Exchange::Lost(detail)) => panic!("connection lost: {detail}"),
+            Ok(_) => panic!("a result out of nothing"),
+        }
+        fake.abort();
     }
 
     #[test]

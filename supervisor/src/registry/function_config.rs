@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use wasmbox_protocol::Preopen;
 
+use super::files::DirId;
+
 /// Largest config file read.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -69,7 +71,11 @@ pub struct FunctionLimits {
 pub struct FunctionConfig {
     pub default_args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Host paths canonical (no symbolic link, no `..`), as resolved when the file was read.
     pub preopens: Vec<Preopen>,
+    /// Which directory each preopen was then, by device and inode: an invocation opens it
+    /// only if it still is that directory (see [`super::files::open_preopen`]).
+    pub preopen_ids: Vec<DirId>,
     pub limits: FunctionLimits,
     /// `[session] handler`: the export a session message calls (`None`: `handle`).
     pub session_handler: Option<String>,
@@ -92,15 +98,21 @@ pub fn parse(text: &str, base: &Path) -> Result<FunctionConfig, String> {
         }
     }
     let mut preopens = Vec::with_capacity(file.preopens.len());
+    let mut preopen_ids = Vec::with_capacity(file.preopens.len());
     for p in file.preopens {
         if p.guest.is_empty() || p.guest.contains('\0') {
             return Err("preopen guest path must be non-empty, without NUL".into());
         }
         let host = if p.host.is_absolute() { p.host.clone() } else { base.join(&p.host) };
         let host = host.canonicalize().map_err(|e| format!("preopen host directory {}: {e}", p.host.display()))?;
-        if !host.is_dir() {
+        if host.to_str().is_none() {
+            return Err(format!("preopen host path {} is not valid UTF-8", host.display()));
+        }
+        let meta = std::fs::metadata(&host).map_err(|e| format!("preopen host directory {}: {e}", host.display()))?;
+        if !meta.is_dir() {
             return Err(format!("preopen host path {} is not a directory", p.host.display()));
         }
+        preopen_ids.push(DirId::of(&meta));
         preopens.push(Preopen { host, guest: p.guest, read_only: p.read_only });
     }
     let l = file.limits;
@@ -132,6 +144,7 @@ pub fn parse(text: &str, base: &Path) -> Result<FunctionConfig, String> {
         default_args: file.args,
         env: file.env.into_iter().collect(),
         preopens,
+        preopen_ids,
         limits: l,
         session_handler: file.session.handler,
     })

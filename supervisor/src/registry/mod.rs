@@ -6,18 +6,21 @@
 //! dropped into the directory, or replaced, is served on the next request without a
 //! restart, and a deleted one stops being served and leaves the cache.
 
+pub mod files;
 pub mod function_config;
 pub mod name;
+pub mod overlap;
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
-use wasmbox_protocol::ModuleRef;
+use wasmbox_protocol::{ModuleRef, Preopen};
 
 pub use function_config::{FunctionConfig, FunctionLimits};
 pub use name::{FunctionName, NameError};
@@ -29,6 +32,7 @@ pub enum RegistryError {
     NotFound(FunctionName),
     #[error("module of {name} is {size} bytes, more than the limit of {limit}")]
     ModuleTooLarge { name: FunctionName, size: u64, limit: u64 },
+    /// The reason is for the operator's log: it can name host paths and config values.
     #[error("config of {name} is invalid: {message}")]
     InvalidConfig { name: FunctionName, message: String },
     #[error("cannot read {path}")]
@@ -39,6 +43,19 @@ pub enum RegistryError {
     },
 }
 
+/// Why the files of an invocation could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open module {path}")]
+    Module {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Preopen(#[from] files::PreopenError),
+}
+
 /// A function ready to be dispatched.
 #[derive(Debug)]
 pub struct Function {
@@ -47,6 +64,29 @@ pub struct Function {
     pub module_size: u64,
     pub config: FunctionConfig,
     stamps: Stamps,
+}
+
+impl Function {
+    /// What a worker gets with an invocation of this function, in the order of
+    /// `Invocation::passed_fds`: the module file (a regular file, opened read-only), then
+    /// each preopened directory as a path handle, opened without following any symbolic
+    /// link and only if it is still the directory the config was checked with.
+    pub fn open_files(&self) -> Result<Vec<OwnedFd>, OpenError> {
+        let config = &self.config;
+        if config.preopens.len() + 1 > wasmbox_protocol::MAX_PASSED_FDS {
+            let err =
+                io::Error::other(format!("at most {} preopened directories", wasmbox_protocol::MAX_PASSED_FDS - 1));
+            return Err(OpenError::Module { path: self.module.path.clone(), source: err });
+        }
+        let mut fds = Vec::with_capacity(1 + config.preopens.len());
+        let module = files::open_regular(&self.module.path)
+            .map_err(|source| OpenError::Module { path: self.module.path.clone(), source })?;
+        fds.push(OwnedFd::from(module));
+        for (preopen, id) in config.preopens.iter().zip(&config.preopen_ids) {
+            fds.push(files::open_preopen(&preopen.host, *id)?);
+        }
+        Ok(fds)
+    }
 }
 
 /// What identifies a version of a file without reading it.
@@ -77,17 +117,52 @@ impl Stamp {
     }
 }
 
+/// How long a refused config is answered from memory before it is checked again.
+const RECHECK_FAILED: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[derive(Debug)]
+struct Failed {
+    stamps: Stamps,
+    message: String,
+    at: std::time::Instant,
+}
+
+/// Every function config's preopens, for the overlap rules, with the stamp each config had
+/// when it was read: only configs that changed are parsed again.
+type PreopenIndex = HashMap<FunctionName, (Stamp, Vec<Preopen>)>;
+
 pub struct Registry {
     dir: PathBuf,
     max_module_bytes: u64,
+    protected: overlap::Protected,
     functions: Mutex<HashMap<FunctionName, Arc<Function>>>,
+    /// Configs that failed to load. Until the files change, and for at most
+    /// [`RECHECK_FAILED`] (the directories a config names can change too), the same error
+    /// is answered without parsing the config again; the reason is logged when it changes.
+    failed: Mutex<HashMap<FunctionName, Failed>>,
+    preopen_index: Arc<Mutex<PreopenIndex>>,
 }
 
 impl Registry {
     /// `dir` is made absolute so workers (another cwd some day) get absolute paths.
     pub fn new(dir: &Path, max_module_bytes: u64) -> io::Result<Self> {
         let dir = std::path::absolute(dir)?;
-        Ok(Registry { dir, max_module_bytes, functions: Mutex::new(HashMap::new()) })
+        let protected = overlap::Protected { functions: canonical_or_absolute(&dir), private: Vec::new() };
+        Ok(Registry {
+            dir,
+            max_module_bytes,
+            protected,
+            functions: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+            preopen_index: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// Directories of the server's own that no preopen may expose (the artifact cache, the
+    /// state directory), by a name for the messages.
+    pub fn protect(mut self, dirs: &[(&'static str, &Path)]) -> Self {
+        self.protected.private.extend(dirs.iter().map(|(label, dir)| (*label, canonical_or_absolute(dir))));
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -98,6 +173,10 @@ impl Registry {
         self.functions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn failed(&self) -> std::sync::MutexGuard<'_, HashMap<FunctionName, Failed>> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Resolves a function, re-reading its files only when they changed.
     pub async fn lookup(&self, name: &FunctionName) -> Result<Arc<Function>, RegistryError> {
         let (module_path, config_path) = self.paths(name);
@@ -105,12 +184,17 @@ impl Registry {
             Ok(Some(stamps)) => stamps,
             Ok(None) => {
                 self.lock().remove(name);
+                self.failed().remove(name);
                 return Err(RegistryError::NotFound(name.clone()));
             }
             Err(e) => return Err(e),
         };
         if let Some(found) = self.lock().get(name).filter(|f| f.stamps == stamps) {
             return Ok(found.clone());
+        }
+        if let Some(failed) = self.failed().get(name).filter(|f| f.stamps == stamps && f.at.elapsed() < RECHECK_FAILED)
+        {
+            return Err(RegistryError::InvalidConfig { name: name.clone(), message: failed.message.clone() });
         }
         if stamps.module.size > self.max_module_bytes {
             return Err(RegistryError::ModuleTooLarge {
@@ -119,19 +203,44 @@ impl Registry {
                 limit: self.max_module_bytes,
             });
         }
-        let (name_owned, base, limit) = (name.clone(), self.dir.clone(), self.max_module_bytes);
-        let loaded =
-            tokio::task::spawn_blocking(move || load(name_owned, &base, module_path, config_path, stamps, limit))
-                .await
-                .map_err(|e| RegistryError::Io { path: self.dir.clone(), source: io::Error::other(e) })??;
-        let loaded = Arc::new(loaded);
-        self.lock().insert(name.clone(), loaded.clone());
-        Ok(loaded)
+        let job = Load {
+            name: name.clone(),
+            dir: self.dir.clone(),
+            module_path,
+            config_path,
+            stamps,
+            limit: self.max_module_bytes,
+            protected: self.protected.clone(),
+            index: self.preopen_index.clone(),
+        };
+        let loaded = tokio::task::spawn_blocking(move || job.run())
+            .await
+            .map_err(|e| RegistryError::Io { path: self.dir.clone(), source: io::Error::other(e) })?;
+        match loaded {
+            Ok(loaded) => {
+                let loaded = Arc::new(loaded);
+                self.failed().remove(name);
+                self.lock().insert(name.clone(), loaded.clone());
+                Ok(loaded)
+            }
+            Err(RegistryError::InvalidConfig { name, message }) => {
+                self.lock().remove(&name);
+                let failed = Failed { stamps, message: message.clone(), at: std::time::Instant::now() };
+                let before = self.failed().insert(name.clone(), failed);
+                // Once per reason and version of the files, however often it is asked for.
+                if before.is_none_or(|b| b.stamps != stamps || b.message != message) {
+                    tracing::warn!(function = %name, reason = %message, "function config refused");
+                }
+                Err(RegistryError::InvalidConfig { name, message })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Forgets a function so the next lookup re-reads it (its file changed under a worker).
     pub fn invalidate(&self, name: &FunctionName) {
         self.lock().remove(name);
+        self.failed().remove(name);
     }
 
     /// Number of functions currently known.
@@ -142,6 +251,11 @@ impl Registry {
     fn paths(&self, name: &FunctionName) -> (PathBuf, PathBuf) {
         (self.dir.join(format!("{name}.wasm")), self.dir.join(format!("{name}.toml")))
     }
+}
+
+/// The canonical form of `path`, or its absolute form while it does not exist yet.
+fn canonical_or_absolute(path: &Path) -> PathBuf {
+    path.canonicalize().or_else(|_| std::path::absolute(path)).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Stats module and config; `None` when there is no module (a file, following links).
@@ -160,48 +274,104 @@ fn current_stamps(module: &Path, config: &Path) -> Result<Option<Stamps>, Regist
     Ok(Some(Stamps { module, config }))
 }
 
-fn load(
+/// Loading one function, on the blocking pool.
+struct Load {
     name: FunctionName,
-    base: &Path,
+    dir: PathBuf,
     module_path: PathBuf,
     config_path: PathBuf,
     stamps: Stamps,
     limit: u64,
-) -> Result<Function, RegistryError> {
-    let config = match stamps.config {
-        None => FunctionConfig::default(),
-        Some(_) => {
-            let text = read_bounded(&config_path, function_config::MAX_CONFIG_BYTES)?;
-            // Never parse a cut-off prefix: it can be valid TOML that drops the rest.
-            if text.len() as u64 > function_config::MAX_CONFIG_BYTES {
-                let message = format!("larger than the limit of {} bytes", function_config::MAX_CONFIG_BYTES);
-                return Err(RegistryError::InvalidConfig { name, message });
-            }
-            let text = String::from_utf8(text)
-                .map_err(|_| RegistryError::InvalidConfig { name: name.clone(), message: "not UTF-8".into() })?;
-            function_config::parse(&text, base)
-                .map_err(|message| RegistryError::InvalidConfig { name: name.clone(), message })?
-        }
-    };
-    let bytes = read_bounded(&module_path, limit)?;
-    if bytes.len() as u64 > limit {
-        return Err(RegistryError::ModuleTooLarge { name, size: bytes.len() as u64, limit });
-    }
-    let sha256 = sha256_hex(&bytes);
-    Ok(Function {
-        name,
-        module: ModuleRef { path: module_path, sha256 },
-        module_size: bytes.len() as u64,
-        config,
-        stamps,
-    })
+    protected: overlap::Protected,
+    index: Arc<Mutex<PreopenIndex>>,
 }
 
-/// Reads at most `limit + 1` bytes, so an oversized file is detected without reading it all.
+impl Load {
+    fn run(self) -> Result<Function, RegistryError> {
+        let name = self.name;
+        let invalid = |message: String| RegistryError::InvalidConfig { name: name.clone(), message };
+        let config = match self.stamps.config {
+            None => FunctionConfig::default(),
+            Some(_) => {
+                let config = read_config(&self.config_path, &self.dir).map_err(invalid)?;
+                if !config.preopens.is_empty() {
+                    let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+                    refresh_preopen_index(&self.dir, &mut index);
+                    let others = index
+                        .iter()
+                        .filter(|(other, _)| **other != name)
+                        .flat_map(|(other, (_, preopens))| preopens.iter().map(move |p| (other.as_str(), p)));
+                    overlap::check(&config.preopens, &self.protected, others).map_err(invalid)?;
+                    // This config as just read and checked: the index must not wait for the
+                    // next scan to know it.
+                    if let Some(stamp) = self.stamps.config {
+                        index.insert(name.clone(), (stamp, config.preopens.clone()));
+                    }
+                }
+                config
+            }
+        };
+        let bytes = read_bounded(&self.module_path, self.limit)?;
+        if bytes.len() as u64 > self.limit {
+            return Err(RegistryError::ModuleTooLarge { name, size: bytes.len() as u64, limit: self.limit });
+        }
+        let sha256 = sha256_hex(&bytes);
+        Ok(Function {
+            name,
+            module: ModuleRef { path: self.module_path, sha256 },
+            module_size: bytes.len() as u64,
+            config,
+            stamps: self.stamps,
+        })
+    }
+}
+
+/// Reads and parses one `name.toml` (a regular file, at most `MAX_CONFIG_BYTES`).
+fn read_config(path: &Path, dir: &Path) -> Result<FunctionConfig, String> {
+    let limit = function_config::MAX_CONFIG_BYTES;
+    let text = read_bounded(path, limit).map_err(|e| match e {
+        RegistryError::Io { source, .. } => format!("cannot read it: {source}"),
+        other => other.to_string(),
+    })?;
+    // Never parse a cut-off prefix: it can be valid TOML that drops the rest.
+    if text.len() as u64 > limit {
+        return Err(format!("larger than the limit of {limit} bytes"));
+    }
+    let text = String::from_utf8(text).map_err(|_| "not UTF-8".to_string())?;
+    function_config::parse(&text, dir)
+}
+
+/// Brings `index` up to date with the configs in `dir`: changed ones are parsed again
+/// (one that does not parse counts as having no preopens: it is refused on its own
+/// lookup), deleted ones dropped.
+fn refresh_preopen_index(dir: &Path, index: &mut PreopenIndex) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let mut seen = std::collections::HashSet::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(name) =
+            file_name.to_str().and_then(|n| n.strip_suffix(".toml")).and_then(|n| FunctionName::parse(n).ok())
+        else {
+            continue;
+        };
+        let Ok(meta) = fs::metadata(entry.path()) else { continue };
+        let stamp = Stamp::of(&meta);
+        seen.insert(name.clone());
+        if index.get(&name).is_some_and(|(at, _)| *at == stamp) {
+            continue;
+        }
+        let preopens = read_config(&entry.path(), dir).map(|c| c.preopens).unwrap_or_default();
+        index.insert(name, (stamp, preopens));
+    }
+    index.retain(|name, _| seen.contains(name));
+}
+
+/// Reads at most `limit + 1` bytes of a regular file, so an oversized file is detected
+/// without reading it all (and a FIFO is refused instead of waited on).
 fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, RegistryError> {
     let io_err = |source| RegistryError::Io { path: path.into(), source };
     let mut out = Vec::new();
-    fs::File::open(path).map_err(io_err)?.take(limit + 1).read_to_end(&mut out).map_err(io_err)?;
+    files::open_regular(path).map_err(io_err)?.take(limit + 1).read_to_end(&mut out).map_err(io_err)?;
     Ok(out)
 }
 
