@@ -152,10 +152,44 @@ pub struct Config {
     #[arg(long, env = "WASMBOX_MAX_HEADER_BYTES", default_value_t = 16 << 10)]
     pub max_header_bytes: usize,
 
-    /// Open client connections; at the limit the server stops accepting until one closes
-    /// (new connections wait in the kernel's listen backlog).
+    /// Open client connections. At the limit, up to WASMBOX_RESERVE_CONNECTIONS more are
+    /// accepted for /healthz, /ready and /metrics only (anything else gets 503 overloaded);
+    /// past those the server stops accepting until one closes (new connections wait in the
+    /// kernel's listen backlog).
     #[arg(long, env = "WASMBOX_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
+
+    /// Connections accepted beyond WASMBOX_MAX_CONNECTIONS so health checks and scrapes are
+    /// answered even when clients hold every connection slot: each serves one request,
+    /// health endpoints normally and anything else with 503, then closes.
+    #[arg(long, env = "WASMBOX_RESERVE_CONNECTIONS", default_value_t = 32, value_parser = clap::value_parser!(u64).range(0..=4096))]
+    pub reserve_connections: u64,
+
+    /// Longest a request body may go without a byte arriving, in ms; also the grace period
+    /// before WASMBOX_MIN_DATA_RATE applies. A client that misses it gets 408 and the
+    /// connection is closed.
+    #[arg(long, env = "WASMBOX_BODY_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub body_read_timeout_ms: u64,
+
+    /// Longest writing a response may make no progress while the client does not read it,
+    /// in ms; also the grace period before WASMBOX_MIN_DATA_RATE applies. A client that
+    /// misses it has its connection closed.
+    #[arg(long, env = "WASMBOX_RESPONSE_WRITE_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub response_write_timeout_ms: u64,
+
+    /// Slowest a client may send a request body or take a response once the read or write
+    /// timeout has passed, in bytes per second (by then it must have moved timeout-excess x
+    /// rate bytes), so a trickle cannot keep a connection forever; 0: no minimum.
+    #[arg(long, env = "WASMBOX_MIN_DATA_RATE", default_value_t = 1024)]
+    pub min_data_rate: u64,
+
+    /// Bytes the server holds for clients at once: request bodies being read or waiting for
+    /// a worker (function stdin, session messages, snapshot imports, uploads), session state
+    /// read for a message, responses not yet written. A request whose body would exceed it
+    /// waits up to 1 s, then gets 503 overloaded with Retry-After, before any of it is read;
+    /// /ready is 503 while a body of WASMBOX_MAX_BODY_BYTES would not fit.
+    #[arg(long, env = "WASMBOX_MAX_BUFFERED_BYTES", default_value_t = 256 << 20)]
+    pub max_buffered_bytes: u64,
 
     /// Close every descriptor a worker inherits except its socket.
     #[arg(long, env = "WASMBOX_WORKER_CLOSE_FDS", default_value_t = true, action = ArgAction::Set,
@@ -240,9 +274,25 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
 
     /// Sessions held at most, over all functions; creating or importing one more is 507
-    /// session_limit.
+    /// session_limit (scope server).
     #[arg(long, env = "WASMBOX_SESSION_MAX", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub session_max: u64,
+
+    /// Sessions one function may hold unless its name.toml sets `[session] max_sessions`;
+    /// one more is 507 session_limit (scope function), whatever the other functions hold.
+    #[arg(long, env = "WASMBOX_SESSION_MAX_PER_FUNCTION", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub session_max_per_function: u64,
+
+    /// Bytes of snapshots the state directory holds at most, over all functions; a
+    /// session or message whose state would pass it is 507 session_storage_full (scope
+    /// server) and changes nothing.
+    #[arg(long, env = "WASMBOX_SESSION_MAX_TOTAL_BYTES", default_value_t = 8 << 30, value_parser = clap::value_parser!(u64).range(4096..))]
+    pub session_max_total_bytes: u64,
+
+    /// Bytes of snapshots one function's sessions may hold unless its name.toml sets
+    /// `[session] max_stored_bytes` (507 session_storage_full, scope function).
+    #[arg(long, env = "WASMBOX_SESSION_MAX_BYTES_PER_FUNCTION", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(4096..))]
+    pub session_max_bytes_per_function: u64,
 
     /// Largest session snapshot in bytes (compressed, as stored): an import above it is 413,
     /// a message whose new state encodes larger fails with 507 and changes nothing.
@@ -381,6 +431,11 @@ impl Config {
     pub fn session_limits(&self) -> crate::sessions::SessionLimits {
         crate::sessions::SessionLimits {
             max_sessions: usize::try_from(self.session_max).unwrap_or(usize::MAX),
+            max_total_bytes: self.session_max_total_bytes,
+            per_function: crate::sessions::Quota {
+                max_sessions: usize::try_from(self.session_max_per_function).unwrap_or(usize::MAX),
+                max_bytes: self.session_max_bytes_per_function,
+            },
             max_snapshot_bytes: self.session_max_snapshot_bytes,
             idle: (self.session_idle_secs > 0).then(|| Duration::from_secs(self.session_idle_secs)),
         }
@@ -488,7 +543,30 @@ impl Config {
                 self.max_connections
             )));
         }
+        // Every request that is allowed at all must fit the budget on its own.
+        let mut largest = vec![
+            ("WASMBOX_MAX_BODY_BYTES", self.max_body_bytes),
+            ("WASMBOX_SESSION_MAX_SNAPSHOT_BYTES", self.session_max_snapshot_bytes),
+        ];
+        if self.admin_token().is_some() {
+            largest.push(("WASMBOX_MAX_MODULE_BYTES", self.max_module_bytes));
+        }
+        for (name, bytes) in largest {
+            if bytes > self.max_buffered_bytes {
+                return Err(ConfigError(format!(
+                    "{name}={bytes} exceeds WASMBOX_MAX_BUFFERED_BYTES={}: such a request could never be read",
+                    self.max_buffered_bytes
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// How slow a client may be: body reads and response writes.
+    pub fn client_bounds(&self) -> (crate::http::io::WriteBounds, crate::http::io::WriteBounds) {
+        use crate::http::io::WriteBounds;
+        let bounds = |ms| WriteBounds { timeout: Duration::from_millis(ms), min_rate: self.min_data_rate };
+        (bounds(self.body_read_timeout_ms), bounds(self.response_write_timeout_ms))
     }
 }
 

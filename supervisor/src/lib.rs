@@ -34,10 +34,21 @@ use crate::usage::UsageLedger;
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Readiness {
     pub ready: bool,
-    /// Why not ready: draining, no_live_worker, memory, queue.
+    /// Why not ready: draining, no_live_worker, connections, buffers, memory, queue.
     pub reasons: Vec<&'static str>,
     pub pool: PoolStatus,
     pub load: readiness::LoadState,
+    pub http: http::ConnectionStats,
+    pub buffers: BufferStats,
+}
+
+/// The budget of bytes held for clients (`WASMBOX_MAX_BUFFERED_BYTES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BufferStats {
+    pub used_bytes: u64,
+    pub max_bytes: u64,
+    /// Requests answered 503 because the budget stayed spent.
+    pub refused: u64,
 }
 
 /// Why the supervisor could not start.
@@ -79,8 +90,10 @@ pub struct App {
     pub metrics: metrics::Metrics,
     /// The load verdict /ready reports (memory and queue over a window).
     pub load: Arc<readiness::Readiness>,
-    /// Open client connections against `WASMBOX_MAX_CONNECTIONS`.
-    pub connections: http::Connections,
+    /// Open client connections against `WASMBOX_MAX_CONNECTIONS` and its reserve.
+    pub connections: Arc<http::Connections>,
+    /// Bytes held for clients against `WASMBOX_MAX_BUFFERED_BYTES`.
+    pub buffers: Arc<http::budget::Budget>,
     /// Serializes module uploads and deletions (the admin API).
     pub admin: tokio::sync::Mutex<()>,
     /// Stateful sessions and their durable snapshots.
@@ -98,11 +111,24 @@ impl App {
         self.pool.begin_drain();
     }
 
-    /// Ready while not draining, at least one worker is up, and not overloaded over the
-    /// readiness window (see [`readiness`]).
+    /// The budget of bytes held for clients, as `/stats` and `/ready` show it.
+    pub fn buffer_stats(&self) -> BufferStats {
+        BufferStats {
+            used_bytes: self.buffers.used(),
+            max_bytes: self.buffers.limit(),
+            refused: self.buffers.refused(),
+        }
+    }
+
+    /// Ready while not draining, at least one worker is up, a connection slot and budget
+    /// for one more body of the maximum size are free, and not overloaded over the
+    /// readiness window (see [`readiness`]). Connections and buffers count at once: a
+    /// replica whose slots slow clients hold must be taken out of rotation now.
     pub fn readiness(&self) -> Readiness {
         let pool = self.pool.status();
         let load = self.load.state();
+        let http = self.connections.stats();
+        let buffers = self.buffer_stats();
         let mut reasons: Vec<&'static str> = Vec::new();
         if self.is_draining() {
             reasons.push("draining");
@@ -110,8 +136,14 @@ impl App {
         if pool.live == 0 {
             reasons.push("no_live_worker");
         }
+        if http.full() {
+            reasons.push("connections");
+        }
+        if self.buffers.short_of(self.config.max_body_bytes) {
+            reasons.push("buffers");
+        }
         reasons.extend(load.reasons.iter().copied());
-        Readiness { ready: reasons.is_empty(), reasons, pool, load }
+        Readiness { ready: reasons.is_empty(), reasons, pool, load, http, buffers }
     }
 }
 
@@ -237,7 +269,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         usage: UsageLedger::default(),
         metrics: metrics::Metrics::new(),
         load: Arc::new(readiness::Readiness::new(config.readiness())),
-        connections: http::Connections::new(config.max_connections),
+        connections: Arc::new(http::Connections::new(config.max_connections, config.reserve_connections as usize)),
+        buffers: http::budget::Budget::new(config.max_buffered_bytes),
         admin: tokio::sync::Mutex::new(()),
         sessions: Arc::new(session_store),
         draining: AtomicBool::new(false),

@@ -53,6 +53,11 @@ struct WorkerState {
     state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Pool {
+    pool: &'static str,
+}
+
 pub struct Metrics {
     /// Held while a scrape copies counters in and encodes, so two scrapes never add the
     /// same difference twice.
@@ -74,6 +79,10 @@ pub struct Metrics {
     memory_working_set: Gauge,
     memory_limit: Gauge,
     sessions: Gauge,
+    connections: Family<Pool, Gauge>,
+    buffered: Gauge,
+    buffers_refused: Counter,
+    client_timeouts: Family<Phase, Counter>,
 }
 
 impl Default for Metrics {
@@ -168,8 +177,36 @@ impl Metrics {
         );
         let sessions = Gauge::default();
         registry.register("sessions", "Stateful sessions held (WASMBOX_SESSION_MAX is the limit)", sessions.clone());
+        let connections = Family::<Pool, Gauge>::default();
+        registry.register(
+            "http_connections",
+            "Open client connections: main (WASMBOX_MAX_CONNECTIONS) and reserve (health endpoints only)",
+            connections.clone(),
+        );
+        let buffered = Gauge::default();
+        registry.register(
+            "buffered_bytes",
+            "Bytes held for clients: request bodies, session state, unsent responses (WASMBOX_MAX_BUFFERED_BYTES)",
+            buffered.clone(),
+        );
+        let buffers_refused = Counter::default();
+        registry.register(
+            "buffers_refused",
+            "Requests answered 503 overloaded because the bytes held for clients stayed at their limit",
+            buffers_refused.clone(),
+        );
+        let client_timeouts = Family::<Phase, Counter>::default();
+        registry.register(
+            "client_timeouts",
+            "Clients cut off for being too slow: phase body (408) or response (connection closed)",
+            client_timeouts.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            connections,
+            buffered,
+            buffers_refused,
+            client_timeouts,
             sessions,
             cold_starts,
             ready,
@@ -245,6 +282,13 @@ impl Metrics {
             self.workers.get_or_create(&WorkerState { state }).set(gauge(value));
         }
         self.queued.set(gauge(pool.queued));
+        let http = &readiness.http;
+        self.connections.get_or_create(&Pool { pool: "main" }).set(gauge(http.open_connections));
+        self.connections.get_or_create(&Pool { pool: "reserve" }).set(gauge(http.reserve_connections));
+        self.buffered.set(bytes(readiness.buffers.used_bytes));
+        catch_up(&self.buffers_refused, readiness.buffers.refused);
+        catch_up(&self.client_timeouts.get_or_create(&Phase { phase: "body" }), http.body_timeouts);
+        catch_up(&self.client_timeouts.get_or_create(&Phase { phase: "response" }), http.response_timeouts);
         catch_up(&self.restarts, pool.restarts);
         catch_up(&self.oom_kills, pool.oom_kills);
         for (reason, total) in pool.exits.by_reason() {
@@ -316,6 +360,17 @@ mod tests {
                 memory: Some(crate::readiness::MemoryReading { working_set_bytes: 950, limit_bytes: 1000 }),
                 ..Default::default()
             },
+            http: crate::http::ConnectionStats {
+                open_connections: 7,
+                max_connections: 8,
+                reserve_connections: 1,
+                max_reserve_connections: 2,
+                limit_reached: 0,
+                reserve_accepted: 3,
+                body_timeouts: 4,
+                response_timeouts: 5,
+            },
+            buffers: crate::BufferStats { used_bytes: 1234, max_bytes: 4096, refused: 6 },
         };
         m.set_sessions(3);
         let text = m.encode(usage.iter().map(|(k, v)| (k, v)), &readiness).unwrap();
@@ -328,6 +383,12 @@ mod tests {
             "wasmbox_module_loads_total{source=\"memory\"} 1",
             "wasmbox_workers{state=\"busy\"} 1",
             "wasmbox_queue_depth 3",
+            "wasmbox_http_connections{pool=\"main\"} 7",
+            "wasmbox_http_connections{pool=\"reserve\"} 1",
+            "wasmbox_buffered_bytes 1234",
+            "wasmbox_buffers_refused_total 6",
+            "wasmbox_client_timeouts_total{phase=\"body\"} 4",
+            "wasmbox_client_timeouts_total{phase=\"response\"} 5",
             "wasmbox_worker_restarts_total 4",
             "wasmbox_worker_oom_kills_total 1",
             "wasmbox_worker_exits_total{reason=\"crash\"} 2",

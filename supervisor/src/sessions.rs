@@ -23,10 +23,43 @@ use crate::registry::FunctionName;
 pub struct SessionLimits {
     /// Sessions the server holds at most (over all functions).
     pub max_sessions: usize,
+    /// Bytes of snapshots the state directory holds at most (over all functions).
+    pub max_total_bytes: u64,
+    /// What each function may hold unless its `name.toml` says otherwise.
+    pub per_function: Quota,
     /// Largest snapshot, in bytes: imported, or produced by a message.
     pub max_snapshot_bytes: u64,
     /// Sessions without a message for this long are deleted; `None`: never.
     pub idle: Option<Duration>,
+}
+
+/// What one function's sessions may hold: so one tenant cannot take every session or the
+/// whole state directory from the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub max_sessions: usize,
+    pub max_bytes: u64,
+}
+
+/// A limit a new session or a new state would pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaError {
+    /// `scope` is "server" or "function".
+    Sessions {
+        scope: &'static str,
+        max: usize,
+    },
+    Bytes {
+        scope: &'static str,
+        limit: u64,
+    },
+}
+
+/// Sessions and stored bytes, counted per function and in total.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub sessions: usize,
+    pub bytes: u64,
 }
 
 /// Errors of the store itself (not of a request).
@@ -103,13 +136,72 @@ pub struct SessionStore {
 #[derive(Default)]
 struct Index {
     sessions: HashMap<String, Arc<Session>>,
-    /// Sessions being created or imported, counted against the limit before they exist.
-    reserved: usize,
+    /// Sessions (existing, and being created or imported: counted before they exist) and
+    /// their committed bytes, per function and in total.
+    per_function: HashMap<FunctionName, Usage>,
+    total: Usage,
     expired: HashSet<String>,
     expired_order: VecDeque<String>,
 }
 
 impl Index {
+    fn usage(&mut self, function: &FunctionName) -> &mut Usage {
+        self.per_function.entry(function.clone()).or_default()
+    }
+
+    /// Counts one more session of `function`, if the limits allow it.
+    fn add_session(&mut self, function: &FunctionName, max_total: usize, quota: Quota) -> Result<(), QuotaError> {
+        if self.total.sessions >= max_total {
+            return Err(QuotaError::Sessions { scope: "server", max: max_total });
+        }
+        if self.usage(function).sessions >= quota.max_sessions {
+            return Err(QuotaError::Sessions { scope: "function", max: quota.max_sessions });
+        }
+        self.total.sessions += 1;
+        self.usage(function).sessions += 1;
+        Ok(())
+    }
+
+    fn remove_session(&mut self, function: &FunctionName, bytes: u64) {
+        self.total.sessions = self.total.sessions.saturating_sub(1);
+        self.total.bytes = self.total.bytes.saturating_sub(bytes);
+        let usage = self.usage(function);
+        usage.sessions = usage.sessions.saturating_sub(1);
+        usage.bytes = usage.bytes.saturating_sub(bytes);
+        if *usage == Usage::default() {
+            self.per_function.remove(function);
+        }
+    }
+
+    /// Moves `function`'s stored bytes from `old` to `new`, if growing stays within limits.
+    fn resize(
+        &mut self,
+        function: &FunctionName,
+        old: u64,
+        new: u64,
+        max_total: u64,
+        quota: Quota,
+    ) -> Result<(), QuotaError> {
+        if new > old {
+            let grow = new - old;
+            if self.total.bytes.saturating_add(grow) > max_total {
+                return Err(QuotaError::Bytes { scope: "server", limit: max_total });
+            }
+            if self.usage(function).bytes.saturating_add(grow) > quota.max_bytes {
+                return Err(QuotaError::Bytes { scope: "function", limit: quota.max_bytes });
+            }
+        }
+        self.apply_resize(function, old, new);
+        Ok(())
+    }
+
+    /// Moves `function`'s stored bytes from `old` to `new`, whatever the limits.
+    fn apply_resize(&mut self, function: &FunctionName, old: u64, new: u64) {
+        self.total.bytes = self.total.bytes.saturating_sub(old).saturating_add(new);
+        let usage = self.usage(function);
+        usage.bytes = usage.bytes.saturating_sub(old).saturating_add(new);
+    }
+
     fn remember_expired(&mut self, id: String) {
         if self.expired.len() >= EXPIRED_REMEMBERED {
             if let Some(oldest) = self.expired_order.pop_front() {
@@ -122,18 +214,43 @@ impl Index {
     }
 }
 
-/// A place counted against `WASMBOX_SESSION_MAX` for a session being created; given back
-/// when dropped unless [`SessionStore::insert`] turned it into a session.
+/// A place counted against the session limits (the server's and the function's) for a
+/// session being created or imported; given back when dropped unless
+/// [`SessionStore::insert`] turned it into a session.
 pub struct Reservation<'a> {
     store: &'a SessionStore,
+    function: FunctionName,
     used: bool,
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         if !self.used {
-            let mut index = self.store.index.lock().unwrap_or_else(|p| p.into_inner());
-            index.reserved = index.reserved.saturating_sub(1);
+            self.store.lock_index().remove_session(&self.function, 0);
+        }
+    }
+}
+
+/// Bytes counted against the byte limits for a state about to be written: dropped without
+/// [`Growth::keep`] (the write failed), they are given back.
+pub struct Growth<'a> {
+    store: &'a SessionStore,
+    function: FunctionName,
+    old: u64,
+    new: u64,
+    kept: bool,
+}
+
+impl Growth<'_> {
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Growth<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.store.lock_index().apply_resize(&self.function, self.new, self.old);
         }
     }
 }
@@ -206,6 +323,13 @@ impl SessionStore {
                     last_used_ms: AtomicU64::new(modified.map_or_else(now_ms, |d| d.as_millis() as u64)),
                     snapshot_bytes: AtomicU64::new(meta.len()),
                 };
+                // What is on disk counts as it is, even past limits lowered since: those
+                // only stop it from growing.
+                index.total.sessions += 1;
+                index.total.bytes += meta.len();
+                let usage = index.usage(&function);
+                usage.sessions += 1;
+                usage.bytes += meta.len();
                 index.sessions.insert(id.to_owned(), Arc::new(session));
             }
         }
@@ -214,6 +338,15 @@ impl SessionStore {
 
     pub fn limits(&self) -> SessionLimits {
         self.limits
+    }
+
+    /// The quota of a function: its `name.toml`'s, else the server's default.
+    pub fn quota(&self, config: &crate::registry::FunctionConfig) -> Quota {
+        let default = self.limits.per_function;
+        Quota {
+            max_sessions: config.session_max_sessions.unwrap_or(default.max_sessions),
+            max_bytes: config.session_max_stored_bytes.unwrap_or(default.max_bytes),
+        }
     }
 
     /// Number of sessions held.
@@ -251,14 +384,28 @@ impl SessionStore {
         index.sessions.get(id).filter(|s| &s.function == function && s.idle_for(now_ms()) > idle).cloned()
     }
 
-    /// Counts a new session against the limit, or says the limit is reached.
-    pub fn reserve(&self) -> Option<Reservation<'_>> {
-        let mut index = self.lock_index();
-        if index.sessions.len() + index.reserved >= self.limits.max_sessions {
-            return None;
-        }
-        index.reserved += 1;
-        Some(Reservation { store: self, used: false })
+    /// Sessions and stored bytes of `function` (existing and reserved).
+    pub fn usage(&self, function: &FunctionName) -> Usage {
+        self.lock_index().per_function.get(function).copied().unwrap_or_default()
+    }
+
+    /// Sessions and stored bytes over all functions.
+    pub fn total(&self) -> Usage {
+        self.lock_index().total
+    }
+
+    /// Counts a new session of `function` against the server's and the function's limits,
+    /// or says which is reached.
+    pub fn reserve(&self, function: &FunctionName, quota: Quota) -> Result<Reservation<'_>, QuotaError> {
+        self.lock_index().add_session(function, self.limits.max_sessions, quota)?;
+        Ok(Reservation { store: self, function: function.clone(), used: false })
+    }
+
+    /// Counts a state of `new` bytes replacing one of `old` bytes (0 for a new session)
+    /// against the byte limits, before it is written; growing past one is refused.
+    pub fn grow(&self, function: &FunctionName, old: u64, new: u64, quota: Quota) -> Result<Growth<'_>, QuotaError> {
+        self.lock_index().resize(function, old, new, self.limits.max_total_bytes, quota)?;
+        Ok(Growth { store: self, function: function.clone(), old, new, kept: false })
     }
 
     /// Adds a session whose snapshot was just written; uses the reservation. When a
@@ -272,8 +419,13 @@ impl SessionStore {
         bytes: u64,
     ) -> Arc<Session> {
         let mut index = self.lock_index();
-        if let Some(existing) = index.sessions.get(id).filter(|s| !s.deleted.load(Ordering::Relaxed)) {
-            return existing.clone();
+        if let Some(existing) = index.sessions.get(id).filter(|s| !s.deleted.load(Ordering::Relaxed)).cloned() {
+            // The bytes were counted for this insert's own state, which the file holds no
+            // longer than the other import's.
+            index.apply_resize(function, bytes, 0);
+            drop(index);
+            drop(reservation); // gives back its session: it locks the index
+            return existing;
         }
         let session = Arc::new(Session {
             function: function.clone(),
@@ -283,7 +435,6 @@ impl SessionStore {
             last_used_ms: AtomicU64::new(now_ms()),
             snapshot_bytes: AtomicU64::new(bytes),
         });
-        index.reserved = index.reserved.saturating_sub(1);
         reservation.used = true;
         index.expired.remove(id);
         index.sessions.insert(id.to_owned(), session.clone());
@@ -301,8 +452,8 @@ impl SessionStore {
     }
 
     /// Reads the committed snapshot.
-    pub async fn read(&self, session: &Session) -> io::Result<Vec<u8>> {
-        tokio::fs::read(self.path(&session.function, &session.id)).await
+    pub async fn read(&self, session: &Session) -> io::Result<bytes::Bytes> {
+        tokio::fs::read(self.path(&session.function, &session.id)).await.map(bytes::Bytes::from)
     }
 
     /// Replaces the snapshot of `id` atomically and durably (temp file, fsync, rename,
@@ -336,6 +487,7 @@ impl SessionStore {
             let mut index = self.lock_index();
             if index.sessions.get(&session.id).is_some_and(|s| std::ptr::eq(&**s, session)) {
                 index.sessions.remove(&session.id);
+                index.remove_session(&session.function, session.snapshot_bytes.load(Ordering::Relaxed));
             }
         }
         match tokio::fs::remove_file(self.path(&session.function, &session.id)).await {
@@ -415,7 +567,46 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn limits() -> SessionLimits {
-        SessionLimits { max_sessions: 10, max_snapshot_bytes: 1 << 20, idle: None }
+        SessionLimits {
+            max_sessions: 10,
+            max_total_bytes: 1000,
+            per_function: Quota { max_sessions: 3, max_bytes: 500 },
+            max_snapshot_bytes: 1 << 20,
+            idle: None,
+        }
+    }
+
+    fn name(s: &str) -> FunctionName {
+        FunctionName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn sessions_and_bytes_are_counted_per_function_and_in_total() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SessionStore::open(&tmp.path().join("state"), limits()).unwrap();
+        let quota = store.limits().per_function;
+        let (a, b) = (name("a"), name("b"));
+        // Three of a's sessions; the fourth passes its function's limit, not the server's.
+        let held: Vec<_> = (0..3).map(|_| store.reserve(&a, quota).unwrap()).collect();
+        assert_eq!(store.reserve(&a, quota).err(), Some(QuotaError::Sessions { scope: "function", max: 3 }));
+        let roomy = Quota { max_sessions: 100, max_bytes: 10_000 };
+        let more: Vec<_> = (0..7).map(|_| store.reserve(&b, roomy).unwrap()).collect();
+        assert_eq!(store.reserve(&b, roomy).err(), Some(QuotaError::Sessions { scope: "server", max: 10 }));
+        drop(more);
+        drop(held);
+        assert_eq!((store.usage(&a), store.total()), (Usage::default(), Usage::default()));
+
+        // Bytes: growing past the function's quota or the server's total is refused, a
+        // write that fails gives its bytes back, shrinking always works.
+        store.grow(&a, 0, 400, quota).unwrap().keep();
+        assert_eq!(store.grow(&a, 400, 501, quota).err(), Some(QuotaError::Bytes { scope: "function", limit: 500 }));
+        let failed = store.grow(&a, 400, 500, quota).unwrap();
+        drop(failed);
+        assert_eq!(store.usage(&a).bytes, 400);
+        store.grow(&b, 0, 600, roomy).unwrap().keep();
+        assert_eq!(store.grow(&b, 600, 601, roomy).err(), Some(QuotaError::Bytes { scope: "server", limit: 1000 }));
+        store.grow(&a, 400, 10, quota).unwrap().keep();
+        assert_eq!((store.usage(&a).bytes, store.total().bytes), (10, 610));
     }
 
     fn refused(dir: &Path) -> String {

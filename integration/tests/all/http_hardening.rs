@@ -221,6 +221,8 @@ async fn at_the_connection_limit_new_connections_wait_until_one_closes() -> Resu
     let s = Supervisor::builder()
         .function("hello")
         .env("WASMBOX_MAX_CONNECTIONS", LIMIT)
+        // Without a reserve: past the limit, nothing is accepted.
+        .env("WASMBOX_RESERVE_CONNECTIONS", 0)
         // Far beyond the test, so only the test closes the held connections.
         .env("WASMBOX_HEADER_READ_TIMEOUT_MS", 60_000)
         .start()?;
@@ -272,5 +274,304 @@ async fn at_the_connection_limit_new_connections_wait_until_one_closes() -> Resu
     }
     assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
     assert!(s.logs().contains("connection limit reached"), "{}", s.logs());
+    Ok(())
+}
+
+/// Number of descriptors a process has open.
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// A connection whose receive buffer is small, so a response it does not read stalls the
+/// server's writes as soon as the kernel's send buffer is full.
+async fn small_window(addr: SocketAddr) -> Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    Ok(socket.connect(addr).await?)
+}
+
+/// Reads until the server closes the connection (or `within` passes); returns what came.
+async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Result<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => bail!("still open after {within:?} ({} bytes read)", got.len()),
+            Ok(Ok(0)) | Ok(Err(_)) => return Ok(got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A guest that writes `mib` MiB to stdout.
+fn spew(mib: usize) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+            (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 2)
+            (func (export "_start") (local $i i32)
+              (i32.store (i32.const 0) (i32.const 1024))
+              (i32.store (i32.const 4) (i32.const 65536))
+              (loop $more
+                (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+                (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                (br_if $more (i32.lt_u (local.get $i) (i32.const {})))))
+            )"#,
+        mib * 16
+    ))
+    .expect("valid wat")
+}
+
+/// The issue's attack, and its mirror: more slow connections than WASMBOX_MAX_CONNECTIONS,
+/// half of them sending a head and one byte of a body that never comes, half asking for a
+/// large response they never read. Meanwhile a fresh client is answered within a second
+/// (health, readiness saying why it is not ready, a typed 503 for an invocation), the slow
+/// ones are closed once their timeouts pass (a 408 for the bodies), and afterwards the
+/// replica serves and is ready again with nothing left behind.
+#[tokio::test]
+async fn slow_clients_beyond_the_connection_limit_do_not_take_the_replica_down() -> Result<()> {
+    const LIMIT: usize = 16;
+    const TIMEOUT: Duration = Duration::from_millis(3000);
+    let s = Supervisor::builder()
+        .function("hello")
+        .module("spew", spew(12))
+        .env("WASMBOX_MAX_CONNECTIONS", LIMIT)
+        .env("WASMBOX_RESERVE_CONNECTIONS", 8)
+        .env("WASMBOX_BODY_READ_TIMEOUT_MS", TIMEOUT.as_millis())
+        .env("WASMBOX_RESPONSE_WRITE_TIMEOUT_MS", TIMEOUT.as_millis())
+        .start()?;
+    assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
+    assert_eq!(s.get("/spew").await?.body.len(), 12 << 20, "warm-up: the whole response");
+    let fds_before = open_fds(s.pid());
+
+    let addr = s.addr;
+    let mut slow = Vec::new();
+    for i in 0..LIMIT + 4 {
+        slow.push(tokio::spawn(async move {
+            let started = Instant::now();
+            if i % 2 == 0 {
+                let mut stream = TcpStream::connect(addr).await?;
+                stream.write_all(b"POST /hello HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nx").await?;
+                let got = read_until_closed(&mut stream, Duration::from_secs(30)).await?;
+                anyhow::Ok(("body", got, started.elapsed()))
+            } else {
+                let mut stream = small_window(addr).await?;
+                stream.write_all(b"GET /spew HTTP/1.1\r\nhost: x\r\n\r\n").await?;
+                // Not a byte read until well past the write timeout. Had the server kept the
+                // response, reading now would bring all of it; cut off, only what the
+                // kernel's buffers held arrives before the end.
+                tokio::time::sleep(TIMEOUT + Duration::from_secs(3)).await;
+                let got = read_until_closed(&mut stream, Duration::from_secs(30)).await?;
+                anyhow::Ok(("response", got, started.elapsed()))
+            }
+        }));
+    }
+    // Soon the slow clients hold every connection slot: /ready (answered through the
+    // reserve, so not holding a slot itself) says so.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = s.get("/ready").await?;
+        let http = &ready.json()["http"];
+        if http["open_connections"].as_u64() == Some(LIMIT as u64) && http["reserve_connections"].as_u64() >= Some(1) {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the slow clients never held every slot: {}", ready.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A benign client meanwhile: answered, and within a second.
+    let client = s.client();
+    let timed = |what: &'static str| {
+        let client = client.clone();
+        async move {
+            let started = Instant::now();
+            let r = tokio::time::timeout(Duration::from_secs(1), client.get(what)).await;
+            (r, started.elapsed())
+        }
+    };
+    let (healthz, took) = timed("/healthz").await;
+    let healthz = healthz.context("/healthz not answered within 1 s")??;
+    assert_eq!(healthz.status, StatusCode::OK, "{}", healthz.text());
+    eprintln!("/healthz at the limit: {took:?}");
+    let (ready, took) = timed("/ready").await;
+    let ready = ready.context("/ready not answered within 1 s")??;
+    eprintln!("/ready at the limit: {took:?} {}", ready.text());
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{}", ready.text());
+    assert!(
+        ready.json()["reasons"].as_array().is_some_and(|r| r.iter().any(|x| x == "connections")),
+        "{}",
+        ready.text()
+    );
+    let (hello, took) = timed("/hello").await;
+    let hello = hello.context("/hello not answered within 1 s")??;
+    eprintln!("/hello at the limit: {took:?} {} {}", hello.status, hello.text());
+    assert_eq!((hello.status, hello.kind().as_str()), (StatusCode::SERVICE_UNAVAILABLE, "overloaded"));
+    assert_eq!(hello.header("retry-after"), Some("1"));
+    assert_eq!(hello.json()["resource"], "connections");
+
+    // The slow ones are closed after their timeouts: bodies with a 408, unread responses cut.
+    let mut cut = 0;
+    for task in slow {
+        let (kind, got, took) = task.await??;
+        let head = String::from_utf8_lossy(&got[..got.len().min(12)]).into_owned();
+        match kind {
+            "body" if head.starts_with("HTTP/1.1 503") => {} // landed in the reserve
+            "body" => {
+                assert!(head.starts_with("HTTP/1.1 408"), "a stalled body got {head:?}");
+                assert!(took >= TIMEOUT - Duration::from_millis(100), "closed after {took:?}");
+            }
+            _ if head.starts_with("HTTP/1.1 503") => {}
+            _ => {
+                // Cut off with a reset: what was still buffered for the client may be lost.
+                assert!(got.is_empty() || head.starts_with("HTTP/1.1 200"), "{head:?}");
+                assert!(got.len() < 12 << 20, "a response nobody read was not cut off ({} bytes)", got.len());
+                cut += 1;
+            }
+        }
+        assert!(took < TIMEOUT * 2 + Duration::from_secs(10), "{kind}: closed only after {took:?}");
+    }
+    assert!(cut >= 1, "no response was cut off");
+
+    // And nothing is left: slots, buffered bytes, descriptors; the replica is ready again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = s.get("/stats").await?.json();
+        let ready = s.get("/ready").await?;
+        let quiet = stats["http"]["open_connections"] == 1
+            && stats["http"]["reserve_connections"] == 0
+            && stats["buffers"]["used_bytes"] == 0
+            && ready.status == StatusCode::OK
+            && open_fds(s.pid()) <= fds_before + 2;
+        if quiet {
+            assert!(stats["http"]["body_timeouts"].as_u64().unwrap_or(0) >= 1, "{stats}");
+            assert!(stats["http"]["response_timeouts"].as_u64().unwrap_or(0) >= 1, "{stats}");
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "not back to normal: {stats} ready {} fds {} (before {fds_before})",
+            ready.text(),
+            open_fds(s.pid())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
+    let logs = s.logs();
+    assert!(logs.contains("client too slow sending its request body"), "{logs}");
+    assert!(logs.contains("client too slow taking its response"), "{logs}");
+    Ok(())
+}
+
+/// A trickle does not reset the clock forever: a body that keeps arriving a byte at a time
+/// (never idle for the read timeout) and a response read a few bytes at a time are both cut
+/// off soon after the timeout, by the minimum data rate.
+#[tokio::test]
+async fn trickling_bodies_and_readers_are_cut_off_by_the_minimum_rate() -> Result<()> {
+    const TIMEOUT: Duration = Duration::from_millis(1500);
+    let s = Supervisor::builder()
+        .function("echo")
+        .module("spew", spew(12))
+        .env("WASMBOX_BODY_READ_TIMEOUT_MS", TIMEOUT.as_millis())
+        .env("WASMBOX_RESPONSE_WRITE_TIMEOUT_MS", TIMEOUT.as_millis())
+        .env("WASMBOX_MIN_DATA_RATE", 4096)
+        .start()?;
+    assert_eq!(s.get("/spew").await?.body.len(), 12 << 20, "warm-up");
+
+    // One byte every 200 ms of a 1 MiB body: never idle, ~5 bytes/s.
+    let mut body = TcpStream::connect(s.addr).await?;
+    body.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 1048576\r\n\r\n").await?;
+    let started = Instant::now();
+    let took = closed_by_server(&mut body, Some((b"x", Duration::from_millis(200))), started, TIMEOUT * 4).await?;
+    assert!(took >= TIMEOUT - Duration::from_millis(100), "cut off after {took:?}, before the timeout");
+
+    // 100 bytes every 200 ms of a 12 MiB response: ~500 bytes/s, never idle.
+    let mut reader = small_window(s.addr).await?;
+    reader.write_all(b"GET /spew HTTP/1.1\r\nhost: x\r\n\r\n").await?;
+    let started = Instant::now();
+    let mut got = 0usize;
+    let mut buf = [0u8; 100];
+    let mut reset = false;
+    while started.elapsed() < TIMEOUT * 3 {
+        match reader.read(&mut buf).await {
+            Ok(0) => break,
+            Err(_) => {
+                reset = true;
+                break;
+            }
+            Ok(n) => got += n,
+        }
+        // After a first burst, slowly: what the kernel buffered comes in 100-byte reads.
+        if got > (64 << 10) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Then as fast as possible: a response still being sent would arrive whole.
+    if !reset {
+        got += read_until_closed(&mut reader, Duration::from_secs(30)).await?.len();
+    }
+    assert!(got < 12 << 20, "the whole response reached a reader far below the minimum rate");
+    let stats = s.get("/stats").await?.json();
+    assert!(stats["http"]["body_timeouts"].as_u64() >= Some(1), "{stats}");
+    assert!(stats["http"]["response_timeouts"].as_u64() >= Some(1), "{stats}");
+    Ok(())
+}
+
+/// The bytes held for clients have one budget: bodies reserve their Content-Length before
+/// a byte is read, so once it is spent a further request waits briefly and gets a 503 with
+/// Retry-After without its body being read, and /ready says the replica is full.
+#[tokio::test]
+async fn request_bodies_past_the_buffer_budget_get_503_before_they_are_read() -> Result<()> {
+    const MIB: usize = 1 << 20;
+    let s = Supervisor::builder()
+        .function("echo")
+        .env("WASMBOX_MAX_BODY_BYTES", MIB)
+        .env("WASMBOX_SESSION_MAX_SNAPSHOT_BYTES", MIB)
+        .env("WASMBOX_MAX_BUFFERED_BYTES", 2 * MIB)
+        .env("WASMBOX_BODY_READ_TIMEOUT_MS", 4000)
+        .start()?;
+    // Two clients each announce a 1 MiB body and send none of it: the budget is spent.
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(s.addr).await?;
+        stream.write_all(format!("POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: {MIB}\r\n\r\n").as_bytes()).await?;
+        holders.push(stream);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = s.get("/ready").await?;
+        if ready.json()["buffers"]["used_bytes"] == 2 * MIB {
+            assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+            assert!(
+                ready.json()["reasons"].as_array().is_some_and(|r| r.iter().any(|x| x == "buffers")),
+                "{}",
+                ready.text()
+            );
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the budget was never taken: {}", ready.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A third: only the head is sent, and the answer comes without the body.
+    let mut third = TcpStream::connect(s.addr).await?;
+    third.write_all(format!("POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: {MIB}\r\n\r\n").as_bytes()).await?;
+    let started = Instant::now();
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), read_response(&mut third)).await??;
+    let waited = started.elapsed();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"overloaded\"") && body.contains("\"buffers\""), "{body}");
+    assert!(waited >= Duration::from_millis(900), "refused after {waited:?}, without waiting for budget");
+    // The holders time out (408); then the budget is back and a full body goes through.
+    for mut h in holders {
+        let (status, _) = tokio::time::timeout(Duration::from_secs(15), read_response(&mut h)).await??;
+        assert_eq!(status, 408);
+    }
+    let payload = bytes::Bytes::from(vec![b'z'; MIB]);
+    let r = s.request(http::Method::POST, "/echo", &[], payload.clone()).await?;
+    assert_eq!((r.status, r.body.len()), (StatusCode::OK, MIB));
+    let stats = s.get("/stats").await?.json();
+    assert_eq!(stats["buffers"]["used_bytes"], 0, "{stats}");
+    assert!(stats["buffers"]["refused"].as_u64() >= Some(1), "{stats}");
+    assert_eq!(s.get("/ready").await?.status, StatusCode::OK);
     Ok(())
 }

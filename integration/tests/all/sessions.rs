@@ -433,3 +433,113 @@ async fn session_ids_stay_out_of_the_log() -> anyhow::Result<()> {
     assert!(logs.matches(&short).count() >= 3, "create, message and delete name {short}:\n{logs}");
     Ok(())
 }
+
+/// Per-function quotas: one function cannot take every session or all the stored bytes
+/// from the others. Its own limits (name.toml) and the server's defaults both apply, with
+/// the scope in the error; a message whose state would pass a byte limit changes nothing.
+#[tokio::test]
+async fn session_quotas_per_function_and_for_the_state_directory() -> anyhow::Result<()> {
+    let other = std::fs::read(function_wasm("counter"))?;
+    let s = counter()
+        .module("other", other)
+        .file("counter.toml", "[session]\nmax_sessions = 2\nmax_stored_bytes = 600000\n")
+        .env("WASMBOX_SESSION_MAX", 6)
+        .env("WASMBOX_SESSION_MAX_PER_FUNCTION", 3)
+        .start()?;
+    let c = s.client();
+    // counter: its own limit of 2 sessions.
+    let a = create(&c, "counter").await?;
+    let _b = create(&c, "counter").await?;
+    let r = c.post("/sessions/counter", Bytes::new()).await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::INSUFFICIENT_STORAGE, "session_limit"), "{}", r.text());
+    assert_eq!((r.json()["scope"].as_str(), r.json()["max_sessions"].as_u64()), (Some("function"), Some(2)));
+    // other: the server's per-function default (3), unaffected by counter being full.
+    let others: Vec<String> =
+        [create(&c, "other").await?, create(&c, "other").await?, create(&c, "other").await?].into();
+    let r = c.post("/sessions/other", Bytes::new()).await?;
+    assert_eq!((r.json()["scope"].as_str(), r.json()["max_sessions"].as_u64()), (Some("function"), Some(3)));
+    // A new function would still get one, up to the server's total of 6... which is
+    // reached now (2 + 3 = 5, plus one import below).
+    let snapshot = c.get(&format!("/sessions/other/{}/snapshot", others[0])).await?.body;
+    let fresh_id = "0123456789abcdef0123456789abcdef";
+    let r = c.request(Method::PUT, &format!("/sessions/other/{fresh_id}/snapshot"), &[], snapshot).await?;
+    assert_eq!(r.json()["scope"].as_str(), Some("function"), "an import counts too: {}", r.text());
+
+    // Stored bytes: counter may keep 600,000 bytes of snapshots. A 2 MiB ballast encodes
+    // larger: refused, nothing committed.
+    let r = send(&c, "counter", &a, "fill 2").await?;
+    assert_eq!(
+        (r.status, r.kind().as_str()),
+        (StatusCode::INSUFFICIENT_STORAGE, "session_storage_full"),
+        "{}",
+        r.text()
+    );
+    assert_eq!((r.json()["scope"].as_str(), r.json()["limit_bytes"].as_u64()), (Some("function"), Some(600_000)));
+    assert_eq!(ok(&c, "counter", &a, "touch").await?, "0", "the ballast was not committed");
+    // A small state still fits; deleting gives the place back.
+    assert_eq!(ok(&c, "counter", &a, "incr n").await?, "1");
+    let r = c.request(Method::DELETE, &format!("/sessions/counter/{a}"), &[], Bytes::new()).await?;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    create(&c, "counter").await?;
+    Ok(())
+}
+
+/// The state directory's total: whatever each function may hold, all of them together stay
+/// within WASMBOX_SESSION_MAX_TOTAL_BYTES.
+#[tokio::test]
+async fn the_state_directory_has_a_total_byte_budget() -> anyhow::Result<()> {
+    let s = counter().env("WASMBOX_SESSION_MAX_TOTAL_BYTES", 1_500_000).start()?;
+    let c = s.client();
+    let a = create(&c, "counter").await?;
+    let b = create(&c, "counter").await?;
+    assert_eq!(ok(&c, "counter", &a, "fill 2").await?, "filled 2");
+    let used: u64 = c.get(&format!("/sessions/counter/{a}")).await?.json()["snapshot_bytes"].as_u64().unwrap_or(0);
+    assert!(used > 750_000, "a 2 MiB ballast encodes to {used} bytes");
+    let r = send(&c, "counter", &b, "fill 2").await?;
+    assert_eq!(
+        (r.status, r.kind().as_str()),
+        (StatusCode::INSUFFICIENT_STORAGE, "session_storage_full"),
+        "{}",
+        r.text()
+    );
+    assert_eq!((r.json()["scope"].as_str(), r.json()["limit_bytes"].as_u64()), (Some("server"), Some(1_500_000)));
+    assert_eq!(ok(&c, "counter", &b, "touch").await?, "0");
+    // Deleting a gives its bytes back: now b's state fits.
+    let r = c.request(Method::DELETE, &format!("/sessions/counter/{a}"), &[], Bytes::new()).await?;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(ok(&c, "counter", &b, "fill 2").await?, "filled 2");
+    Ok(())
+}
+
+/// A message is admitted (a worker, or a place in the queue) before its session's state is
+/// read: with the pool busy and the queue full it is refused without touching the state
+/// (here a corrupt file, which reading would report).
+#[tokio::test]
+async fn a_message_takes_its_queue_place_before_its_state_is_read() -> anyhow::Result<()> {
+    let s = counter().workers(1).function("cpu-spin").env("WASMBOX_QUEUE_DEPTH", 1).start()?;
+    let c = s.client();
+    let id = create(&c, "counter").await?;
+    let file = s.default_state_dir().join("sessions/counter").join(format!("{id}.snap"));
+    std::fs::write(&file, b"not a snapshot")?;
+    // The one worker busy for a while, the one queue place taken.
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.get("/cpu-spin?arg=3000").await })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while s.get("/ready").await?.json()["pool"]["queued"] != 1 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the queue never filled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = send(&c, "counter", &id, "get n").await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::TOO_MANY_REQUESTS, "queue_full"), "{}", r.text());
+    for t in busy {
+        assert_eq!(t.await??.status, StatusCode::OK);
+    }
+    // With a worker free, the state is read: and it is corrupt.
+    let r = send(&c, "counter", &id, "get n").await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "session_corrupt"), "{}", r.text());
+    Ok(())
+}

@@ -31,7 +31,7 @@ use wasmbox_protocol::{Invocation, ModuleRef, Outcome};
 
 use super::error::ApiError;
 use super::routes::dispatch;
-use super::routes::{invoke_failure, json_response, read_limited, registry_error};
+use super::routes::{invoke_failure, json_response, read_body, registry_error};
 use crate::App;
 use crate::registry::{FunctionName, sha256_hex};
 
@@ -99,7 +99,9 @@ async fn upload(
     name: FunctionName,
     request_id: &str,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let wasm = read_limited(req.into_body(), app.config.max_module_bytes).await?;
+    let (parts, body) = req.into_parts();
+    let upload = read_body(app, &parts, body, app.config.max_module_bytes).await?;
+    let wasm = upload.bytes.clone();
     if !wasm.starts_with(b"\0asm") {
         return Err(ApiError::InvalidModule("not a WebAssembly binary (it does not start with \\0asm)".into()));
     }

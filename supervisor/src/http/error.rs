@@ -28,6 +28,14 @@ pub enum ApiError {
     MethodNotAllowed { method: String, allow: &'static str },
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    #[error(
+        "the request body arrived too slowly: nothing for {timeout_ms} ms, or below WASMBOX_MIN_DATA_RATE after that (WASMBOX_BODY_READ_TIMEOUT_MS)"
+    )]
+    BodyTimeout { timeout_ms: u64 },
+    /// A resource shared by all clients is spent: `connections` (every connection slot is
+    /// taken) or `buffers` (WASMBOX_MAX_BUFFERED_BYTES).
+    #[error("the server is overloaded ({resource}); retry shortly or elsewhere")]
+    Overloaded { resource: &'static str },
     #[error("invalid module: {0}")]
     InvalidModule(String),
     #[error("invalid function config: {0}")]
@@ -69,9 +77,17 @@ pub enum ApiError {
     #[error("session {id} expired after {idle_secs} s without messages (WASMBOX_SESSION_IDLE_SECS); create a new one")]
     SessionExpired { id: String, idle_secs: u64 },
     #[error(
-        "the server holds its maximum of {max} sessions (WASMBOX_SESSION_MAX); delete one or wait for idle ones to expire"
+        "{} holds its maximum of {max} sessions ({}); delete one or wait for idle ones to expire",
+        if *scope == "function" { "this function" } else { "the server" },
+        if *scope == "function" { "[session] max_sessions or WASMBOX_SESSION_MAX_PER_FUNCTION" } else { "WASMBOX_SESSION_MAX" }
     )]
-    SessionLimit { max: usize },
+    SessionLimit { scope: &'static str, max: usize },
+    #[error(
+        "the state would pass the {limit} bytes of session state {} may hold ({}); nothing was changed",
+        if *scope == "function" { "this function" } else { "the server" },
+        if *scope == "function" { "[session] max_stored_bytes or WASMBOX_SESSION_MAX_BYTES_PER_FUNCTION" } else { "WASMBOX_SESSION_MAX_TOTAL_BYTES" }
+    )]
+    SessionStorageFull { scope: &'static str, limit: u64 },
     #[error("invalid snapshot: {0}")]
     SnapshotInvalid(String),
     #[error("snapshot exceeds the limit of {limit} bytes (WASMBOX_SESSION_MAX_SNAPSHOT_BYTES)")]
@@ -108,9 +124,13 @@ impl ApiError {
             ApiError::SessionModuleChanged { .. } => StatusCode::CONFLICT,
             // The server cannot store what the request needs: one more session, or a state
             // this large.
-            ApiError::SessionLimit { .. } | ApiError::SessionStateTooLarge { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::SessionLimit { .. }
+            | ApiError::SessionStorageFull { .. }
+            | ApiError::SessionStateTooLarge { .. } => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InvalidModule(_) | ApiError::InvalidFunctionConfig(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NonZeroExit { .. }
@@ -140,6 +160,8 @@ impl ApiError {
             ApiError::RouteNotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::BodyTooLarge { .. } => "body_too_large",
+            ApiError::BodyTimeout { .. } => "body_timeout",
+            ApiError::Overloaded { .. } => "overloaded",
             ApiError::InvalidModule(_) => "invalid_module",
             ApiError::InvalidFunctionConfig(_) => "invalid_function_config",
             ApiError::QueueFull { .. } => "queue_full",
@@ -157,6 +179,7 @@ impl ApiError {
             ApiError::SessionNotFound { .. } => "session_not_found",
             ApiError::SessionExpired { .. } => "session_expired",
             ApiError::SessionLimit { .. } => "session_limit",
+            ApiError::SessionStorageFull { .. } => "session_storage_full",
             ApiError::SnapshotInvalid(_) => "snapshot_invalid",
             ApiError::SnapshotTooLarge { .. } => "snapshot_too_large",
             ApiError::SessionStateTooLarge { .. } => "session_state_too_large",
@@ -177,11 +200,22 @@ impl ApiError {
             ApiError::SnapshotTooLarge { limit, .. } | ApiError::SessionStateTooLarge { limit } => {
                 body.insert("limit_bytes".into(), json!(limit));
             }
-            ApiError::SessionLimit { max } => {
+            ApiError::SessionLimit { scope, max } => {
+                body.insert("scope".into(), json!(scope));
                 body.insert("max_sessions".into(), json!(max));
+            }
+            ApiError::SessionStorageFull { scope, limit } => {
+                body.insert("scope".into(), json!(scope));
+                body.insert("limit_bytes".into(), json!(limit));
             }
             ApiError::QueueFull { depth } => {
                 body.insert("queue_depth".into(), json!(depth));
+            }
+            ApiError::BodyTimeout { timeout_ms } => {
+                body.insert("timeout_ms".into(), json!(timeout_ms));
+            }
+            ApiError::Overloaded { resource } => {
+                body.insert("resource".into(), json!(resource));
             }
             ApiError::NonZeroExit { code, stderr } => {
                 body.insert("exit_code".into(), json!(code));
@@ -219,8 +253,12 @@ impl ApiError {
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         match self {
-            ApiError::QueueFull { .. } | ApiError::ShuttingDown => {
+            ApiError::QueueFull { .. } | ApiError::ShuttingDown | ApiError::Overloaded { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            // The rest of the body is not read: the connection cannot carry another request.
+            ApiError::BodyTimeout { .. } => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             ApiError::MethodNotAllowed { allow, .. } => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
@@ -257,6 +295,8 @@ mod tests {
             (ApiError::RouteNotFound(s()), 404, "not_found"),
             (ApiError::MethodNotAllowed { method: s(), allow: "GET" }, 405, "method_not_allowed"),
             (ApiError::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
+            (ApiError::BodyTimeout { timeout_ms: 1 }, 408, "body_timeout"),
+            (ApiError::Overloaded { resource: "buffers" }, 503, "overloaded"),
             (ApiError::InvalidModule(s()), 422, "invalid_module"),
             (ApiError::InvalidFunctionConfig(s()), 422, "invalid_function_config"),
             (ApiError::QueueFull { depth: 1 }, 429, "queue_full"),
@@ -272,6 +312,15 @@ mod tests {
             (ApiError::DeadlineExceeded { timeout_ms: 1, worker_killed: false }, 504, "deadline_exceeded"),
             (ApiError::Unauthorized("x"), 401, "unauthorized"),
             (ApiError::CompileTimeout { timeout_ms: 1 }, 504, "compile_timeout"),
+            (ApiError::SessionNotFound { function: s(), id: s() }, 404, "session_not_found"),
+            (ApiError::SessionExpired { id: s(), idle_secs: 1 }, 410, "session_expired"),
+            (ApiError::SessionLimit { scope: "function", max: 1 }, 507, "session_limit"),
+            (ApiError::SessionStorageFull { scope: "server", limit: 1 }, 507, "session_storage_full"),
+            (ApiError::SnapshotInvalid(s()), 422, "snapshot_invalid"),
+            (ApiError::SnapshotTooLarge { limit: 1 }, 413, "snapshot_too_large"),
+            (ApiError::SessionStateTooLarge { limit: 1 }, 507, "session_state_too_large"),
+            (ApiError::SessionModuleChanged { function: s(), saved: s(), current: s() }, 409, "session_module_changed"),
+            (ApiError::SessionCorrupt { id: s(), reason: s() }, 500, "session_corrupt"),
         ];
         for (error, status, kind) in cases {
             assert_eq!(error.status().as_u16(), status, "{error:?}");
@@ -286,6 +335,10 @@ mod tests {
     fn queue_full_says_when_to_retry_and_405_says_what_is_allowed() {
         let r = ApiError::QueueFull { depth: 3 }.to_response();
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let r = ApiError::Overloaded { resource: "connections" }.to_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let r = ApiError::BodyTimeout { timeout_ms: 5 }.to_response();
+        assert_eq!(r.headers()[header::CONNECTION], "close");
         let r = ApiError::MethodNotAllowed { method: "PUT".into(), allow: "GET, POST" }.to_response();
         assert_eq!(r.headers()[header::ALLOW], "GET, POST");
     }

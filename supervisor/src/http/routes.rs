@@ -1,14 +1,15 @@
 //! Request routing and the invocation path: validate, resolve the function, read the body
 //! within its limit, wait for a worker, run, and map the outcome to a response.
 
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
 use serde_json::json;
 use wasmbox_protocol::{Invocation, InvocationResult, Outcome};
 
@@ -31,8 +32,17 @@ pub const HEADER_CPU_TIME: &str = "x-wasmbox-cpu-time-us";
 pub const HEADER_MEMORY_PEAK: &str = "x-wasmbox-memory-peak-bytes";
 pub const HEADER_MEMORY_LIMIT: &str = "x-wasmbox-memory-limit-bytes";
 
+/// The client's address, as a request extension (for the log line of a slow client).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// Responses at least this large are counted against `WASMBOX_MAX_BUFFERED_BYTES` until
+/// they are written out.
+const CHARGED_RESPONSE_BYTES: usize = 16 << 10;
+
 /// Handles one request; never fails: every error becomes a typed JSON response.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    req.extensions_mut().insert(Peer(peer));
     let request_id = request_id(&req);
     let mut response = match route(&app, req, &request_id).await {
         Ok(response) => response,
@@ -41,7 +51,40 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byte
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(HEADER_REQUEST_ID, value);
     }
-    response
+    charge_body(&app, response).await
+}
+
+/// Counts a large response body against the budget for as long as its bytes live: hyper
+/// drops them once they are written to the socket (or the connection goes).
+async fn charge_body(app: &App, response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    struct Charged {
+        bytes: Bytes,
+        _held: super::budget::Held,
+    }
+    impl AsRef<[u8]> for Charged {
+        fn as_ref(&self) -> &[u8] {
+            &self.bytes
+        }
+    }
+    if response.body().size_hint().exact().is_none_or(|n| n < CHARGED_RESPONSE_BYTES as u64) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    // One frame, already in memory: collecting it neither waits nor copies.
+    let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let held = app.buffers.charge(bytes.len() as u64);
+    Response::from_parts(parts, Full::new(Bytes::from_owner(Charged { bytes, _held: held })))
+}
+
+/// Handles the one request of a connection accepted beyond `WASMBOX_MAX_CONNECTIONS`: the
+/// health endpoints as usual (so probes and scrapes still get through), anything else a
+/// 503 the client can act on.
+pub fn handle_reserve(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match health_route(&app, &req) {
+        Some(Ok(response)) => response,
+        Some(Err(error)) => error.to_response(),
+        None => ApiError::Overloaded { resource: "connections" }.to_response(),
+    }
 }
 
 /// A client-supplied `X-Request-Id` when it is short and plain, else a fresh one.
@@ -77,6 +120,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Resu
                 "cgroups": app.cgroups,
                 "functions": app.usage.snapshot(),
                 "http": app.connections.stats(),
+                "buffers": app.buffer_stats(),
             });
             Ok(json_response(StatusCode::OK, &body))
         }
@@ -145,7 +189,7 @@ async fn invoke(
     app: &Arc<App>,
     req: Request<Incoming>,
     name: FunctionName,
-    read_body: bool,
+    with_body: bool,
     request_id: &str,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     if app.is_draining() {
@@ -156,7 +200,9 @@ async fn invoke(
     let args = request::query_args(parts.uri.query())?;
     let function = app.registry.lookup(&name).await.map_err(registry_error)?;
     let limits = request::limits(&parts.headers, &function.config.limits, &app.limits)?;
-    let stdin = if read_body { read_limited(body, app.config.max_body_bytes).await? } else { Bytes::new() };
+    // Held until the invocation is done: the bytes live as long.
+    let stdin = if with_body { Some(read_body(app, &parts, body, app.config.max_body_bytes).await?) } else { None };
+    let stdin_bytes = stdin.as_ref().map(|b| b.bytes.clone()).unwrap_or_default();
 
     let span = tracing::info_span!("invoke", request_id, function = %name);
     let _entered = span.enter();
@@ -188,7 +234,7 @@ async fn invoke(
         invocation.module = function.module.clone();
         invocation.preopens = function.config.preopens.clone();
         let Dispatched { completed, worker, queue_wait } =
-            dispatch(app, &invocation, vec![stdin.clone()], files).await?;
+            dispatch(app, &invocation, vec![stdin_bytes.clone()], files).await?;
         let meta = Meta { worker, queue_wait };
         let ran =
             completed.as_ref().ok().map(|done| (Duration::from_micros(done.result.exec_us), done.result.module_source));
@@ -437,16 +483,27 @@ pub(super) fn registry_error(e: RegistryError) -> ApiError {
     }
 }
 
-/// Reads the body, failing with 413 as soon as it passes `limit`: a declared
-/// Content-Length over the limit is refused before any byte is read, and a chunked body is
-/// cut off at the limit, so an oversized upload is never buffered.
-pub(super) async fn read_limited(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
-    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    match Limited::new(body, limit_usize).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::BodyTooLarge { limit }),
-        Err(e) => Err(ApiError::BadBody(e.to_string())),
+/// Reads a request body within `limit`, the budget of bytes held for clients and the body
+/// read timeout and minimum rate (see [`super::body`]). A Content-Length over the limit is
+/// refused before any byte is read, and a chunked body is cut off at the limit (413).
+pub(super) async fn read_body(
+    app: &App,
+    parts: &http::request::Parts,
+    body: Incoming,
+    limit: u64,
+) -> Result<super::body::Body, ApiError> {
+    let (time, _) = app.config.client_bounds();
+    let bounds = super::body::ReadBounds { limit, time };
+    let peer = parts.extensions.get::<Peer>().map(|p| p.0);
+    let read = super::body::read(body, bounds, &app.buffers, peer, || app.connections.body_timed_out()).await;
+    if let Err(ApiError::Overloaded { .. }) = &read {
+        tracing::warn!(
+            used = app.buffers.used(),
+            limit = app.buffers.limit(),
+            "request refused: the bytes held for clients are at WASMBOX_MAX_BUFFERED_BYTES"
+        );
     }
+    read
 }
 
 pub(super) fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {

@@ -21,8 +21,8 @@ use wasmbox_protocol::{Invocation, Outcome, SessionCall, SessionOp, SessionStats
 use super::error::ApiError;
 use super::request::{self, InvocationLimits};
 use super::routes::{
-    Dispatched, HEADER_WORKER, add_accounting, dispatch, invoke_failure, json_response, outcome_response, read_limited,
-    registry_error,
+    Dispatched, HEADER_WORKER, acquire, add_accounting, invoke_failure, json_response, open_files, outcome_response,
+    read_body, registry_error, run,
 };
 use crate::App;
 use crate::pool::Completed;
@@ -130,11 +130,11 @@ async fn resolve(
     app: &App,
     name: &FunctionName,
     req: Request<Incoming>,
-) -> Result<(Arc<Function>, InvocationLimits, Incoming), ApiError> {
+) -> Result<(Arc<Function>, InvocationLimits, http::request::Parts, Incoming), ApiError> {
     let (parts, body) = req.into_parts();
     let function = app.registry.lookup(name).await.map_err(registry_error)?;
     let limits = request::limits(&parts.headers, &function.config.limits, &app.limits)?;
-    Ok((function, limits, body))
+    Ok((function, limits, parts, body))
 }
 
 /// A session step's result with what the response needs besides it.
@@ -144,18 +144,29 @@ struct StepDone {
     queue_wait: Duration,
 }
 
-/// Runs one session step on a pool worker.
+/// Where a step's snapshot comes from.
+enum State<'a> {
+    /// A new session: none.
+    Fresh,
+    /// An import: the request body, already read (and counted).
+    Given(Bytes),
+    /// A message: the session's committed state, read only once a worker is ours.
+    Stored(&'a Session),
+}
+
+/// Runs one session step on a pool worker. Admission comes before allocation: the budget
+/// for the stored state, then a worker (the queue), then the state is read, and it goes to
+/// the worker as it was read, beside the message (one vectored write, no copy).
 async fn step(
     app: &Arc<App>,
     function: &Arc<Function>,
     op: SessionOp,
     limits: InvocationLimits,
-    snapshot: &[u8],
+    state: State<'_>,
     message: Bytes,
     request_id: &str,
 ) -> Result<StepDone, ApiError> {
-    let handler = handler(function);
-    let invocation = Invocation {
+    let mut invocation = Invocation {
         request_id: request_id.to_owned(),
         function: function.name.to_string(),
         module: function.module.clone(),
@@ -171,16 +182,33 @@ async fn step(
         prepare_only: false,
         session: Some(SessionCall {
             op,
-            handler,
-            snapshot_len: snapshot.len() as u64,
+            handler: handler(function),
+            snapshot_len: 0,
             max_snapshot_bytes: app.sessions.limits().max_snapshot_bytes,
         }),
     };
-    let (_, files) = super::routes::open_files(app, function.clone()).await?;
-    let payload = vec![Bytes::copy_from_slice(snapshot), message];
-    let Dispatched { completed, worker, queue_wait } = dispatch(app, &invocation, payload, files).await?;
+    let _state_budget = match &state {
+        State::Stored(session) => Some(
+            app.buffers
+                .take(session.snapshot_bytes.load(std::sync::atomic::Ordering::Relaxed))
+                .await
+                .map_err(|_| ApiError::Overloaded { resource: "buffers" })?,
+        ),
+        _ => None,
+    };
+    let lease = acquire(app, &invocation).await?;
+    let (_, files) = open_files(app, function.clone()).await?;
+    let snapshot = match state {
+        State::Fresh => Bytes::new(),
+        State::Given(bytes) => bytes,
+        State::Stored(session) => load(app, session, function).await?,
+    };
+    if let Some(call) = invocation.session.as_mut() {
+        call.snapshot_len = snapshot.len() as u64;
+    }
+    let Dispatched { completed, worker, queue_wait } = run(lease, &invocation, vec![snapshot, message], files).await?;
     match completed {
-        Ok(completed) => {
+        Ok(mut completed) => {
             if let Some(used) = &completed.accounting {
                 app.usage.record(&function.name, used);
             }
@@ -192,6 +220,10 @@ async fn step(
                     current: "(replaced during the message)".into(),
                 });
             }
+            // The new state is in memory until it is committed: counted like a response.
+            let held = app.buffers.charge(completed.snapshot.len() as u64);
+            completed.snapshot =
+                Bytes::from_owner(Counted { bytes: std::mem::take(&mut completed.snapshot), _held: held });
             Ok(StepDone { completed, worker, queue_wait })
         }
         Err(failure) => {
@@ -200,6 +232,18 @@ async fn step(
             }
             Err(invoke_failure(failure, &invocation))
         }
+    }
+}
+
+/// Bytes counted against the budget for as long as they live.
+struct Counted {
+    bytes: Bytes,
+    _held: crate::http::budget::Held,
+}
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
     }
 }
 
@@ -247,11 +291,11 @@ async fn create(
         return Err(ApiError::ShuttingDown);
     }
     let started = Instant::now();
-    let (function, limits, body) = resolve(app, &name, req).await?;
-    let stdin = read_limited(body, app.config.max_body_bytes).await?;
-    let reservation =
-        app.sessions.reserve().ok_or(ApiError::SessionLimit { max: app.sessions.limits().max_sessions })?;
-    let done = step(app, &function, SessionOp::Create, limits, &[], stdin, request_id).await?;
+    let (function, limits, parts, body) = resolve(app, &name, req).await?;
+    let stdin = read_body(app, &parts, body, app.config.max_body_bytes).await?;
+    let quota = app.sessions.quota(&function.config);
+    let reservation = app.sessions.reserve(&name, quota).map_err(quota_error)?;
+    let done = step(app, &function, SessionOp::Create, limits, State::Fresh, stdin.bytes.clone(), request_id).await?;
     let outcome_kind = outcome_kind(&done);
     if let Some(response) = failed_step(&done, limits) {
         log_step(app, &name, None, "create", outcome_kind, &done, started);
@@ -262,9 +306,11 @@ async fn create(
     let state = done.completed.snapshot.clone();
     verify_new_snapshot(app, &function, &state)?;
     let id = sessions::new_id();
+    let growth = app.sessions.grow(&name, 0, state.len() as u64, quota).map_err(quota_error)?;
     let commit_started = Instant::now();
     app.sessions.write(&name, &id, state.clone()).await.map_err(|e| store_error(&id, &e))?;
     let commit = commit_started.elapsed();
+    growth.keep();
     app.sessions.insert(reservation, &name, &id, state.len() as u64);
     let body = json!({
         "id": id,
@@ -277,19 +323,26 @@ async fn create(
     if let Ok(v) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, v);
     }
-    commit_headers(&mut response, &id, state.len(), commit);
+    commit_headers(&mut response, &id, state.len() as u64, commit);
     session_headers(&mut response, &done, done.completed.result.session);
     log_step(app, &name, Some(&id), "create", "ok", &done, started);
     Ok(response)
 }
 
-fn commit_headers(response: &mut Response<Full<Bytes>>, id: &str, bytes: usize, commit: Duration) {
+fn commit_headers(response: &mut Response<Full<Bytes>>, id: &str, bytes: u64, commit: Duration) {
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(id) {
         headers.insert(HEADER_SESSION_ID, v);
     }
     headers.insert(HEADER_SNAPSHOT_BYTES, HeaderValue::from(bytes));
     headers.insert(HEADER_COMMIT_TIME, HeaderValue::from(micros(commit)));
+}
+
+fn quota_error(e: sessions::QuotaError) -> ApiError {
+    match e {
+        sessions::QuotaError::Sessions { scope, max } => ApiError::SessionLimit { scope, max },
+        sessions::QuotaError::Bytes { scope, limit } => ApiError::SessionStorageFull { scope, limit },
+    }
 }
 
 fn store_error(id: &str, e: &std::io::Error) -> ApiError {
@@ -359,12 +412,13 @@ async fn message(
     }
     let started = Instant::now();
     let session = find(app, &name, id)?;
-    let (function, limits, body) = resolve(app, &name, req).await?;
-    let stdin = read_limited(body, app.config.max_body_bytes).await?;
+    let (function, limits, parts, body) = resolve(app, &name, req).await?;
+    let stdin = read_body(app, &parts, body, app.config.max_body_bytes).await?;
     let _guard = lock(app, &session).await?;
     session.touch();
-    let state = load(app, &session, &function).await?;
-    let done = step(app, &function, SessionOp::Message, limits, &state, stdin, request_id).await?;
+    let old_size = session.snapshot_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    let state = State::Stored(&session);
+    let done = step(app, &function, SessionOp::Message, limits, state, stdin.bytes.clone(), request_id).await?;
     let kind = outcome_kind(&done);
     let stats = done.completed.result.session;
     if let Some(mut response) = failed_step(&done, limits) {
@@ -377,14 +431,17 @@ async fn message(
     let committed = !new_state.is_empty();
     if committed {
         verify_new_snapshot(app, &function, &new_state)?;
+        let quota = app.sessions.quota(&function.config);
+        let growth = app.sessions.grow(&name, old_size, new_state.len() as u64, quota).map_err(quota_error)?;
         let commit_started = Instant::now();
         app.sessions.write(&name, id, new_state.clone()).await.map_err(|e| store_error(id, &e))?;
         commit = commit_started.elapsed();
+        growth.keep();
         session.snapshot_bytes.store(new_state.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
     let c = &done.completed;
     let (mut response, _) = outcome_response(&c.result, c.stdout.clone(), &c.stderr, limits.timeout_ms);
-    let size = if committed { new_state.len() } else { state.len() };
+    let size = if committed { new_state.len() as u64 } else { old_size };
     commit_headers(&mut response, id, size, commit);
     response.headers_mut().insert("x-wasmbox-session-committed", HeaderValue::from_static(bool_str(committed)));
     session_headers(&mut response, &done, stats);
@@ -398,7 +455,7 @@ fn bool_str(b: bool) -> &'static str {
 
 /// Reads the session's committed state and checks it belongs to the function's module as
 /// it is now.
-async fn load(app: &App, session: &Session, function: &Function) -> Result<Vec<u8>, ApiError> {
+async fn load(app: &App, session: &Session, function: &Function) -> Result<Bytes, ApiError> {
     let state = app.sessions.read(session).await.map_err(|e| {
         tracing::error!(session = %sessions::log_id(&session.id), error = %e, "cannot read session state");
         ApiError::SessionCorrupt { id: session.id.clone(), reason: format!("cannot read it: {e}") }
@@ -440,6 +497,12 @@ async fn delete(app: &Arc<App>, name: &FunctionName, id: &str) -> Result<Respons
 async fn export(app: &Arc<App>, name: &FunctionName, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
     let session = find(app, name, id)?;
     let _guard = lock(app, &session).await?;
+    // Counted before it is read; the response then counts until it is written.
+    let _budget = app
+        .buffers
+        .take(session.snapshot_bytes.load(std::sync::atomic::Ordering::Relaxed))
+        .await
+        .map_err(|_| ApiError::Overloaded { resource: "buffers" })?;
     let state = app
         .sessions
         .read(&session)
@@ -448,7 +511,7 @@ async fn export(app: &Arc<App>, name: &FunctionName, id: &str) -> Result<Respons
     let module = snapshot::parse(&state)
         .map_err(|e| ApiError::SessionCorrupt { id: id.to_owned(), reason: e.to_string() })?
         .module_hex();
-    let mut response = Response::new(Full::new(Bytes::from(state)));
+    let mut response = Response::new(Full::new(state));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(SNAPSHOT_CONTENT_TYPE));
     if let Ok(v) = HeaderValue::from_str(&module) {
@@ -476,14 +539,17 @@ async fn import(
             "session id {id:?} is not 32 lowercase hex digits (as the server makes them)"
         )));
     }
-    let (function, limits, body) = resolve(app, &name, req).await?;
+    let (function, limits, parts, body) = resolve(app, &name, req).await?;
     let max = app.sessions.limits().max_snapshot_bytes;
-    let state = read_limited(body, max).await.map_err(|e| match e {
+    let upload = read_body(app, &parts, body, max).await.map_err(|e| match e {
         ApiError::BodyTooLarge { limit } => ApiError::SnapshotTooLarge { limit },
         other => other,
     })?;
+    let state = upload.bytes.clone();
     snapshot::parse_for(&state, &function.module.sha256).map_err(|e| ApiError::SnapshotInvalid(e.to_string()))?;
-    let done = step(app, &function, SessionOp::Check, limits, &state, Bytes::new(), request_id).await?;
+    let quota = app.sessions.quota(&function.config);
+    let given = State::Given(state.clone());
+    let done = step(app, &function, SessionOp::Check, limits, given, Bytes::new(), request_id).await?;
     if let Some(mut response) = failed_step(&done, limits) {
         session_headers(&mut response, &done, done.completed.result.session);
         log_step(app, &name, Some(id), "import", outcome_kind(&done), &done, started);
@@ -496,7 +562,10 @@ async fn import(
     match session {
         Some(session) => {
             let _guard = lock(app, &session).await?;
+            let old = session.snapshot_bytes.load(std::sync::atomic::Ordering::Relaxed);
+            let growth = app.sessions.grow(&name, old, state.len() as u64, quota).map_err(quota_error)?;
             app.sessions.write(&name, id, state.clone()).await.map_err(|e| store_error(id, &e))?;
+            growth.keep();
             session.snapshot_bytes.store(state.len() as u64, std::sync::atomic::Ordering::Relaxed);
             session.touch();
         }
@@ -513,16 +582,17 @@ async fn import(
             if app.sessions.exists_elsewhere(&name, id) {
                 return Err(ApiError::SnapshotInvalid(format!("session id {id} belongs to another function")));
             }
-            let reservation =
-                app.sessions.reserve().ok_or(ApiError::SessionLimit { max: app.sessions.limits().max_sessions })?;
+            let reservation = app.sessions.reserve(&name, quota).map_err(quota_error)?;
+            let growth = app.sessions.grow(&name, 0, state.len() as u64, quota).map_err(quota_error)?;
             app.sessions.write(&name, id, state.clone()).await.map_err(|e| store_error(id, &e))?;
+            growth.keep();
             app.sessions.insert(reservation, &name, id, state.len() as u64);
         }
     }
     log_step(app, &name, Some(id), "import", "ok", &done, started);
     let body = json!({"id": id, "function": name.as_str(), "snapshot_bytes": state.len()});
     let mut response = json_response(status, &body);
-    commit_headers(&mut response, id, state.len(), Duration::ZERO);
+    commit_headers(&mut response, id, state.len() as u64, Duration::ZERO);
     Ok(response)
 }
 

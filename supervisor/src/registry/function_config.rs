@@ -35,6 +35,11 @@ struct ConfigFile {
 struct SessionFile {
     /// The exported function each message is delivered to (default `handle`).
     handler: Option<String>,
+    /// Sessions this function may hold (default WASMBOX_SESSION_MAX_PER_FUNCTION).
+    max_sessions: Option<usize>,
+    /// Bytes of snapshots its sessions may hold (default
+    /// WASMBOX_SESSION_MAX_BYTES_PER_FUNCTION).
+    max_stored_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,6 +84,9 @@ pub struct FunctionConfig {
     pub limits: FunctionLimits,
     /// `[session] handler`: the export a session message calls (`None`: `handle`).
     pub session_handler: Option<String>,
+    /// `[session] max_sessions` and `max_stored_bytes` (`None`: the server's default).
+    pub session_max_sessions: Option<usize>,
+    pub session_max_stored_bytes: Option<u64>,
 }
 
 /// Parses and resolves a config file's text; `base` resolves relative preopen paths.
@@ -140,7 +148,12 @@ pub fn parse(text: &str, base: &Path) -> Result<FunctionConfig, String> {
             ));
         }
     }
+    if file.session.max_sessions == Some(0) || file.session.max_stored_bytes == Some(0) {
+        return Err("session.max_sessions and session.max_stored_bytes must be at least 1".into());
+    }
     Ok(FunctionConfig {
+        session_max_sessions: file.session.max_sessions,
+        session_max_stored_bytes: file.session.max_stored_bytes,
         default_args: file.args,
         env: file.env.into_iter().collect(),
         preopens,

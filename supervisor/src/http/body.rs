@@ -1,0 +1,102 @@
+//! Reading a request body within its bounds: its size limit (413), the budget of bytes
+//! held for clients (503 when it stays spent, before anything is read), and time: no byte
+//! for `WASMBOX_BODY_READ_TIMEOUT_MS`, or slower than `WASMBOX_MIN_DATA_RATE` once that
+//! timeout has passed, is a 408 and the connection is closed (as nginx's
+//! `client_body_timeout`, with Kestrel's minimum data rate so a trickle cannot reset the
+//! clock forever).
+
+use std::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use tokio::time::Instant;
+
+use super::budget::{Budget, Held};
+use super::error::ApiError;
+use super::io::WriteBounds;
+
+/// How much budget a body of unknown length (chunked) takes at a time.
+const GRANULE: u64 = 64 << 10;
+
+/// A request body read whole, with the budget it holds: keep it as long as the bytes.
+#[derive(Debug)]
+pub struct Body {
+    pub bytes: Bytes,
+    pub held: Held,
+}
+
+/// What bounds a body read.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadBounds {
+    pub limit: u64,
+    /// The idle timeout and minimum rate (the same rule as for responses).
+    pub time: WriteBounds,
+}
+
+/// Reads `body` whole (see the module docs). `peer` is for the log line of a timeout.
+pub async fn read(
+    body: Incoming,
+    bounds: ReadBounds,
+    budget: &std::sync::Arc<Budget>,
+    peer: Option<SocketAddr>,
+    on_timeout: impl FnOnce(),
+) -> Result<Body, ApiError> {
+    let mut body = body;
+    let limit = bounds.limit;
+    let declared = body.size_hint().exact();
+    if let Some(len) = declared {
+        if len > limit {
+            return Err(ApiError::BodyTooLarge { limit });
+        }
+    }
+    let mut held = match declared {
+        Some(0) => return Ok(Body { bytes: Bytes::new(), held: budget.none() }),
+        Some(len) => budget.take(len).await.map_err(|_| overloaded())?,
+        None => budget.none(),
+    };
+    if body.is_end_stream() {
+        return Ok(Body { bytes: Bytes::new(), held });
+    }
+    let capacity = usize::try_from(declared.unwrap_or(0)).unwrap_or(0);
+    let mut buf = BytesMut::with_capacity(capacity);
+    let started = Instant::now();
+    let mut last = started;
+    loop {
+        let deadline = bounds.time.deadline(started, last, buf.len() as u64);
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                on_timeout();
+                tracing::info!(
+                    peer = peer.map(|p| p.to_string()).unwrap_or_default(),
+                    received = buf.len(),
+                    declared,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "client too slow sending its request body (WASMBOX_BODY_READ_TIMEOUT_MS, WASMBOX_MIN_DATA_RATE); 408, connection closed"
+                );
+                return Err(ApiError::BodyTimeout { timeout_ms: bounds.time.timeout.as_millis() as u64 });
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(ApiError::BadBody(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue }; // trailers
+        let total = buf.len() as u64 + data.len() as u64;
+        if total > limit {
+            return Err(ApiError::BodyTooLarge { limit });
+        }
+        if total > held.bytes() {
+            let want = (total.div_ceil(GRANULE) * GRANULE).min(limit);
+            held.grow_to(want.max(total)).await.map_err(|_| overloaded())?;
+        }
+        buf.extend_from_slice(&data);
+        if !data.is_empty() {
+            last = Instant::now();
+        }
+    }
+    Ok(Body { bytes: buf.freeze(), held })
+}
+
+fn overloaded() -> ApiError {
+    ApiError::Overloaded { resource: "buffers" }
+}
