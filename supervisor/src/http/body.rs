@@ -19,6 +19,11 @@ use super::io::WriteBounds;
 /// How much budget a body of unknown length (chunked) takes at a time.
 const GRANULE: u64 = 64 << 10;
 
+/// Most of a refused body read and discarded after the refusal, so the client finishes
+/// sending and reads the answer instead of having its upload reset (nginx's lingering
+/// close); past it, or past the read bounds, the connection is simply closed.
+const LINGER_BYTES: u64 = 16 << 20;
+
 /// A request body read whole, with the budget it holds: keep it as long as the bytes.
 #[derive(Debug)]
 pub struct Body {
@@ -47,12 +52,19 @@ pub async fn read(
     let declared = body.size_hint().exact();
     if let Some(len) = declared {
         if len > limit {
+            linger(body, bounds);
             return Err(ApiError::BodyTooLarge { limit });
         }
     }
     let mut held = match declared {
         Some(0) => return Ok(Body { bytes: Bytes::new(), held: budget.none() }),
-        Some(len) => budget.take(len).await.map_err(|_| overloaded())?,
+        Some(len) => match budget.take(len).await {
+            Ok(held) => held,
+            Err(_) => {
+                linger(body, bounds);
+                return Err(overloaded());
+            }
+        },
         None => budget.none(),
     };
     if body.is_end_stream() {
@@ -83,11 +95,15 @@ pub async fn read(
         let Ok(data) = frame.into_data() else { continue }; // trailers
         let total = buf.len() as u64 + data.len() as u64;
         if total > limit {
+            linger(body, bounds);
             return Err(ApiError::BodyTooLarge { limit });
         }
         if total > held.bytes() {
             let want = (total.div_ceil(GRANULE) * GRANULE).min(limit);
-            held.grow_to(want.max(total)).await.map_err(|_| overloaded())?;
+            if held.grow_to(want.max(total)).await.is_err() {
+                linger(body, bounds);
+                return Err(overloaded());
+            }
         }
         buf.extend_from_slice(&data);
         if !data.is_empty() {
@@ -95,6 +111,28 @@ pub async fn read(
         }
     }
     Ok(Body { bytes: buf.freeze(), held })
+}
+
+/// Reads and discards what is left of a refused body, in the background, within
+/// [`LINGER_BYTES`] and the read bounds: nothing of it is kept.
+fn linger(mut body: Incoming, bounds: ReadBounds) {
+    if body.is_end_stream() || body.size_hint().lower() > LINGER_BYTES {
+        return;
+    }
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let (mut seen, mut last) = (0u64, started);
+        while seen <= LINGER_BYTES {
+            let deadline = bounds.time.deadline(started, last, seen);
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    last = Instant::now();
+                }
+                _ => return,
+            }
+        }
+    });
 }
 
 fn overloaded() -> ApiError {
