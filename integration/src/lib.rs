@@ -152,6 +152,7 @@ pub struct Builder {
     files: Vec<(String, Vec<u8>)>,
     inherited: Option<std::fs::File>,
     cgroup_procs: Vec<PathBuf>,
+    run_as: Option<(u32, u32)>,
 }
 
 impl Builder {
@@ -159,6 +160,13 @@ impl Builder {
     /// joins them before it runs), as a container runtime would place it.
     pub fn in_cgroups(mut self, procs: Vec<PathBuf>) -> Self {
         self.cgroup_procs = procs;
+        self
+    }
+
+    /// Starts the supervisor as `uid`:`gid` (the test runs as root), as an unprivileged
+    /// container would: its directories (functions, state, a cache of its own) belong to it.
+    pub fn run_as(mut self, uid: u32, gid: u32) -> Self {
+        self.run_as = Some((uid, gid));
         self
     }
 
@@ -267,6 +275,16 @@ impl Builder {
             .stderr(Stdio::piped());
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some((uid, gid)) = self.run_as {
+            use std::os::unix::process::CommandExt;
+            let cache = dir.path().join("cache");
+            std::fs::create_dir(&cache)?;
+            cmd.env("WASMBOX_CACHE_DIR", &cache);
+            for entry in walk(dir.path()) {
+                std::os::unix::fs::lchown(&entry, Some(uid), Some(gid))?;
+            }
+            cmd.uid(uid).gid(gid);
         }
         if let Some(file) = &self.inherited {
             use std::os::fd::AsRawFd;
@@ -412,6 +430,7 @@ impl Supervisor {
             files: Vec::new(),
             inherited: None,
             cgroup_procs: Vec::new(),
+            run_as: None,
         };
         match std::env::var("WASMBOX_TEST_ENGINE") {
             Ok(engine) if !engine.is_empty() => builder.engine(&engine),
@@ -506,6 +525,20 @@ impl Drop for Supervisor {
         }
         remove_cgroups_named(&self.cgroup_parent);
     }
+}
+
+/// `root` and everything under it, not following links.
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        let dir = out[i].clone();
+        i += 1;
+        if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+            out.extend(std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()));
+        }
+    }
+    out
 }
 
 /// Removes every cgroup directory named `name` (and the `worker-<n>`/`supervisor` cgroups

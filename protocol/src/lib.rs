@@ -191,8 +191,8 @@ pub struct Hello {
 }
 
 /// Names of the worker hardening layers, as reported in [`Hello::hardening`].
-pub const HARDENING_LAYERS: [&str; 7] =
-    ["close_fds", "rlimits", "netns", "user", "pdeathsig", "no_new_privs", "seccomp"];
+pub const HARDENING_LAYERS: [&str; 8] =
+    ["close_fds", "rlimits", "netns", "user", "pdeathsig", "non_dumpable", "no_new_privs", "seccomp"];
 
 /// Bytes of a function's stderr that are kept (its tail): what error responses carry.
 pub const STDERR_TAIL_BYTES: usize = 4096;

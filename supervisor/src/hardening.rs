@@ -169,7 +169,7 @@ impl WorkerHardening {
 
     /// The layer names a worker's hello must report (protocol `HARDENING_LAYERS`).
     pub fn expected_layers(&self) -> Vec<&'static str> {
-        let mut layers = vec!["pdeathsig"];
+        let mut layers = vec!["pdeathsig", "non_dumpable"];
         let on = [
             ("close_fds", self.close_fds),
             ("rlimits", self.rlimits.is_some()),
@@ -186,7 +186,7 @@ impl WorkerHardening {
 /// The startup log line: `active: ...; skipped: layer (why), ...`.
 impl fmt::Display for WorkerHardening {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut active = vec!["pdeathsig".to_string()];
+        let mut active = vec!["pdeathsig".to_string(), "non_dumpable".to_string()];
         if self.close_fds {
             active.push("close_fds".into());
         }
@@ -299,7 +299,7 @@ mod tests {
             "--worker-seccomp=off",
         ])
         .expect("all off");
-        assert_eq!(none.expected_layers(), vec!["pdeathsig"]);
+        assert_eq!(none.expected_layers(), vec!["pdeathsig", "non_dumpable"]);
         assert_eq!(none.worker_args(), vec!["--seccomp=off".to_string()]);
         let line = none.to_string();
         for layer in ["close_fds", "rlimits", "user", "netns", "no_new_privs", "seccomp"] {

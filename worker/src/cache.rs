@@ -8,7 +8,10 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+
+use nix::fcntl::OFlag;
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
@@ -16,7 +19,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use wasmbox_protocol::{ModuleRef, ModuleSource};
 
-use crate::engine::{Engine, EngineError, ModuleKind};
+use crate::engine::{ArtifactFile, Engine, EngineError, ModuleKind};
 use crate::session::{Layout, instrument};
 
 /// Why a module could not be made ready.
@@ -68,6 +71,8 @@ struct Entry<M> {
 pub struct ModuleCache<E: Engine> {
     engine: E,
     artifact_dir: Option<PathBuf>,
+    /// The artifact directory, opened once: every artifact is reached relative to it.
+    artifact_fd: Option<OwnedFd>,
     capacity: usize,
     max_module_bytes: u64,
     /// By [`wasmbox_protocol::module_key`]: a module and its session form are two entries.
@@ -115,9 +120,19 @@ impl<E: Engine> ModuleCache<E> {
             }
             _ => None,
         };
+        let artifact_fd = match &artifact_dir {
+            Some(dir) => {
+                let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+                let fd = nix::fcntl::open(dir, flags, nix::sys::stat::Mode::empty())
+                    .map_err(|e| CacheDirError::Create { path: dir.clone(), source: e.into() })?;
+                Some(fd)
+            }
+            None => None,
+        };
         Ok(ModuleCache {
             engine,
             artifact_dir,
+            artifact_fd,
             capacity: capacity.max(1),
             max_module_bytes,
             entries: HashMap::new(),
@@ -138,9 +153,10 @@ impl<E: Engine> ModuleCache<E> {
     /// to artifacts relative to it from then on, so a worker that drops to an unprivileged
     /// user keeps reaching it even when its parents are closed to that user.
     pub fn enter_artifact_dir(&mut self) -> std::io::Result<()> {
-        match &self.artifact_dir {
+        match &self.artifact_fd {
+            // The directory as it was checked, whatever its path leads to now.
             Some(dir) => {
-                std::env::set_current_dir(dir)?;
+                nix::unistd::fchdir(dir)?;
                 self.artifact_dir = Some(PathBuf::from("."));
             }
             None => std::env::set_current_dir("/")?,
@@ -202,17 +218,9 @@ impl<E: Engine> ModuleCache<E> {
             return self.load_or_compile_session(module, file);
         }
         let command = |m| Prepared { module: m, layout: None };
-        let artifact = self.artifact_path(&module.sha256, kind);
-        if let Some(path) = &artifact {
-            if is_trusted_artifact(path) {
-                match self.engine.load_artifact(path, kind) {
-                    Ok(m) => return Ok((command(m), ModuleSource::Artifact)),
-                    Err(e) => {
-                        tracing::info!(artifact = %path.display(), error = %e, "discarding unusable artifact");
-                        let _ = fs::remove_file(path);
-                    }
-                }
-            }
+        let artifact = self.artifact_name(&module.sha256, kind);
+        if let Some(m) = artifact.as_deref().and_then(|name| self.load_trusted(name, kind)) {
+            return Ok((command(m), ModuleSource::Artifact));
         }
         let wasm = read_module(&module.path, file, self.max_module_bytes)?;
         if sha256_hex(&wasm) != module.sha256 {
@@ -237,31 +245,47 @@ impl<E: Engine> ModuleCache<E> {
         let instrument::Instrumented { wasm, layout } =
             instrument::instrument(&wasm).map_err(|e| PrepareError::Invalid(e.to_string()))?;
         let layout = Some(Arc::new(layout));
-        let artifact = self.artifact_path(&module.sha256, ModuleKind::Session);
-        if let Some(path) = &artifact {
-            if is_trusted_artifact(path) {
-                match self.engine.load_artifact(path, ModuleKind::Session) {
-                    Ok(m) => return Ok((Prepared { module: m, layout }, ModuleSource::Artifact)),
-                    Err(e) => {
-                        tracing::info!(artifact = %path.display(), error = %e, "discarding unusable artifact");
-                        let _ = fs::remove_file(path);
-                    }
-                }
-            }
+        let artifact = self.artifact_name(&module.sha256, ModuleKind::Session);
+        if let Some(m) = artifact.as_deref().and_then(|name| self.load_trusted(name, ModuleKind::Session)) {
+            return Ok((Prepared { module: m, layout }, ModuleSource::Artifact));
         }
         let (m, source) = self.compile_cached(&wasm, artifact.as_deref(), ModuleKind::Session)?;
         Ok((Prepared { module: m, layout }, source))
     }
 
-    /// Compiles `wasm`, through an artifact written at `artifact` when there is a cache.
+    /// The artifact file `name` in the artifact directory (which exists when a name does).
+    fn artifact_file<'a>(&'a self, name: &'a str, path: &'a Path) -> Option<ArtifactFile<'a>> {
+        Some(ArtifactFile { dir: self.artifact_fd.as_ref()?.as_fd(), name, path })
+    }
+
+    /// Loads artifact `name` if it is one this program wrote; an artifact the engine
+    /// refuses is deleted (and rebuilt by the caller).
+    fn load_trusted(&self, name: &str, kind: ModuleKind) -> Option<E::Module> {
+        let path = self.artifact_dir.as_ref()?.join(name);
+        let artifact = self.artifact_file(name, &path)?;
+        if !is_trusted_artifact(&artifact) {
+            return None;
+        }
+        match self.engine.load_artifact(&artifact, kind) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::info!(artifact = %path.display(), error = %e, "discarding unusable artifact");
+                let _ = nix::unistd::unlinkat(artifact.dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir);
+                None
+            }
+        }
+    }
+
+    /// Compiles `wasm`, through the artifact `artifact` (a name in the artifact directory)
+    /// when there is a cache.
     fn compile_cached(
         &self,
         wasm: &[u8],
-        artifact: Option<&Path>,
+        artifact: Option<&str>,
         kind: ModuleKind,
     ) -> Result<(E::Module, ModuleSource), PrepareError> {
-        if let Some(path) = artifact {
-            match self.precompile_to(wasm, path, kind) {
+        if let Some(name) = artifact {
+            match self.precompile_to(wasm, name, kind) {
                 Ok(m) => return Ok((m, ModuleSource::Compiled)),
                 Err(EngineError::InvalidModule(message)) => return Err(PrepareError::Invalid(message)),
                 Err(e) => tracing::warn!(error = %e, "precompiling to the cache failed; compiling in memory"),
@@ -278,29 +302,37 @@ impl<E: Engine> ModuleCache<E> {
 
     /// Writes the artifact under a unique temporary name and renames it into place, so a
     /// concurrent reader sees either no artifact or a whole one.
-    fn precompile_to(&self, wasm: &[u8], path: &Path, kind: ModuleKind) -> Result<E::Module, EngineError> {
+    fn precompile_to(&self, wasm: &[u8], name: &str, kind: ModuleKind) -> Result<E::Module, EngineError> {
+        let dir = self.artifact_dir.clone().unwrap_or_default();
+        let path = dir.join(name);
         // The extension stays last: some engines (WasmEdge's compiler) pick the output
         // format from it.
-        let ext = path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = path.with_extension(format!("tmp-{}.{ext}", std::process::id()));
-        let result = self
-            .engine
-            .precompile(wasm, &tmp)
-            .and_then(|()| fs::rename(&tmp, path).map_err(|source| EngineError::Io { path: path.into(), source }));
+        let (stem, ext) = name.rsplit_once('.').unwrap_or((name, ""));
+        let tmp_name = format!("{stem}.tmp-{}.{ext}", std::process::id());
+        let tmp_path = dir.join(&tmp_name);
+        let (Some(tmp), Some(target)) = (self.artifact_file(&tmp_name, &tmp_path), self.artifact_file(name, &path))
+        else {
+            return Err(EngineError::Unsupported("artifacts without a cache directory"));
+        };
+        let result = self.engine.precompile(wasm, &tmp).and_then(|()| {
+            nix::fcntl::renameat(tmp.dir, tmp.name, target.dir, target.name)
+                .map_err(|e| EngineError::Io { path: path.clone(), source: e.into() })
+        });
         if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+            let _ = nix::unistd::unlinkat(tmp.dir, tmp.name, nix::unistd::UnlinkatFlags::NoRemoveDir);
         }
         result?;
-        self.engine.load_artifact(path, kind)
+        self.engine.load_artifact(&target, kind)
     }
 
-    fn artifact_path(&self, hash: &str, kind: ModuleKind) -> Option<PathBuf> {
+    /// The artifact's file name in the artifact directory.
+    fn artifact_name(&self, hash: &str, kind: ModuleKind) -> Option<String> {
         let ext = self.engine.artifact_extension()?;
-        let name = match kind {
+        self.artifact_fd.as_ref()?;
+        Some(match kind {
             ModuleKind::Command => format!("{hash}.{ext}"),
             ModuleKind::Session => format!("{hash}.session.{ext}"),
-        };
-        Some(self.artifact_dir.as_ref()?.join(name))
+        })
     }
 }
 
@@ -353,18 +385,18 @@ fn create_private_dir(path: &Path, owner: Option<(u32, u32)>) -> Result<(), Cach
     Ok(())
 }
 
-fn is_trusted_artifact(path: &Path) -> bool {
-    match fs::symlink_metadata(path) {
-        Ok(meta) => {
-            meta.file_type().is_file() && meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o022 == 0
+/// A regular file (not a link) owned by this uid and writable by nobody else.
+fn is_trusted_artifact(artifact: &ArtifactFile<'_>) -> bool {
+    use nix::sys::stat::{FileStat, SFlag};
+    let at = nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW;
+    match nix::sys::stat::fstatat(artifact.dir, artifact.name, at) {
+        Ok(FileStat { st_mode, st_uid, .. }) => {
+            SFlag::from_bits_truncate(st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG
+                && st_uid == nix::unistd::geteuid().as_raw()
+                && st_mode & 0o022 == 0
         }
         Err(_) => false,
     }
-}
-
-/// Opens files for artifacts with owner-only permissions (used by engines writing them).
-pub fn create_artifact_file(path: &Path) -> std::io::Result<fs::File> {
-    fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
 }
 
 #[cfg(test)]
@@ -391,7 +423,7 @@ mod tests {
         // A second worker finds the artifact the first one wrote.
         let mut b = ModuleCache::new(WasmtimeEngine::new(false).unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
         assert_eq!(b.get(&m, None, ModuleKind::Command).unwrap().1, ModuleSource::Artifact);
-        let artifact = b.artifact_path(&m.sha256, ModuleKind::Command).unwrap();
+        let artifact = b.artifact_dir().unwrap().join(b.artifact_name(&m.sha256, ModuleKind::Command).unwrap());
         assert_eq!(fs::metadata(&artifact).unwrap().mode() & 0o077, 0, "artifact must be owner-only");
         // An artifact others can write is never loaded.
         fs::set_permissions(&artifact, fs::Permissions::from_mode(0o666)).unwrap();

@@ -19,9 +19,20 @@
 //!    checked by trying to get root back.
 //! 6. `pdeathsig`: PR_SET_PDEATHSIG again (a credential change clears it), then the parent
 //!    is checked to still be the supervisor.
-//! 7. `no_new_privs`: PR_SET_NO_NEW_PRIVS.
+//! 7. `no_new_privs`: PR_SET_NO_NEW_PRIVS; and always PR_SET_DUMPABLE 0, so processes of
+//!    the same uid cannot ptrace the worker or read its `/proc/<pid>/mem` and `environ`
+//!    (a uid change already clears it; a worker that keeps the supervisor's uid, as in
+//!    the unprivileged image, needs it set).
 //! 8. `seccomp`: a seccomp-bpf allow-list of what the worker needs from here on (see
-//!    [`allowed_syscalls`]); anything else kills the whole worker with SIGSYS.
+//!    [`allowed_syscalls`] and [`seccomp_programs`]); anything else kills the whole worker
+//!    with SIGSYS.
+//!
+//! What seccomp can and cannot say about paths: it sees a system call's numbers, never the
+//! strings behind its pointers. The filter therefore allows path calls only relative to a
+//! descriptor (never `AT_FDCWD`, none of the legacy path calls), which is how WASI reaches
+//! preopened directories and how the worker reaches its artifact directory; it cannot
+//! refuse an absolute path given together with some open descriptor. That case is bounded
+//! by the worker's uid and the file system's permissions.
 
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
@@ -137,11 +148,27 @@ pub fn enter_network_namespace(applied: &mut Applied) -> Result<(), HardeningErr
     Ok(())
 }
 
+/// Runs, before the worker is locked down, what glibc's allocator does by path once per
+/// process: the first time a thread's arena gives memory back to the kernel it reads
+/// `/proc/sys/vm/overcommit_memory` (`check_may_shrink_heap`, then cached). Left to chance,
+/// that happens on some compile thread after the seccomp filter is in place, which then
+/// kills the worker. A thread of its own allocates blocks below the mmap threshold (so they
+/// come from its arena's heap) and frees them all: the heap's top passes the trim
+/// threshold and is given back.
+pub fn prime_allocator() -> std::io::Result<()> {
+    let primer = std::thread::Builder::new().name("wasmbox-prime".into()).spawn(|| {
+        let blocks: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 96 << 10]).collect();
+        drop(std::hint::black_box(blocks));
+    })?;
+    primer.join().map_err(|_| std::io::Error::other("allocator primer panicked"))
+}
+
 /// Applies layers 4 to 8 (see the module docs). `supervisor` is the pid the worker's
 /// parent must still be.
 pub fn lock_down(
     args: &HardeningArgs,
     supervisor: nix::unistd::Pid,
+    paths: PathPolicy,
     applied: &mut Applied,
 ) -> Result<(), HardeningError> {
     if args.rlimits {
@@ -166,12 +193,15 @@ pub fn lock_down(
         return Err(HardeningError { layer: "pdeathsig", reason: "the supervisor exited during startup".into() });
     }
     applied.add("pdeathsig");
+    nix::sys::prctl::set_dumpable(false).map_err(fail("dumpable"))?;
+    applied.add("non_dumpable");
     if args.no_new_privs {
         nix::sys::prctl::set_no_new_privs().map_err(fail("no_new_privs"))?;
         applied.add("no_new_privs");
     }
     if args.seccomp != SeccompMode::Off {
-        let programs = seccomp_programs(args.seccomp).map_err(|reason| HardeningError { layer: "seccomp", reason })?;
+        let programs =
+            seccomp_programs(args.seccomp, paths).map_err(|reason| HardeningError { layer: "seccomp", reason })?;
         for program in &programs {
             seccompiler::apply_filter_all_threads(program)
                 .map_err(|e| HardeningError { layer: "seccomp", reason: e.to_string() })?;
@@ -194,14 +224,63 @@ pub fn become_user(uid: u32, gid: u32) -> Result<(), HardeningError> {
     Ok(())
 }
 
-/// Compiles the allow-list for this architecture.
 /// `PAGEMAP_SCAN` (`_IOWR('f', 16, struct pm_scan_arg)`, Linux 6.7): Wasmtime's instance
 /// pool asks the kernel which pages of a guest's memory the guest wrote, to reset only
 /// those between invocations. Issued on the `/proc/self/pagemap` descriptor the engine
 /// opened before hardening; the request cannot name another process.
 const PAGEMAP_SCAN: u64 = (3 << 30) | (96 << 16) | ((b'f' as u64) << 8) | 16;
 
-pub fn seccomp_programs(mode: SeccompMode) -> Result<Vec<BpfProgram>, String> {
+/// How an engine reaches files once the worker is locked down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathPolicy {
+    /// Only relative to descriptors it holds (preopens, the artifact directory): every
+    /// path call with `AT_FDCWD` is refused, but for one: opening a directory as a path
+    /// handle (`O_PATH | O_DIRECTORY`, how wasmtime-wasi turns a preopen's descriptor,
+    /// made the working directory for a moment, into a directory of its own). A path
+    /// handle gives no read, write or listing by itself.
+    DescriptorsOnly,
+    /// Also relative to the working directory (the artifact directory) and by absolute
+    /// paths: libwasmedge takes paths only, for its ahead-of-time compiler's output, the
+    /// native artifacts it loads (`dlopen`) and preopens (`/proc/self/fd/N/.`).
+    Ambient,
+}
+
+/// The path system calls (all but the legacy ones) and which of their arguments are
+/// directory descriptors that must not be `AT_FDCWD` under [`PathPolicy::DescriptorsOnly`].
+fn path_syscalls() -> Vec<(i64, &'static [u8])> {
+    use nix::libc::*;
+    vec![
+        (SYS_openat, &[0]),
+        (SYS_openat2, &[0]),
+        (SYS_newfstatat, &[0]),
+        (SYS_statx, &[0]),
+        (SYS_readlinkat, &[0]),
+        (SYS_mkdirat, &[0]),
+        (SYS_unlinkat, &[0]),
+        (SYS_renameat, &[0, 2]),
+        (SYS_renameat2, &[0, 2]),
+        (SYS_linkat, &[0, 2]),
+        (SYS_symlinkat, &[1]),
+        (SYS_utimensat, &[0]),
+        (SYS_faccessat, &[0]),
+        (SYS_faccessat2, &[0]),
+    ]
+}
+
+/// The `fcntl` commands the worker and WASI use: descriptor and status flags (WASI's
+/// `fd_fdstat_set_flags`), duplication, memfd seals, pipe sizes. Not allowed: `F_SETOWN`,
+/// `F_SETOWN_EX` and `F_SETSIG` (with `O_ASYNC` they would signal any process of the same
+/// uid), leases, directory notifications, locks.
+fn fcntl_commands() -> Vec<u64> {
+    use nix::libc::*;
+    [F_DUPFD, F_DUPFD_CLOEXEC, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_GETPIPE_SZ, F_ADD_SEALS, F_GET_SEALS]
+        .iter()
+        .map(|&c| c as u64)
+        .collect()
+}
+
+/// Compiles the allow-list for this architecture.
+pub fn seccomp_programs(mode: SeccompMode, paths: PathPolicy) -> Result<Vec<BpfProgram>, String> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())?;
     let mismatch = match mode {
         SeccompMode::Log => SeccompAction::Log,
@@ -214,8 +293,36 @@ pub fn seccomp_programs(mode: SeccompMode) -> Result<Vec<BpfProgram>, String> {
     let arg = |index: u8, op: SeccompCmpOp, value: u64| {
         SeccompCondition::new(index, SeccompCmpArgLen::Qword, op, value).map_err(|e| e.to_string())
     };
+    // Descriptors and flags are C ints: only their low 32 bits mean anything.
+    let int = |index: u8, op: SeccompCmpOp, value: u64| {
+        SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value).map_err(|e| e.to_string())
+    };
     let one = |c: SeccompCondition| SeccompRule::new(vec![c]).map_err(|e| e.to_string());
     use nix::libc;
+    let at_fdcwd = u64::from(libc::AT_FDCWD as u32);
+    for (nr, dirfds) in path_syscalls() {
+        let allowed = match paths {
+            PathPolicy::Ambient => Vec::new(),
+            PathPolicy::DescriptorsOnly => {
+                let conditions =
+                    dirfds.iter().map(|&i| int(i, SeccompCmpOp::Ne, at_fdcwd)).collect::<Result<Vec<_>, _>>()?;
+                vec![SeccompRule::new(conditions).map_err(|e| e.to_string())?]
+            }
+        };
+        rules.insert(nr, allowed);
+    }
+    if paths == PathPolicy::DescriptorsOnly {
+        // openat(AT_FDCWD, ".", O_RDONLY | O_CLOEXEC | O_PATH | O_DIRECTORY): a preopen.
+        let handle = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_PATH | libc::O_DIRECTORY) as u32;
+        let rule =
+            SeccompRule::new(vec![int(0, SeccompCmpOp::Eq, at_fdcwd)?, int(2, SeccompCmpOp::Eq, u64::from(handle))?])
+                .map_err(|e| e.to_string())?;
+        rules.entry(libc::SYS_openat).or_default().push(rule);
+    }
+    rules.insert(
+        libc::SYS_fcntl,
+        fcntl_commands().into_iter().map(|cmd| one(int(1, SeccompCmpOp::Eq, cmd)?)).collect::<Result<_, _>>()?,
+    );
     // Threads only: a new process would escape nothing the cgroup does not already bound,
     // but there is no reason to allow one.
     let thread = libc::CLONE_THREAD as u64;
@@ -267,7 +374,8 @@ pub fn seccomp_programs(mode: SeccompMode) -> Result<Vec<BpfProgram>, String> {
 
 /// Syscalls allowed without conditions once the worker is initialized: memory and thread
 /// management of the engine, the supervisor socket, clocks, and the file operations WASI
-/// performs inside preopened directories (through descriptors, never new paths outside).
+/// performs on descriptors (path calls, `fcntl` and a few others have conditions, see
+/// [`seccomp_programs`]).
 pub fn allowed_syscalls() -> Vec<i64> {
     use nix::libc::*;
     let mut list = vec![
@@ -321,9 +429,11 @@ pub fn allowed_syscalls() -> Vec<i64> {
         SYS_pwrite64,
         SYS_preadv,
         SYS_pwritev,
+        // Wasmtime's WASI appends with pwritev2(RWF_APPEND) (a descriptor with the append flag).
+        SYS_preadv2,
+        SYS_pwritev2,
         SYS_lseek,
         SYS_close,
-        SYS_fcntl,
         SYS_dup,
         SYS_dup3,
         SYS_ftruncate,
@@ -346,44 +456,18 @@ pub fn allowed_syscalls() -> Vec<i64> {
         SYS_timerfd_gettime,
         SYS_eventfd2,
         SYS_pipe2,
-        // Files, relative to open directories (WASI) or the artifact directory.
-        SYS_openat,
-        SYS_openat2,
-        SYS_newfstatat,
+        // On descriptors only (path calls are in `path_syscalls`).
         SYS_fstat,
-        SYS_statx,
         SYS_fstatfs,
         SYS_getdents64,
-        SYS_readlinkat,
-        SYS_mkdirat,
-        SYS_unlinkat,
-        SYS_renameat,
-        SYS_renameat2,
-        SYS_linkat,
-        SYS_symlinkat,
-        SYS_utimensat,
-        SYS_faccessat,
-        SYS_faccessat2,
         SYS_fchdir,
         SYS_getcwd,
         SYS_fchmod,
     ];
+    // The legacy path calls of x86_64 (open, stat, unlink, rename...) are not here: they
+    // take paths only, never a descriptor to resolve them against.
     #[cfg(target_arch = "x86_64")]
-    list.extend([
-        SYS_arch_prctl,
-        SYS_poll,
-        SYS_epoll_wait,
-        SYS_open,
-        SYS_stat,
-        SYS_lstat,
-        SYS_access,
-        SYS_mkdir,
-        SYS_rename,
-        SYS_unlink,
-        SYS_readlink,
-        SYS_dup2,
-        SYS_time,
-    ]);
+    list.extend([SYS_arch_prctl, SYS_poll, SYS_epoll_wait, SYS_dup2, SYS_time]);
     list
 }
 
@@ -391,4 +475,210 @@ pub fn allowed_syscalls() -> Vec<i64> {
 pub fn forbidden_syscall() -> i64 {
     // SAFETY: PTRACE_TRACEME takes no pointers; under the filter the call never returns.
     unsafe { nix::libc::ptrace(nix::libc::PTRACE_TRACEME, 0, 0, 0) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::libc;
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use std::ffi::CString;
+    use std::os::fd::AsRawFd;
+
+    /// What one system call did under the filter, in a forked child (a filter is for life).
+    #[derive(Debug, PartialEq, Eq)]
+    enum Verdict {
+        Allowed,
+        /// Returned an error the kernel chose (not the filter).
+        Failed(i32),
+        Killed,
+    }
+
+    fn under_filter(paths: PathPolicy, call: impl FnOnce() -> i64) -> Verdict {
+        let programs = seccomp_programs(SeccompMode::Enforce, paths).unwrap();
+        // SAFETY: the child only installs the prebuilt filters and makes raw system calls
+        // (no allocation, no locks) before _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                for program in &programs {
+                    if seccompiler::apply_filter(program).is_err() {
+                        // SAFETY: ends the child at once.
+                        unsafe { libc::_exit(100) };
+                    }
+                }
+                let rc = call();
+                let code = if rc >= 0 { 0 } else { nix::errno::Errno::last_raw().clamp(1, 99) };
+                // SAFETY: ends the child without running the parent's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => match waitpid(child, None).unwrap() {
+                WaitStatus::Exited(_, 0) => Verdict::Allowed,
+                WaitStatus::Exited(_, 100) => panic!("the filter could not be installed"),
+                WaitStatus::Exited(_, errno) => Verdict::Failed(errno),
+                WaitStatus::Signaled(_, Signal::SIGSYS, _) => Verdict::Killed,
+                other => panic!("unexpected {other:?}"),
+            },
+        }
+    }
+
+    /// A named system call to make in the child.
+    type Case = (&'static str, Box<dyn FnOnce() -> i64>);
+
+    fn c(s: &str) -> CString {
+        CString::new(s).unwrap()
+    }
+
+    #[test]
+    fn path_calls_need_a_descriptor_fcntl_is_narrow_and_wasi_calls_work() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("file"), b"x").unwrap();
+        let dir = std::fs::File::open(tmp.path()).unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(tmp.path().join("file")).unwrap();
+        let (d, f) = (dir.as_raw_fd() as i64, file.as_raw_fd() as i64);
+        let cwd = libc::AT_FDCWD as i64;
+        let (abs, name, other, link) = (c("/etc/hostname"), c("file"), c("renamed"), c("link"));
+        let (abs, name, other, link) = (abs.as_ptr(), name.as_ptr(), other.as_ptr(), link.as_ptr());
+        let (dot, sub) = (c("."), c("sub"));
+        let (dot, sub) = (dot.as_ptr(), sub.as_ptr());
+        let mut statbuf = [0u8; 256];
+        let st = statbuf.as_mut_ptr();
+        let o_path_dir = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_PATH | libc::O_DIRECTORY) as i64;
+        let pid = i64::from(std::process::id());
+        let sys = |nr: i64, a: [i64; 5]| {
+            // SAFETY: raw system calls on descriptors and on pointers to the C strings and
+            // buffers above, which outlive the forked child's use of them.
+            unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4]) }
+        };
+        let forbidden: Vec<Case> = vec![
+            ("openat AT_FDCWD", Box::new(move || sys(libc::SYS_openat, [cwd, abs as i64, 0, 0, 0]))),
+            (
+                "openat AT_FDCWD O_RDONLY|O_DIRECTORY",
+                Box::new(move || sys(libc::SYS_openat, [cwd, dot as i64, libc::O_DIRECTORY as i64, 0, 0])),
+            ),
+            ("newfstatat AT_FDCWD", Box::new(move || sys(libc::SYS_newfstatat, [cwd, abs as i64, st as i64, 0, 0]))),
+            ("statx AT_FDCWD", Box::new(move || sys(libc::SYS_statx, [cwd, abs as i64, 0, 0x7ff, st as i64]))),
+            ("unlinkat AT_FDCWD", Box::new(move || sys(libc::SYS_unlinkat, [cwd, name as i64, 0, 0, 0]))),
+            ("mkdirat AT_FDCWD", Box::new(move || sys(libc::SYS_mkdirat, [cwd, sub as i64, 0o700, 0, 0]))),
+            ("renameat to AT_FDCWD", Box::new(move || sys(libc::SYS_renameat, [d, name as i64, cwd, other as i64, 0]))),
+            (
+                "renameat2 from AT_FDCWD",
+                Box::new(move || sys(libc::SYS_renameat2, [cwd, name as i64, d, other as i64, 0])),
+            ),
+            ("linkat from AT_FDCWD", Box::new(move || sys(libc::SYS_linkat, [cwd, name as i64, d, link as i64, 0]))),
+            ("symlinkat at AT_FDCWD", Box::new(move || sys(libc::SYS_symlinkat, [abs as i64, cwd, link as i64, 0, 0]))),
+            ("readlinkat AT_FDCWD", Box::new(move || sys(libc::SYS_readlinkat, [cwd, abs as i64, st as i64, 64, 0]))),
+            ("faccessat AT_FDCWD", Box::new(move || sys(libc::SYS_faccessat, [cwd, abs as i64, 0, 0, 0]))),
+            ("utimensat AT_FDCWD", Box::new(move || sys(libc::SYS_utimensat, [cwd, abs as i64, 0, 0, 0]))),
+            ("fcntl F_SETOWN", Box::new(move || sys(libc::SYS_fcntl, [f, libc::F_SETOWN as i64, pid, 0, 0]))),
+            // F_SETOWN_EX and F_SETSIG (15 and 10 in <fcntl.h>; libc has no constants for them).
+            ("fcntl F_SETOWN_EX", Box::new(move || sys(libc::SYS_fcntl, [f, 15, st as i64, 0, 0]))),
+            ("fcntl F_SETSIG", Box::new(move || sys(libc::SYS_fcntl, [f, 10, 9, 0, 0]))),
+            ("fcntl F_SETLEASE", Box::new(move || sys(libc::SYS_fcntl, [f, libc::F_SETLEASE as i64, 1, 0, 0]))),
+            ("fcntl F_NOTIFY", Box::new(move || sys(libc::SYS_fcntl, [d, libc::F_NOTIFY as i64, 1, 0, 0]))),
+            ("fcntl F_SETLK", Box::new(move || sys(libc::SYS_fcntl, [f, libc::F_SETLK as i64, st as i64, 0, 0]))),
+            (
+                "prctl PR_SET_DUMPABLE",
+                Box::new(move || sys(libc::SYS_prctl, [libc::PR_SET_DUMPABLE as i64, 1, 0, 0, 0])),
+            ),
+            (
+                "socket AF_INET",
+                Box::new(move || sys(libc::SYS_socket, [libc::AF_INET as i64, libc::SOCK_STREAM as i64, 0, 0, 0])),
+            ),
+            ("kill", Box::new(move || sys(libc::SYS_kill, [1, 0, 0, 0, 0]))),
+            ("ptrace", Box::new(move || sys(libc::SYS_ptrace, [libc::PTRACE_TRACEME as i64, 0, 0, 0, 0]))),
+            #[cfg(target_arch = "x86_64")]
+            ("open", Box::new(move || sys(libc::SYS_open, [abs as i64, 0, 0, 0, 0]))),
+            #[cfg(target_arch = "x86_64")]
+            ("stat", Box::new(move || sys(libc::SYS_stat, [abs as i64, st as i64, 0, 0, 0]))),
+            #[cfg(target_arch = "x86_64")]
+            ("lstat", Box::new(move || sys(libc::SYS_lstat, [abs as i64, st as i64, 0, 0, 0]))),
+            #[cfg(target_arch = "x86_64")]
+            ("unlink", Box::new(move || sys(libc::SYS_unlink, [abs as i64, 0, 0, 0, 0]))),
+            #[cfg(target_arch = "x86_64")]
+            ("rename", Box::new(move || sys(libc::SYS_rename, [abs as i64, abs as i64, 0, 0, 0]))),
+            #[cfg(target_arch = "x86_64")]
+            ("access", Box::new(move || sys(libc::SYS_access, [abs as i64, 0, 0, 0, 0]))),
+            #[cfg(target_arch = "x86_64")]
+            ("mkdir", Box::new(move || sys(libc::SYS_mkdir, [abs as i64, 0, 0, 0, 0]))),
+            #[cfg(target_arch = "x86_64")]
+            ("readlink", Box::new(move || sys(libc::SYS_readlink, [abs as i64, st as i64, 64, 0, 0]))),
+        ];
+        for (what, call) in forbidden {
+            assert_eq!(under_filter(PathPolicy::DescriptorsOnly, call), Verdict::Killed, "{what}");
+        }
+        let iov = [libc::iovec { iov_base: statbuf.as_ptr() as *mut libc::c_void, iov_len: 1 }];
+        let iov = iov.as_ptr() as i64;
+        let allowed: Vec<Case> = vec![
+            ("openat on a descriptor", Box::new(move || sys(libc::SYS_openat, [d, name as i64, 0, 0, 0]))),
+            (
+                "openat2 on a descriptor",
+                Box::new(move || {
+                    // struct open_how { u64 flags; u64 mode; u64 resolve; }
+                    let how: [u64; 3] = [0, 0, libc::RESOLVE_BENEATH];
+                    sys(libc::SYS_openat2, [d, name as i64, how.as_ptr() as i64, 24, 0])
+                }),
+            ),
+            (
+                "a preopen: openat(AT_FDCWD, \".\", O_PATH|O_DIRECTORY)",
+                Box::new(move || sys(libc::SYS_openat, [cwd, dot as i64, o_path_dir, 0, 0])),
+            ),
+            (
+                "newfstatat on a descriptor",
+                Box::new(move || sys(libc::SYS_newfstatat, [d, name as i64, st as i64, 0, 0])),
+            ),
+            (
+                "statx of a descriptor",
+                Box::new(move || {
+                    let empty = b"\0";
+                    sys(libc::SYS_statx, [f, empty.as_ptr() as i64, libc::AT_EMPTY_PATH as i64, 0x7ff, st as i64])
+                }),
+            ),
+            ("fstat", Box::new(move || sys(libc::SYS_fstat, [f, st as i64, 0, 0, 0]))),
+            ("mkdirat on a descriptor", Box::new(move || sys(libc::SYS_mkdirat, [d, sub as i64, 0o700, 0, 0]))),
+            (
+                "renameat between descriptors",
+                Box::new(move || sys(libc::SYS_renameat, [d, name as i64, d, other as i64, 0])),
+            ),
+            (
+                "symlinkat on a descriptor",
+                Box::new(move || sys(libc::SYS_symlinkat, [name as i64, d, link as i64, 0, 0])),
+            ),
+            ("fcntl F_GETFL", Box::new(move || sys(libc::SYS_fcntl, [f, libc::F_GETFL as i64, 0, 0, 0]))),
+            (
+                "fcntl F_SETFL O_APPEND",
+                Box::new(move || sys(libc::SYS_fcntl, [f, libc::F_SETFL as i64, libc::O_APPEND as i64, 0, 0])),
+            ),
+            (
+                "fcntl F_GETFD/F_SETFD",
+                Box::new(move || sys(libc::SYS_fcntl, [f, libc::F_SETFD as i64, libc::FD_CLOEXEC as i64, 0, 0])),
+            ),
+            (
+                "fcntl F_DUPFD_CLOEXEC",
+                Box::new(move || sys(libc::SYS_fcntl, [f, libc::F_DUPFD_CLOEXEC as i64, 0, 0, 0])),
+            ),
+            (
+                "prctl PR_GET_DUMPABLE",
+                Box::new(move || sys(libc::SYS_prctl, [libc::PR_GET_DUMPABLE as i64, 0, 0, 0, 0])),
+            ),
+        ];
+        for (what, call) in allowed {
+            assert_eq!(under_filter(PathPolicy::DescriptorsOnly, call), Verdict::Allowed, "{what}");
+        }
+        // Wasmtime's append: let through (the file system may still refuse the flag).
+        let append = move || sys(libc::SYS_pwritev2, [f, iov, 1, 0, libc::RWF_APPEND as i64]);
+        assert_ne!(under_filter(PathPolicy::DescriptorsOnly, append), Verdict::Killed, "pwritev2 RWF_APPEND");
+        // With ambient paths (WasmEdge), AT_FDCWD path calls are allowed; the legacy calls,
+        // fcntl's signal commands and everything else stay forbidden.
+        assert_eq!(
+            under_filter(PathPolicy::Ambient, move || sys(libc::SYS_openat, [cwd, abs as i64, 0, 0, 0])),
+            Verdict::Allowed
+        );
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            under_filter(PathPolicy::Ambient, move || sys(libc::SYS_open, [abs as i64, 0, 0, 0, 0])),
+            Verdict::Killed
+        );
+        let setown = move || sys(libc::SYS_fcntl, [f, libc::F_SETOWN as i64, pid, 0, 0]);
+        assert_eq!(under_filter(PathPolicy::Ambient, setown), Verdict::Killed);
+    }
 }

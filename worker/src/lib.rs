@@ -191,7 +191,10 @@ fn serve_on<E: engine::Engine>(
         args.max_module_bytes,
     )?;
     cache.enter_artifact_dir().map_err(WorkerError::WorkDir)?;
-    harden::lock_down(&args.hardening, supervisor, &mut applied)?;
+    cache.engine().warm_up().map_err(|e| WorkerError::Engine(e.into()))?;
+    harden::prime_allocator().map_err(WorkerError::WorkDir)?;
+    let paths = cache.engine().path_policy();
+    harden::lock_down(&args.hardening, supervisor, paths, &mut applied)?;
     server::serve(socket, cache, args.initial_cgroup.clone(), applied.0)?;
     Ok(())
 }

@@ -273,3 +273,30 @@ async fn root_as_the_worker_user_is_refused_at_startup() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Workers are not dumpable, also where they keep the supervisor's uid (an unprivileged
+/// supervisor, as in the container image): a process of that uid cannot ptrace them or
+/// read their /proc/<pid>/mem and environ, so an escaped guest cannot reach the supervisor
+/// through a sibling that way, nor a sibling through it. The kernel shows it: the /proc
+/// files of a non-dumpable process belong to root.
+#[tokio::test]
+async fn workers_are_not_dumpable_even_as_the_supervisors_own_user() -> anyhow::Result<()> {
+    if !running_as_root() {
+        eprintln!(
+            "SKIPPED workers_are_not_dumpable_even_as_the_supervisors_own_user: needs root to start a supervisor as another user"
+        );
+        return Ok(());
+    }
+    use std::os::unix::fs::MetadataExt;
+    let s = Supervisor::builder().workers(1).run_as(65534, 65534).function("hello").start()?;
+    let worker = one_worker(&s).await?;
+    assert_eq!(status(worker)["Uid"].split_whitespace().next(), Some("65534"), "the worker keeps the supervisor's uid");
+    let supervisor = std::fs::metadata(format!("/proc/{}/environ", s.pid()))?;
+    assert_eq!(supervisor.uid(), 65534, "the supervisor itself is an ordinary process of its user");
+    for file in ["environ", "mem", "maps"] {
+        let meta = std::fs::metadata(format!("/proc/{worker}/{file}"))?;
+        assert_eq!(meta.uid(), 0, "/proc/{worker}/{file} belongs to uid {}: the worker is dumpable", meta.uid());
+    }
+    assert!(s.logs().contains("non_dumpable"), "{}", s.logs());
+    Ok(())
+}

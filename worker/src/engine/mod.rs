@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use wasmbox_protocol::{Outcome, Preopen};
 
+pub use crate::harden::PathPolicy;
+
 #[cfg(feature = "wasmedge")]
 pub mod wasmedge;
 pub mod wasmtime;
@@ -97,6 +99,32 @@ pub fn run_captured(
     RunResult { outcome, stdout, stderr: err.data, stderr_dropped: err.dropped, exec }
 }
 
+/// An artifact file: its name in the artifact directory, reached through the directory's
+/// descriptor (engines that take descriptors) or by `path` (engines that take paths only;
+/// relative to the working directory, which is the artifact directory in a worker).
+#[derive(Debug, Clone, Copy)]
+pub struct ArtifactFile<'a> {
+    pub dir: std::os::fd::BorrowedFd<'a>,
+    pub name: &'a str,
+    pub path: &'a Path,
+}
+
+impl ArtifactFile<'_> {
+    /// Opens the artifact for reading (never through a symbolic link).
+    pub fn open(&self) -> std::io::Result<std::fs::File> {
+        use nix::fcntl::OFlag;
+        let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+        Ok(nix::fcntl::openat(self.dir, self.name, flags, nix::sys::stat::Mode::empty())?.into())
+    }
+
+    /// Creates the artifact (it must not exist), owner-only.
+    pub fn create(&self) -> std::io::Result<std::fs::File> {
+        use nix::fcntl::OFlag;
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+        Ok(nix::fcntl::openat(self.dir, self.name, flags, nix::sys::stat::Mode::from_bits_truncate(0o600))?.into())
+    }
+}
+
 /// What a module is compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModuleKind {
@@ -121,19 +149,32 @@ pub trait Engine {
     /// Validates and compiles a module held in memory.
     fn compile(&self, wasm: &[u8], kind: ModuleKind) -> Result<Self::Module, EngineError>;
 
+    /// How the engine reaches files once the worker is locked down; the seccomp filter
+    /// allows just that. Engines that take descriptors keep the default.
+    fn path_policy(&self) -> PathPolicy {
+        PathPolicy::DescriptorsOnly
+    }
+
+    /// Runs whatever the engine does once per process on first use (thread pools, runtime
+    /// set-up, reading the CPU count from the cgroup files) before the worker is locked
+    /// down, so none of it needs to happen under the seccomp filter.
+    fn warm_up(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
+
     /// File extension of precompiled artifacts, or `None` when the engine has none.
     fn artifact_extension(&self) -> Option<&'static str> {
         None
     }
 
-    /// Compiles `wasm` into a native artifact written at `artifact`.
-    fn precompile(&self, wasm: &[u8], artifact: &Path) -> Result<(), EngineError> {
+    /// Compiles `wasm` into a native artifact written at `artifact` (a new file).
+    fn precompile(&self, wasm: &[u8], artifact: &ArtifactFile<'_>) -> Result<(), EngineError> {
         let _ = (wasm, artifact);
         Err(EngineError::Unsupported("precompiling"))
     }
 
     /// Loads an artifact written by [`Engine::precompile`] of this same engine version.
-    fn load_artifact(&self, artifact: &Path, kind: ModuleKind) -> Result<Self::Module, EngineError> {
+    fn load_artifact(&self, artifact: &ArtifactFile<'_>, kind: ModuleKind) -> Result<Self::Module, EngineError> {
         let _ = (artifact, kind);
         Err(EngineError::Unsupported("loading artifacts"))
     }

@@ -29,7 +29,7 @@ use wasmbox_protocol::Outcome;
 use wasmbox_protocol::snapshot::GlobalValue;
 use wasmedge_sys::ffi;
 
-use super::{Engine, EngineError, ModuleKind, RunRequest, RunResult, bounded};
+use super::{ArtifactFile, Engine, EngineError, ModuleKind, PathPolicy, RunRequest, RunResult, bounded};
 use crate::capture::Capture;
 use crate::session;
 
@@ -321,7 +321,14 @@ impl Engine for WasmEdgeEngine {
         self.compiler.as_ref().map(|_| "so")
     }
 
-    fn precompile(&self, wasm: &[u8], artifact: &Path) -> Result<(), EngineError> {
+    fn path_policy(&self) -> PathPolicy {
+        // libwasmedge takes paths only: its compiler's output, the artifacts it loads,
+        // preopens as /proc/self/fd/N/.
+        PathPolicy::Ambient
+    }
+
+    fn precompile(&self, wasm: &[u8], artifact: &ArtifactFile<'_>) -> Result<(), EngineError> {
+        let artifact = artifact.path;
         let Some(compiler) = &self.compiler else { return Err(EngineError::Unsupported("precompiling")) };
         // Validate first: the compiler's own errors are less precise. The kind is not known
         // here: `_start` is checked when the artifact is loaded (as with Wasmtime).
@@ -339,7 +346,8 @@ impl Engine for WasmEdgeEngine {
         Ok(())
     }
 
-    fn load_artifact(&self, artifact: &Path, kind: ModuleKind) -> Result<WasmEdgeModule, EngineError> {
+    fn load_artifact(&self, artifact: &ArtifactFile<'_>, kind: ModuleKind) -> Result<WasmEdgeModule, EngineError> {
+        let artifact = artifact.path;
         let path = c_path(artifact)?;
         let mut ast = std::ptr::null_mut();
         AOT_FELL_BACK.store(false, std::sync::atomic::Ordering::Relaxed);

@@ -2,7 +2,6 @@
 //! a resource limiter for the linear-memory cap, WASI preview1 from wasmtime-wasi.
 
 use std::hash::{Hash, Hasher};
-use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -13,7 +12,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
-use super::{Engine, EngineError, ModuleKind, RunRequest, RunResult, bounded};
+use super::{ArtifactFile, Engine, EngineError, ModuleKind, RunRequest, RunResult, bounded};
 use crate::capture::Capture;
 use crate::session;
 
@@ -145,21 +144,45 @@ impl Engine for WasmtimeEngine {
         Some("cwasm")
     }
 
-    fn precompile(&self, wasm: &[u8], artifact: &Path) -> Result<(), EngineError> {
-        let bytes =
-            self.engine.precompile_module(wasm).map_err(|e| EngineError::InvalidModule(bounded(format!("{e:#}"))))?;
-        crate::cache::create_artifact_file(artifact)
-            .and_then(|mut file| std::io::Write::write_all(&mut file, &bytes))
-            .map_err(|source| EngineError::Io { path: artifact.into(), source })
+    fn warm_up(&self) -> Result<(), EngineError> {
+        // Compiling starts Cranelift's thread pool and a WASI write starts wasmtime-wasi's
+        // runtime; both read the CPU count from the cgroup files, by absolute paths.
+        let module = self.compile(&warm_up_module(), ModuleKind::Command)?;
+        let argv = ["warm-up".to_string()];
+        let request = RunRequest {
+            argv: &argv,
+            env: &[],
+            preopens: &[],
+            preopen_dirs: &[],
+            stdin: bytes::Bytes::new(),
+            memory_limit_bytes: 1 << 20,
+            timeout: std::time::Duration::from_secs(10),
+            max_output_bytes: 16,
+        };
+        match self.run(&module, request).outcome {
+            Outcome::Exited { code: 0 } => Ok(()),
+            other => Err(EngineError::InvalidModule(format!("warm-up run: {other:?}"))),
+        }
     }
 
-    fn load_artifact(&self, artifact: &Path, kind: ModuleKind) -> Result<WasmtimeModule, EngineError> {
+    fn precompile(&self, wasm: &[u8], artifact: &ArtifactFile<'_>) -> Result<(), EngineError> {
+        let bytes =
+            self.engine.precompile_module(wasm).map_err(|e| EngineError::InvalidModule(bounded(format!("{e:#}"))))?;
+        artifact
+            .create()
+            .and_then(|mut file| std::io::Write::write_all(&mut file, &bytes))
+            .map_err(|source| EngineError::Io { path: artifact.path.into(), source })
+    }
+
+    fn load_artifact(&self, artifact: &ArtifactFile<'_>, kind: ModuleKind) -> Result<WasmtimeModule, EngineError> {
+        let stale = |reason: String| EngineError::StaleArtifact { path: artifact.path.into(), reason };
+        let file = artifact.open().map_err(|e| stale(e.to_string()))?;
         // SAFETY: deserializing trusts the file to be native code produced by this engine.
         // The module cache only passes artifacts from its own cache directory, written by
         // this program under this uid and not writable by others (checked before the call);
         // Wasmtime additionally rejects artifacts from another version or configuration.
-        let module = unsafe { wasmtime::Module::deserialize_file(&self.engine, artifact) }
-            .map_err(|e| EngineError::StaleArtifact { path: artifact.into(), reason: bounded(format!("{e:#}")) })?;
+        let module = unsafe { wasmtime::Module::deserialize_open_file(&self.engine, file) }
+            .map_err(|e| stale(bounded(format!("{e:#}"))))?;
         self.link(&module, kind)
     }
 
@@ -232,6 +255,51 @@ impl WasmtimeEngine {
             Err(e) => classify(&e, &store, fired, request.memory_limit_bytes),
         }
     }
+}
+
+/// A command that writes one byte to stdout:
+/// `(func (export "_start") (drop (call $fd_write 1 iovec@0 1 nwritten@8)))` with the
+/// iovec pointing at byte 16.
+fn warm_up_module() -> Vec<u8> {
+    use wasm_encoder::{
+        CodeSection, EntityType, ExportKind, ExportSection, Function, FunctionSection, ImportSection, Instruction,
+        MemArg, MemorySection, MemoryType, Module, TypeSection, ValType,
+    };
+    let mut types = TypeSection::new();
+    types.ty().function([ValType::I32; 4], [ValType::I32]);
+    types.ty().function([], []);
+    let mut imports = ImportSection::new();
+    imports.import("wasi_snapshot_preview1", "fd_write", EntityType::Function(0));
+    let mut functions = FunctionSection::new();
+    functions.function(1);
+    let mut memories = MemorySection::new();
+    memories.memory(MemoryType { minimum: 1, maximum: None, memory64: false, shared: false, page_size_log2: None });
+    let mut exports = ExportSection::new();
+    exports.export("memory", ExportKind::Memory, 0).export("_start", ExportKind::Func, 1);
+    let store = MemArg { offset: 0, align: 2, memory_index: 0 };
+    let mut start = Function::new([]);
+    for instruction in [
+        Instruction::I32Const(0),
+        Instruction::I32Const(16),
+        Instruction::I32Store(store),
+        Instruction::I32Const(4),
+        Instruction::I32Const(1),
+        Instruction::I32Store(store),
+        Instruction::I32Const(1),
+        Instruction::I32Const(0),
+        Instruction::I32Const(1),
+        Instruction::I32Const(8),
+        Instruction::Call(0),
+        Instruction::Drop,
+        Instruction::End,
+    ] {
+        start.instruction(&instruction);
+    }
+    let mut code = CodeSection::new();
+    code.function(&start);
+    let mut module = Module::new();
+    module.section(&types).section(&imports).section(&functions).section(&memories).section(&exports).section(&code);
+    module.finish()
 }
 
 /// What ended a guest that did not return: its exit code, the deadline, the memory cap or
