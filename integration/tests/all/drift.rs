@@ -1,8 +1,10 @@
 //! No drift between the deployment files and the supervisor: every `WASMBOX_*` variable the
 //! manifests and the Dockerfile set is one `wasmbox` understands (read from the built
 //! binary's `--help`), container ports match the listen addresses, probes use the health
-//! endpoints on a served port, Services and autoscalers point at what exists, and every
-//! volume claim is defined.
+//! endpoints on a served port, Services and autoscalers point at what exists, every
+//! volume claim is defined, and a container that runs as root does not point the
+//! supervisor at directories the image gives its unprivileged user (which a root
+//! supervisor refuses to trust).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -73,13 +75,31 @@ fn hashes<'a>(y: &'a Yaml, out: &mut Vec<&'a Yaml>) {
     }
 }
 
+/// What the image gives the manifests: its ENV defaults, and the directories it hands to
+/// its unprivileged user (`chown` in the Dockerfile).
+struct Image {
+    env: BTreeMap<String, String>,
+    user_dirs: BTreeSet<String>,
+}
+
+impl Image {
+    fn from_dockerfile(text: &str) -> Image {
+        let joined = text.replace("\\\n", " ");
+        let user_dirs = joined
+            .split("chown ")
+            .skip(1)
+            .flat_map(|rest| {
+                rest.split("&&").next().unwrap_or_default().split_whitespace().skip(1).map(str::to_owned).collect::<Vec<_>>()
+            })
+            .filter(|d| d.starts_with('/'))
+            .collect();
+        Image { env: dockerfile_env(text), user_dirs }
+    }
+}
+
 /// Checks one container spec; returns the problems found.
-fn check_container(
-    file: &str,
-    c: &Yaml,
-    known: &BTreeSet<String>,
-    image_env: &BTreeMap<String, String>,
-) -> Vec<String> {
+fn check_container(file: &str, c: &Yaml, known: &BTreeSet<String>, image: &Image) -> Vec<String> {
+    let image_env = &image.env;
     let mut problems = Vec::new();
     let mut env = image_env.clone();
     for var in c["env"].as_vec().into_iter().flatten() {
@@ -89,6 +109,17 @@ fn check_container(
         }
         if let Some(value) = str_of(&var["value"]) {
             env.insert(name.to_owned(), value);
+        }
+    }
+    // The cache and state directories must belong to the supervisor's own uid: as root it
+    // refuses the image's directories, which uid 10001 owns.
+    if c["securityContext"]["runAsUser"].as_i64() == Some(0) {
+        for setting in ["WASMBOX_CACHE_DIR", "WASMBOX_STATE_DIR"] {
+            if let Some(dir) = env.get(setting).filter(|d| image.user_dirs.contains(*d)) {
+                problems.push(format!(
+                    "{file}: runs as root with {setting}={dir}, a directory the image gives its unprivileged user"
+                ));
+            }
         }
     }
     let listen = env.get("WASMBOX_LISTEN").and_then(|l| port_of(l));
@@ -129,12 +160,7 @@ fn check_container(
 }
 
 /// Checks one manifest file's documents.
-fn check_manifest(
-    file: &str,
-    text: &str,
-    known: &BTreeSet<String>,
-    image_env: &BTreeMap<String, String>,
-) -> Vec<String> {
+fn check_manifest(file: &str, text: &str, known: &BTreeSet<String>, image: &Image) -> Vec<String> {
     let docs = match YamlLoader::load_from_str(text) {
         Ok(docs) => docs,
         Err(e) => return vec![format!("{file}: not YAML: {e}")],
@@ -146,7 +172,7 @@ fn check_manifest(
         let mut all = Vec::new();
         hashes(doc, &mut all);
         for c in all.iter().filter(|h| !h["image"].is_badvalue()) {
-            problems.extend(check_container(file, c, known, image_env));
+            problems.extend(check_container(file, c, known, image));
             for p in c["ports"].as_vec().into_iter().flatten() {
                 if let Some(name) = p["name"].as_str() {
                     port_names.insert(name.to_owned());
@@ -195,7 +221,11 @@ fn read(path: &str) -> String {
 fn deployment_files_match_what_the_supervisor_understands() {
     let known = known_settings();
     let dockerfile = read("Dockerfile");
-    let image_env = dockerfile_env(&dockerfile);
+    let image = Image::from_dockerfile(&dockerfile);
+    let image_env = &image.env;
+    for dir in ["/var/cache/wasmbox", "/var/lib/wasmbox"] {
+        assert!(image.user_dirs.contains(dir), "the Dockerfile no longer chowns {dir}: {:?}", image.user_dirs);
+    }
     let mut problems = Vec::new();
 
     // The Dockerfile: its variables, port, volume and health check.
@@ -237,7 +267,7 @@ fn deployment_files_match_what_the_supervisor_understands() {
     let mut claims_used = BTreeSet::new();
     for file in MANIFESTS {
         let text = read(&format!("deployment/{file}"));
-        problems.extend(check_manifest(file, &text, &known, &image_env));
+        problems.extend(check_manifest(file, &text, &known, &image));
         for line in text.lines() {
             if let Some(claim) = line.trim().strip_prefix("claimName: ") {
                 claims_used.insert(claim.to_owned());
@@ -270,8 +300,11 @@ fn deployment_files_match_what_the_supervisor_understands() {
 #[test]
 fn the_drift_check_catches_what_it_is_for() {
     let known = known_settings();
-    let image_env = dockerfile_env("ENV WASMBOX_LISTEN=0.0.0.0:8095 \\\n    LOG_FORMAT=json\n");
-    assert_eq!(image_env["LOG_FORMAT"], "json");
+    let image = Image::from_dockerfile(
+        "RUN useradd x \\\n && chown wasmbox:wasmbox /var/cache/wasmbox /var/lib/wasmbox \\\n && chmod 700 x\nENV WASMBOX_LISTEN=0.0.0.0:8095 \\\n    LOG_FORMAT=json \\\n    WASMBOX_STATE_DIR=/var/lib/wasmbox\n",
+    );
+    assert_eq!(image.env["LOG_FORMAT"], "json");
+    assert_eq!(image.user_dirs, ["/var/cache/wasmbox", "/var/lib/wasmbox"].map(String::from).into());
     let bad = r#"
 apiVersion: apps/v1
 kind: Deployment
@@ -286,6 +319,8 @@ spec:
           env:
             - {name: WASMBOX_WORKER, value: "4"}
             - {name: WASMBOX_HEALTH_LISTEN, value: "0.0.0.0:8096"}
+            - {name: WASMBOX_CACHE_DIR, value: /var/cache/wasmbox}
+          securityContext: {runAsUser: 0}
           readinessProbe: {httpGet: {path: /health, port: 8096}}
           livenessProbe: {httpGet: {path: /healthz, port: 9999}}
 ---
@@ -299,7 +334,7 @@ kind: HorizontalPodAutoscaler
 metadata: {name: x}
 spec: {scaleTargetRef: {name: y}}
 "#;
-    let problems = check_manifest("bad.yaml", bad, &known, &image_env).join("\n");
+    let problems = check_manifest("bad.yaml", bad, &known, &image).join("\n");
     for expected in [
         "sets WASMBOX_WORKER, which wasmbox does not know",
         "containerPort 8080 is not a port wasmbox listens on",
@@ -307,6 +342,8 @@ spec: {scaleTargetRef: {name: y}}
         "livenessProbe probes port 9999",
         "Service targetPort web",
         "scales \"y\"",
+        "runs as root with WASMBOX_CACHE_DIR=/var/cache/wasmbox",
+        "runs as root with WASMBOX_STATE_DIR=/var/lib/wasmbox",
     ] {
         assert!(problems.contains(expected), "missing {expected:?} in:\n{problems}");
     }
