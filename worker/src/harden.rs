@@ -240,8 +240,9 @@ pub enum PathPolicy {
     /// handle gives no read, write or listing by itself.
     DescriptorsOnly,
     /// Also relative to the working directory (the artifact directory) and by absolute
-    /// paths: libwasmedge takes paths only, for its ahead-of-time compiler's output, the
-    /// native artifacts it loads (`dlopen`) and preopens (`/proc/self/fd/N/.`).
+    /// paths, with the legacy path calls: libwasmedge takes paths only, for its
+    /// ahead-of-time compiler's output, the native artifacts it loads (`dlopen`) and
+    /// preopens (`/proc/self/fd/N/.`), and uses glibc's `access`, `rename`, `unlink`.
     Ambient,
 }
 
@@ -265,6 +266,33 @@ fn path_syscalls() -> Vec<(i64, &'static [u8])> {
         (SYS_faccessat, &[0]),
         (SYS_faccessat2, &[0]),
     ]
+}
+
+/// The path calls that take paths only, never a directory descriptor (x86_64 has them;
+/// newer architectures only have the `*at` forms).
+fn legacy_path_syscalls() -> Vec<i64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use nix::libc::*;
+        vec![
+            SYS_open,
+            SYS_creat,
+            SYS_stat,
+            SYS_lstat,
+            SYS_access,
+            SYS_mkdir,
+            SYS_rmdir,
+            SYS_rename,
+            SYS_unlink,
+            SYS_link,
+            SYS_symlink,
+            SYS_readlink,
+            SYS_chmod,
+            SYS_utimes,
+        ]
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Vec::new()
 }
 
 /// The `fcntl` commands the worker and WASI use: descriptor and status flags (WASI's
@@ -310,6 +338,13 @@ pub fn seccomp_programs(mode: SeccompMode, paths: PathPolicy) -> Result<Vec<BpfP
             }
         };
         rules.insert(nr, allowed);
+    }
+    if paths == PathPolicy::Ambient {
+        // glibc implements access(), rename(), unlink()... with the legacy calls where the
+        // architecture has them, and libwasmedge (with its LLVM) uses those functions.
+        for nr in legacy_path_syscalls() {
+            rules.insert(nr, Vec::new());
+        }
     }
     if paths == PathPolicy::DescriptorsOnly {
         // openat(AT_FDCWD, ".", O_RDONLY | O_CLOEXEC | O_PATH | O_DIRECTORY): a preopen.
@@ -445,6 +480,11 @@ pub fn allowed_syscalls() -> Vec<i64> {
         SYS_recvfrom,
         SYS_sendmsg,
         SYS_recvmsg,
+        // WASI's sock_accept and sock_shutdown (WasmEdge makes the call on the descriptor);
+        // they act only on sockets the worker already holds: none but the supervisor's.
+        SYS_accept,
+        SYS_accept4,
+        SYS_shutdown,
         SYS_ppoll,
         SYS_epoll_create1,
         SYS_epoll_ctl,
@@ -465,7 +505,8 @@ pub fn allowed_syscalls() -> Vec<i64> {
         SYS_fchmod,
     ];
     // The legacy path calls of x86_64 (open, stat, unlink, rename...) are not here: they
-    // take paths only, never a descriptor to resolve them against.
+    // take paths only, never a descriptor to resolve them against (see
+    // `legacy_path_syscalls`, allowed only with `PathPolicy::Ambient`).
     #[cfg(target_arch = "x86_64")]
     list.extend([SYS_arch_prctl, SYS_poll, SYS_epoll_wait, SYS_dup2, SYS_time]);
     list
@@ -667,8 +708,8 @@ mod tests {
         // Wasmtime's append: let through (the file system may still refuse the flag).
         let append = move || sys(libc::SYS_pwritev2, [f, iov, 1, 0, libc::RWF_APPEND as i64]);
         assert_ne!(under_filter(PathPolicy::DescriptorsOnly, append), Verdict::Killed, "pwritev2 RWF_APPEND");
-        // With ambient paths (WasmEdge), AT_FDCWD path calls are allowed; the legacy calls,
-        // fcntl's signal commands and everything else stay forbidden.
+        // With ambient paths (WasmEdge), path calls by AT_FDCWD and the legacy ones are
+        // allowed; fcntl's signal commands and everything else stay forbidden.
         assert_eq!(
             under_filter(PathPolicy::Ambient, move || sys(libc::SYS_openat, [cwd, abs as i64, 0, 0, 0])),
             Verdict::Allowed
@@ -676,7 +717,7 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         assert_eq!(
             under_filter(PathPolicy::Ambient, move || sys(libc::SYS_open, [abs as i64, 0, 0, 0, 0])),
-            Verdict::Killed
+            Verdict::Allowed
         );
         let setown = move || sys(libc::SYS_fcntl, [f, libc::F_SETOWN as i64, pid, 0, 0]);
         assert_eq!(under_filter(PathPolicy::Ambient, setown), Verdict::Killed);

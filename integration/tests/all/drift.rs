@@ -89,7 +89,13 @@ impl Image {
             .split("chown ")
             .skip(1)
             .flat_map(|rest| {
-                rest.split("&&").next().unwrap_or_default().split_whitespace().skip(1).map(str::to_owned).collect::<Vec<_>>()
+                rest.split("&&")
+                    .next()
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .skip(1)
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
             })
             .filter(|d| d.starts_with('/'))
             .collect();

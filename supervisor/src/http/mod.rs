@@ -227,6 +227,18 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                // The slot was taken before accept, which may have waited: a connection
+                // slot freed meanwhile serves this connection fully.
+                let slot = match slot {
+                    Slot::Reserve(reserve) => match app.connections.try_open() {
+                        Some(permit) => {
+                            drop(reserve);
+                            Slot::Main(permit)
+                        }
+                        None => Slot::Reserve(reserve),
+                    },
+                    main => main,
+                };
                 let io = TokioIo::new(client_io(&app, stream, peer));
                 let service_app = app.clone();
                 match slot {

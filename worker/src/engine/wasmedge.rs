@@ -170,6 +170,21 @@ fn c_path(path: &Path) -> Result<CString, EngineError> {
         .map_err(|_| EngineError::Io { path: path.clone(), source: std::io::Error::other("NUL in path") })
 }
 
+/// The WASI socket calls WasmEdge has in two versions (`lib/executor/instantiate/import.cpp`).
+const SOCKET_CALLS_WITH_V2: [&str; 11] = [
+    "sock_open",
+    "sock_bind",
+    "sock_connect",
+    "sock_listen",
+    "sock_accept",
+    "sock_recv",
+    "sock_recv_from",
+    "sock_send",
+    "sock_send_to",
+    "sock_getlocaladdr",
+    "sock_getpeeraddr",
+];
+
 impl WasmEdgeEngine {
     pub fn new() -> anyhow::Result<Self> {
         // SAFETY: creating and configuring fresh contexts; each is owned by an `Owned`.
@@ -248,10 +263,22 @@ impl WasmEdgeEngine {
                     return Err(unknown());
                 }
                 let wanted = signature(ffi::WasmEdge_ImportTypeGetFunctionType(ast.ptr, import));
-                let given = signature(ffi::WasmEdge_FunctionInstanceGetFunctionType(provided));
-                match (wanted, given) {
-                    (Some(w), Some(g)) if same_types(&w.0, &g.0) && same_types(&w.1, &g.1) => {}
-                    _ => return Err(invalid(format!("incompatible import type for `{module}::{name}`"))),
+                let matches = |function: *const ffi::WasmEdge_FunctionInstanceContext| {
+                    let given = signature(ffi::WasmEdge_FunctionInstanceGetFunctionType(function));
+                    matches!((&wanted, given), (Some(w), Some(g)) if same_types(&w.0, &g.0) && same_types(&w.1, &g.1))
+                };
+                // WasmEdge registers its socket calls under their pre-0.12 signatures and
+                // the preview1 ones (`sock_accept(fd, flags, fd_out)`...) as `{name}_v2`;
+                // its executor links the second when the first does not fit, so this check
+                // must accept it too.
+                let v2 = || {
+                    let versioned = format!("{name}_v2");
+                    let f = ffi::WasmEdge_ModuleInstanceFindFunction(self.wasi_reference.ptr, wstr(&versioned));
+                    !f.is_null() && matches(f)
+                };
+                let linkable = matches(provided) || (SOCKET_CALLS_WITH_V2.contains(&name.as_str()) && v2());
+                if !linkable {
+                    return Err(invalid(format!("incompatible import type for `{module}::{name}`")));
                 }
             }
             let n = ffi::WasmEdge_ASTModuleListExportsLength(ast.ptr);
