@@ -621,6 +621,29 @@ mod tests {
             assert!(err.contains(named), "{args:?}: {err}");
         }
         parse(&["--max-header-bytes", "8192", "--max-connections", "1"]).validate().unwrap();
+        // Every request that is allowed must fit the budget of buffered bytes on its own.
+        for (args, named) in [
+            (&["--max-buffered-bytes", "1000"][..], "WASMBOX_MAX_BODY_BYTES"),
+            (&["--max-buffered-bytes", "20000000", "--max-body-bytes", "1000"], "WASMBOX_SESSION_MAX_SNAPSHOT_BYTES"),
+            (
+                &[
+                    "--max-buffered-bytes",
+                    "100000000",
+                    "--admin-token",
+                    "0123456789abcdef",
+                    "--max-module-bytes",
+                    "200000000",
+                ],
+                "WASMBOX_MAX_MODULE_BYTES",
+            ),
+        ] {
+            let err = parse(args).validate().unwrap_err().to_string();
+            assert!(err.contains(named) && err.contains("WASMBOX_MAX_BUFFERED_BYTES"), "{args:?}: {err}");
+        }
+        let c = parse(&[]);
+        assert_eq!((c.max_buffered_bytes, c.reserve_connections, c.min_data_rate), (256 << 20, 32, 1024));
+        assert_eq!((c.body_read_timeout_ms, c.response_write_timeout_ms), (10_000, 10_000));
+        assert!(Config::try_parse_from(["wasmbox", "--body-read-timeout-ms", "0"]).is_err());
         parse(&["--max-header-bytes", "262144", "--max-connections", "1048576"]).validate().unwrap();
         assert!(Config::try_parse_from(["wasmbox", "--max-connections", "-1"]).is_err());
     }

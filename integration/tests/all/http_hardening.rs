@@ -215,6 +215,17 @@ async fn http_stats(addr: SocketAddr) -> Result<serde_json::Value> {
     Ok(serde_json::from_str::<serde_json::Value>(&body)?["http"].clone())
 }
 
+/// `n` valid keep-alive connections, each served once and then held open.
+async fn hold_connections(addr: SocketAddr, n: usize) -> Result<Vec<TcpStream>> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut stream = TcpStream::connect(addr).await?;
+        assert_eq!(raw_get(&mut stream, "/healthz").await?.0, 200);
+        held.push(stream);
+    }
+    Ok(held)
+}
+
 #[tokio::test]
 async fn at_the_connection_limit_new_connections_wait_until_one_closes() -> Result<()> {
     const LIMIT: usize = 4;
@@ -227,13 +238,7 @@ async fn at_the_connection_limit_new_connections_wait_until_one_closes() -> Resu
         .env("WASMBOX_HEADER_READ_TIMEOUT_MS", 60_000)
         .start()?;
 
-    // LIMIT valid keep-alive connections, each served once and then held open.
-    let mut held = Vec::new();
-    for _ in 0..LIMIT {
-        let mut stream = TcpStream::connect(s.addr).await?;
-        assert_eq!(raw_get(&mut stream, "/healthz").await?.0, 200);
-        held.push(stream);
-    }
+    let mut held = hold_connections(s.addr, LIMIT).await?;
     let (status, body) = raw_get(&mut held[0], "/stats").await?;
     assert_eq!(status, 200);
     let http = serde_json::from_str::<serde_json::Value>(&body)?["http"].clone();
@@ -591,12 +596,7 @@ async fn at_the_connection_limit_the_reserve_answers_health_checks_and_refuses_t
         .env("WASMBOX_RESERVE_CONNECTIONS", 2)
         .env("WASMBOX_HEADER_READ_TIMEOUT_MS", 60_000)
         .start()?;
-    let mut held = Vec::new();
-    for _ in 0..LIMIT {
-        let mut stream = TcpStream::connect(s.addr).await?;
-        assert_eq!(raw_get(&mut stream, "/healthz").await?.0, 200);
-        held.push(stream);
-    }
+    let held = hold_connections(s.addr, LIMIT).await?;
     for (path, status) in [("/healthz", 200), ("/ready", 503), ("/metrics", 200), ("/hello", 503), ("/stats", 503)] {
         let mut stream = TcpStream::connect(s.addr).await?;
         let (got, body) = raw_get(&mut stream, path).await?;

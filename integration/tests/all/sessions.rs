@@ -263,7 +263,7 @@ async fn session_limits_are_enforced_with_typed_errors() -> anyhow::Result<()> {
     let b = create(&c, "counter").await?;
     let r = c.post("/sessions/counter", Bytes::new()).await?;
     assert_eq!((r.status, r.kind().as_str()), (StatusCode::INSUFFICIENT_STORAGE, "session_limit"), "{}", r.text());
-    assert_eq!(r.json()["max_sessions"], 2);
+    assert_eq!((r.json()["max_sessions"].as_u64(), r.json()["scope"].as_str()), (Some(2), Some("server")));
     assert!(c.get("/metrics").await?.text().contains("wasmbox_sessions 2\n"));
     // A state larger than the snapshot limit is not committed.
     let r = send(&c, "counter", &a, "fill 4").await?;

@@ -66,6 +66,22 @@ pub struct RunRequest<'a> {
     pub max_output_bytes: u64,
 }
 
+impl<'a> RunRequest<'a> {
+    /// A run with `argv` and nothing else: no environment, preopens or stdin.
+    pub fn bare(argv: &'a [String], memory_limit_bytes: u64, timeout: Duration, max_output_bytes: u64) -> Self {
+        RunRequest {
+            argv,
+            env: &[],
+            preopens: &[],
+            preopen_dirs: &[],
+            stdin: bytes::Bytes::new(),
+            memory_limit_bytes,
+            timeout,
+            max_output_bytes,
+        }
+    }
+}
+
 /// What a run produced.
 #[derive(Debug)]
 pub struct RunResult {

@@ -935,16 +935,7 @@ mod tests {
         let layout = &instrumented.layout;
         let argv = vec!["session".to_string()];
         let step = |op, handler: &str, snapshot: &[u8], timeout_ms| {
-            let request = RunRequest {
-                argv: &argv,
-                env: &[],
-                preopens: &[],
-                preopen_dirs: &[],
-                stdin: bytes::Bytes::new(),
-                memory_limit_bytes: 16 << 16,
-                timeout: Duration::from_millis(timeout_ms),
-                max_output_bytes: 1024,
-            };
+            let request = RunRequest::bare(&argv, 16 << 16, Duration::from_millis(timeout_ms), 1024);
             let step = session::Step {
                 op,
                 handler,

@@ -149,16 +149,7 @@ impl Engine for WasmtimeEngine {
         // runtime; both read the CPU count from the cgroup files, by absolute paths.
         let module = self.compile(&warm_up_module(), ModuleKind::Command)?;
         let argv = ["warm-up".to_string()];
-        let request = RunRequest {
-            argv: &argv,
-            env: &[],
-            preopens: &[],
-            preopen_dirs: &[],
-            stdin: bytes::Bytes::new(),
-            memory_limit_bytes: 1 << 20,
-            timeout: std::time::Duration::from_secs(10),
-            max_output_bytes: 16,
-        };
+        let request = RunRequest::bare(&argv, 1 << 20, std::time::Duration::from_secs(10), 16);
         match self.run(&module, request).outcome {
             Outcome::Exited { code: 0 } => Ok(()),
             other => Err(EngineError::InvalidModule(format!("warm-up run: {other:?}"))),
@@ -612,16 +603,7 @@ mod tests {
     }
 
     fn request<'a>(argv: &'a [String], timeout_ms: u64, memory: u64) -> RunRequest<'a> {
-        RunRequest {
-            argv,
-            env: &[],
-            preopens: &[],
-            preopen_dirs: &[],
-            stdin: bytes::Bytes::new(),
-            memory_limit_bytes: memory,
-            timeout: Duration::from_millis(timeout_ms),
-            max_output_bytes: 1024,
-        }
+        RunRequest::bare(argv, memory, Duration::from_millis(timeout_ms), 1024)
     }
 
     #[test]

@@ -58,16 +58,7 @@ fn fixture() -> Fixture {
 impl Fixture {
     fn step(&self, op: SessionOp, handler: &str, snapshot: &[u8], memory: u64, max: u64) -> (Outcome, StepOutput) {
         let argv = vec!["s".to_string()];
-        let request = RunRequest {
-            argv: &argv,
-            env: &[],
-            preopens: &[],
-            preopen_dirs: &[],
-            stdin: bytes::Bytes::new(),
-            memory_limit_bytes: memory,
-            timeout: Duration::from_millis(300),
-            max_output_bytes: 1024,
-        };
+        let request = RunRequest::bare(&argv, memory, Duration::from_millis(300), 1024);
         let step = Step {
             op,
             handler,
