@@ -343,6 +343,7 @@ async fn slow_clients_beyond_the_connection_limit_do_not_take_the_replica_down()
         .module("spew", spew(12))
         .env("WASMBOX_MAX_CONNECTIONS", LIMIT)
         .env("WASMBOX_RESERVE_CONNECTIONS", 8)
+        .env("WASMBOX_HEALTH_LISTEN", "127.0.0.1:0")
         .env("WASMBOX_BODY_READ_TIMEOUT_MS", TIMEOUT.as_millis())
         .env("WASMBOX_RESPONSE_WRITE_TIMEOUT_MS", TIMEOUT.as_millis())
         .start()?;
@@ -372,13 +373,13 @@ async fn slow_clients_beyond_the_connection_limit_do_not_take_the_replica_down()
             }
         }));
     }
-    // Soon the slow clients hold every connection slot: /ready (answered through the
-    // reserve, so not holding a slot itself) says so.
+    // Soon the slow clients hold every connection slot, as the health listener (a port of
+    // its own, so asking takes no slot) says.
+    let health = wasmbox_integration::Client { addr: s.health_addr().context("health listener")? };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let ready = s.get("/ready").await?;
-        let http = &ready.json()["http"];
-        if http["open_connections"].as_u64() == Some(LIMIT as u64) && http["reserve_connections"].as_u64() >= Some(1) {
+        let ready = health.get("/ready").await?;
+        if ready.json()["http"]["open_connections"].as_u64() == Some(LIMIT as u64) {
             break;
         }
         ensure!(Instant::now() < deadline, "the slow clients never held every slot: {}", ready.text());
@@ -399,20 +400,19 @@ async fn slow_clients_beyond_the_connection_limit_do_not_take_the_replica_down()
     let healthz = healthz.context("/healthz not answered within 1 s")??;
     assert_eq!(healthz.status, StatusCode::OK, "{}", healthz.text());
     eprintln!("/healthz at the limit: {took:?}");
+    // On a loaded machine a slow client may already have been cut off by now, freeing a
+    // slot: then the answers are those of a replica with room (what the reserve answers at
+    // the limit is asserted exactly in
+    // at_the_connection_limit_the_reserve_answers_health_checks_and_refuses_the_rest).
     let (ready, took) = timed("/ready").await;
     let ready = ready.context("/ready not answered within 1 s")??;
     eprintln!("/ready at the limit: {took:?} {}", ready.text());
-    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{}", ready.text());
-    assert!(
-        ready.json()["reasons"].as_array().is_some_and(|r| r.iter().any(|x| x == "connections")),
-        "{}",
-        ready.text()
-    );
+    let full = ready.json()["reasons"].as_array().is_some_and(|r| r.iter().any(|x| x == "connections"));
+    assert!(full || ready.status == StatusCode::OK, "{}", ready.text());
+    assert_eq!(full, ready.status == StatusCode::SERVICE_UNAVAILABLE, "{}", ready.text());
     let (hello, took) = timed("/hello").await;
     let hello = hello.context("/hello not answered within 1 s")??;
     eprintln!("/hello at the limit: {took:?} {} {}", hello.status, hello.text());
-    // A typed 503 from the reserve, or (on a loaded machine a slow one may already have
-    // been cut off, freeing a slot) the function's answer.
     if hello.status != StatusCode::OK {
         assert_eq!((hello.status, hello.kind().as_str()), (StatusCode::SERVICE_UNAVAILABLE, "overloaded"));
         assert_eq!(hello.header("retry-after"), Some("1"));

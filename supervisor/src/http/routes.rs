@@ -229,10 +229,12 @@ async fn invoke(
     // One retry when the module changed between our hash and the worker's read of it.
     let mut function = function;
     for attempt in 0..2 {
-        let (opened, files) = open_files(app, function).await?;
-        function = opened;
-        invocation.module = function.module.clone();
-        invocation.preopens = function.config.preopens.clone();
+        let (opened, files) = open_files(app, function.clone()).await?;
+        if !Arc::ptr_eq(&opened, &function) {
+            // The config was read again (a preopen changed): use it as it is now.
+            invocation.module = opened.module.clone();
+            invocation.preopens = opened.config.preopens.clone();
+        }
         let Dispatched { completed, worker, queue_wait } =
             dispatch(app, &invocation, vec![stdin_bytes.clone()], files).await?;
         let meta = Meta { worker, queue_wait };
@@ -247,6 +249,8 @@ async fn invoke(
             Ok(done) if done.result.outcome == Outcome::ModuleChanged && attempt == 0 => {
                 app.registry.invalidate(&name);
                 function = app.registry.lookup(&name).await.map_err(registry_error)?;
+                invocation.module = function.module.clone();
+                invocation.preopens = function.config.preopens.clone();
                 continue;
             }
             Ok(done) => {
@@ -336,18 +340,15 @@ pub(super) async fn run(
 }
 
 /// Opens what an invocation of `function` passes to its worker (module file, preopened
-/// directories), on the blocking pool: a file system can stall. A preopen that is no longer
-/// the directory the config was checked with (renamed, replaced, a link put in its path)
-/// makes the registry read and check the config again, once, against the directories as
-/// they are now; it is used only if it passes. Returns the function as it was opened.
+/// directories). Inline, as the registry's `stat`s are: neither open can block (the module
+/// is opened `O_NONBLOCK`, directories as path handles). A preopen that is no longer the
+/// directory the config was checked with (renamed, replaced, a link put in its path) makes
+/// the registry read and check the config again, once, against the directories as they are
+/// now; it is used only if it passes. Returns the function as it was opened.
 pub(super) async fn open_files(app: &App, function: Arc<Function>) -> Result<(Arc<Function>, Vec<OwnedFd>), ApiError> {
     let mut function = function;
     for attempt in 0..2 {
-        let opening = function.clone();
-        let opened = tokio::task::spawn_blocking(move || opening.open_files())
-            .await
-            .map_err(|e| ApiError::Internal(format!("opening task failed: {e}")))?;
-        match opened {
+        match function.open_files() {
             Ok(files) => return Ok((function, files)),
             Err(OpenError::Preopen(e @ PreopenError::Changed { .. })) if attempt == 0 => {
                 tracing::info!(function = %function.name, reason = %e, "preopened directory changed; checking the config again");
