@@ -460,6 +460,20 @@ impl Supervisor {
         self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The logs once every one of `needles` is in them: a line the supervisor wrote before
+    /// answering reaches the test through a pipe a thread reads, a moment later.
+    pub async fn logs_with(&self, needles: &[&str], within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let logs = self.logs();
+            if needles.iter().all(|n| logs.contains(n)) {
+                return Ok(logs);
+            }
+            ensure!(Instant::now() < deadline, "the log never had all of {needles:?}:\n{logs}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub async fn request(&self, method: Method, path: &str, headers: &[(&str, &str)], body: Bytes) -> Result<Reply> {
         self.client().request(method, path, headers, body).await
     }

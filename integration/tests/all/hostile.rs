@@ -820,11 +820,7 @@ async fn config_and_setup_errors_name_no_values_and_no_host_paths() -> Result<()
             }
         }
     }
-    let logs = s.logs();
-    assert!(
-        logs.contains("sk-live-0123456789") && logs.contains("/srv/private-tenant-area"),
-        "the log has the reasons:\n{logs}"
-    );
+    let logs = s.logs_with(&["sk-live-0123456789", "/srv/private-tenant-area"], Duration::from_secs(10)).await?;
     // Once per reason, not once per request.
     assert_eq!(logs.matches("sk-live-0123456789").count(), 1, "{logs}");
     assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
@@ -851,7 +847,7 @@ async fn fifo_configs_and_modules_are_refused_without_blocking() -> Result<()> {
             .context("blocked on the FIFO module")??;
         assert_eq!((r.status, r.kind().as_str()), (StatusCode::NOT_FOUND, "function_not_found"));
     }
-    assert!(s.logs().contains("not a regular file"), "{}", s.logs());
+    s.logs_with(&["not a regular file"], Duration::from_secs(10)).await?;
     assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
     Ok(())
 }

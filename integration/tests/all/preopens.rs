@@ -10,6 +10,9 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use wasmbox_integration::{Reply, Supervisor};
 
+/// How long a log line may take to reach the test.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn writable(path: &Path) -> Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
     Ok(())
@@ -52,11 +55,7 @@ async fn a_writable_preopen_cannot_swap_another_functions_preopen_for_the_host_r
     let shared = functions.join("shared").canonicalize()?;
     let r = s.get("/reader?arg=ls&arg=/victim").await?;
     assert_refused(&r, &[&shared.display().to_string(), "shared/victim"]);
-    let logs = s.logs();
-    assert!(
-        logs.contains("function config refused") && logs.contains("are nested and one of them is writable"),
-        "{logs}"
-    );
+    s.logs_with(&["function config refused", "are nested and one of them is writable"], WAIT).await?;
 
     // The swap itself, through the writer's WASI preopen.
     let r = s.get("/writer?arg=mv&arg=/shared/victim&arg=/shared/moved").await?;
@@ -102,9 +101,8 @@ async fn a_replaced_preopen_is_checked_again_and_a_link_to_the_root_is_refused()
     std::os::unix::fs::symlink("/", functions.join("data"))?;
     let r = s.get("/fs?arg=ls&arg=/data").await?;
     assert_refused(&r, &["proc\n", "etc\n"]);
-    let logs = s.logs();
-    assert!(logs.contains("preopened directory changed; checking the config again"), "{logs}");
-    assert!(logs.contains("contains the functions directory"), "{logs}");
+    s.logs_with(&["preopened directory changed; checking the config again", "contains the functions directory"], WAIT)
+        .await?;
 
     // The operator puts a new directory in place (a deploy that swaps data directories).
     std::fs::remove_file(functions.join("data"))?;

@@ -78,8 +78,11 @@ impl Budget {
             .map(|_| Held { budget: self.clone(), bytes })
     }
 
-    /// `bytes`, waiting up to [`BUDGET_WAIT`] for others to give some back.
+    /// `bytes`, waiting up to [`BUDGET_WAIT`] for others to give some back. More than the
+    /// whole budget (state stored under an earlier, larger setting) takes all of it, so it
+    /// still gets through when nothing else is held.
     pub async fn take(self: &Arc<Self>, bytes: u64) -> Result<Held, Exhausted> {
+        let bytes = bytes.min(self.limit);
         let deadline = tokio::time::Instant::now() + BUDGET_WAIT;
         loop {
             let freed = self.freed.notified();
@@ -147,6 +150,8 @@ mod tests {
         drop(a);
         assert_eq!(waiter.await.unwrap(), Ok(50));
         assert_eq!(budget.used(), 0);
+        // More than the whole budget takes all of it.
+        assert_eq!(budget.take(1000).await.map(|h| h.bytes()), Ok(100));
         // Never given back: refused after the wait, and counted.
         let _b = budget.try_take(100).unwrap();
         let started = std::time::Instant::now();

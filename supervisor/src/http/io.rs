@@ -31,12 +31,15 @@ impl WriteBounds {
     /// When a transfer that started at `since` and has moved `bytes` since, with its last
     /// progress at `last`, has taken too long.
     pub fn deadline(&self, since: Instant, last: Instant, bytes: u64) -> Instant {
-        let idle = last + self.timeout;
+        // Saturating: no setting or byte count can overflow the clock.
+        let far = |at: Instant| at + Duration::from_secs(86_400 * 365);
+        let idle = last.checked_add(self.timeout).unwrap_or_else(|| far(last));
         if self.min_rate == 0 {
             return idle;
         }
-        let allowed = Duration::from_secs_f64(bytes as f64 / self.min_rate as f64);
-        idle.min(since + self.timeout + allowed)
+        let allowed = Duration::try_from_secs_f64(bytes as f64 / self.min_rate as f64).unwrap_or(Duration::MAX);
+        let by_rate = since.checked_add(self.timeout.saturating_add(allowed)).unwrap_or_else(|| far(since));
+        idle.min(by_rate)
     }
 }
 
