@@ -137,6 +137,20 @@ pub struct Config {
     #[arg(long, env = "WASMBOX_WORKER_MODULE_CACHE", default_value_t = 64)]
     pub worker_module_cache: usize,
 
+    /// Whether a worker process may run more than one tenant's code. `isolated` (the
+    /// default): a worker serves one tenant for its whole life, and a slot that must run
+    /// another tenant's function gets a fresh process first. `shared`: any worker runs any
+    /// function, for operators who run one tenant per replica.
+    #[arg(long, env = "WASMBOX_TENANCY", value_enum, default_value_t = Tenancy::Isolated)]
+    pub tenancy: Tenancy,
+
+    /// Clean workers (bound to no tenant yet) the pool keeps idle in isolated tenancy, so a
+    /// request for a tenant no idle worker serves takes one at once instead of waiting for
+    /// a process; replenished in the background by recycling the least recently used idle
+    /// worker. At most the pool size minus one.
+    #[arg(long, env = "WASMBOX_SPARE_WORKERS", default_value_t = 1)]
+    pub spare_workers: usize,
+
     /// Replace each worker process after this many invocations (0: never), so nothing a
     /// long-lived process accumulates outlives a bounded number of tenants' requests.
     #[arg(long, env = "WASMBOX_WORKER_MAX_INVOCATIONS")]
@@ -327,6 +341,13 @@ impl EngineKind {
             EngineKind::Wasmedge => "wasmedge",
         }
     }
+}
+
+/// `WASMBOX_TENANCY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Tenancy {
+    Isolated,
+    Shared,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -221,6 +221,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         cgroups: slot_cgroups,
         compile_memory_bytes: config.cgroup_compile_memory_mb.saturating_mul(1 << 20),
         max_invocations: config.worker_max_invocations.filter(|&n| n > 0),
+        isolate_tenants: config.tenancy == config::Tenancy::Isolated,
+        spare_workers: config.spare_workers,
     };
     tracing::info!(
         workers = pool_config.size,

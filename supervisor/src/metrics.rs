@@ -69,6 +69,7 @@ pub struct Metrics {
     queued: Gauge,
     restarts: Counter,
     oom_kills: Counter,
+    tenant_switches: Counter,
     exits: Family<Reason, Counter>,
     cpu_seconds: Family<FunctionLabel, Counter<f64, AtomicU64>>,
     memory_peak: Family<FunctionLabel, Gauge>,
@@ -117,18 +118,28 @@ impl Metrics {
             module_loads.clone(),
         );
         let workers = Family::<WorkerState, Gauge>::default();
-        registry.register("workers", "Worker processes by state: configured, live, idle, busy", workers.clone());
+        registry.register(
+            "workers",
+            "Worker processes by state: configured, live, idle, busy, spare (idle and bound to no tenant yet)",
+            workers.clone(),
+        );
         let queued = Gauge::default();
         registry.register("queue_depth", "Requests waiting for a free worker", queued.clone());
         let restarts = Counter::default();
         registry.register("worker_restarts", "Worker processes replaced, for any reason", restarts.clone());
         let oom_kills = Counter::default();
         registry.register("worker_oom_kills", "Workers the kernel OOM-killed", oom_kills.clone());
+        let tenant_switches = Counter::default();
+        registry.register(
+            "tenant_switches",
+            "Requests whose tenant no idle worker served: given a spare, or a slot recycled into a fresh process",
+            tenant_switches.clone(),
+        );
         let exits = Family::<Reason, Counter>::default();
         registry.register(
             "worker_exits",
             "Workers that ended while the pool ran (each then replaced), by reason: crash, oom_kill, seccomp, \
-             timeout_kill, recycle, discarded",
+             timeout_kill, recycle, discarded, tenant_switch",
             exits.clone(),
         );
         let cpu_seconds = Family::<FunctionLabel, Counter<f64, AtomicU64>>::default();
@@ -220,6 +231,7 @@ impl Metrics {
             queued,
             restarts,
             oom_kills,
+            tenant_switches,
             exits,
             cpu_seconds,
             memory_peak,
@@ -276,9 +288,13 @@ impl Metrics {
             self.memory_working_set.set(bytes(m.working_set_bytes));
             self.memory_limit.set(bytes(m.limit_bytes));
         }
-        for (state, value) in
-            [("configured", pool.configured), ("live", pool.live), ("idle", pool.idle), ("busy", pool.busy)]
-        {
+        for (state, value) in [
+            ("configured", pool.configured),
+            ("live", pool.live),
+            ("idle", pool.idle),
+            ("busy", pool.busy),
+            ("spare", pool.spares),
+        ] {
             self.workers.get_or_create(&WorkerState { state }).set(gauge(value));
         }
         self.queued.set(gauge(pool.queued));
@@ -291,6 +307,7 @@ impl Metrics {
         catch_up(&self.client_timeouts.get_or_create(&Phase { phase: "response" }), http.response_timeouts);
         catch_up(&self.restarts, pool.restarts);
         catch_up(&self.oom_kills, pool.oom_kills);
+        catch_up(&self.tenant_switches, pool.tenant_switches);
         for (reason, total) in pool.exits.by_reason() {
             catch_up(&self.exits.get_or_create(&Reason { reason }), total);
         }
@@ -334,6 +351,8 @@ mod tests {
             draining: false,
             restarts,
             oom_kills: 1,
+            spares: 1,
+            tenant_switches: 4,
             exits: crate::pool::WorkerExits { crash: 2, recycle: 1, ..Default::default() },
         }
     }
@@ -382,6 +401,8 @@ mod tests {
             "wasmbox_module_loads_total{source=\"compiled\"} 1",
             "wasmbox_module_loads_total{source=\"memory\"} 1",
             "wasmbox_workers{state=\"busy\"} 1",
+            "wasmbox_workers{state=\"spare\"} 1",
+            "wasmbox_tenant_switches_total 4",
             "wasmbox_queue_depth 3",
             "wasmbox_http_connections{pool=\"main\"} 7",
             "wasmbox_http_connections{pool=\"reserve\"} 1",

@@ -10,6 +10,8 @@ use crate::registry::FunctionName;
 /// Totals for one function since the supervisor started.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct FunctionUsage {
+    /// The tenant the function belonged to at its latest invocation.
+    pub tenant: String,
     /// Invocations with cgroup accounting.
     pub invocations: u64,
     pub cpu_seconds: f64,
@@ -27,28 +29,28 @@ pub struct UsageLedger {
 }
 
 impl UsageLedger {
-    fn with(&self, name: &FunctionName, update: impl FnOnce(&mut FunctionUsage)) {
+    fn with(&self, name: &FunctionName, tenant: &str, update: impl FnOnce(&mut FunctionUsage)) {
         let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        match functions.get_mut(name.as_str()) {
-            Some(usage) => update(usage),
-            None => {
-                let mut usage = FunctionUsage::default();
-                update(&mut usage);
-                functions.insert(name.to_string(), usage);
-            }
+        let usage = match functions.get_mut(name.as_str()) {
+            Some(usage) => usage,
+            None => functions.entry(name.to_string()).or_default(),
+        };
+        if usage.tenant != tenant {
+            usage.tenant = tenant.to_owned();
         }
+        update(usage);
     }
 
-    pub fn record(&self, name: &FunctionName, used: &Accounting) {
-        self.with(name, |u| {
+    pub fn record(&self, name: &FunctionName, tenant: &str, used: &Accounting) {
+        self.with(name, tenant, |u| {
             u.invocations += 1;
             u.cpu_seconds += used.cpu_time.map_or(0.0, |d| d.as_secs_f64());
             u.memory_peak_bytes_max = u.memory_peak_bytes_max.max(used.memory_peak_bytes.unwrap_or(0));
         });
     }
 
-    pub fn record_oom_kill(&self, name: &FunctionName) {
-        self.with(name, |u| u.oom_kills += 1);
+    pub fn record_oom_kill(&self, name: &FunctionName, tenant: &str) {
+        self.with(name, tenant, |u| u.oom_kills += 1);
     }
 
     pub fn snapshot(&self) -> BTreeMap<String, FunctionUsage> {
@@ -71,11 +73,12 @@ mod tests {
             memory_peak_bytes: Some(peak),
             memory_limit_bytes: None,
         };
-        ledger.record(&a, &used(250, 10));
-        ledger.record(&a, &used(500, 30));
-        ledger.record_oom_kill(&a);
+        ledger.record(&a, "a", &used(250, 10));
+        ledger.record(&a, "acme", &used(500, 30));
+        ledger.record_oom_kill(&a, "acme");
         let snapshot = ledger.snapshot();
         let usage = &snapshot["a"];
+        assert_eq!(usage.tenant, "acme");
         assert_eq!(usage.invocations, 2);
         assert!((usage.cpu_seconds - 0.75).abs() < 1e-9);
         assert_eq!(usage.memory_peak_bytes_max, 30);

@@ -19,3 +19,4 @@ mod load_balancer;
 mod operations;
 mod preopens;
 mod sessions;
+mod tenancy;

@@ -184,12 +184,19 @@ async fn prepare(
         ApiError::Internal("cannot open the staged module".into())
     })?;
     let files = vec![std::os::fd::OwnedFd::from(module)];
-    let done = dispatch(app, &invocation, Vec::new(), files).await?.completed.map_err(|failure| match failure {
-        crate::pool::InvokeFailure::HardDeadline => {
-            ApiError::CompileTimeout { timeout_ms: app.config.compile_timeout_ms }
-        }
-        other => invoke_failure(other, &invocation),
-    })?;
+    // The compile runs in a worker of the function's tenant: the one its config names when
+    // the function exists, else the function itself.
+    let tenant = match app.registry.lookup(name).await {
+        Ok(function) => function.tenant().to_owned(),
+        Err(_) => name.to_string(),
+    };
+    let done =
+        dispatch(app, &tenant, &invocation, Vec::new(), files).await?.completed.map_err(|failure| match failure {
+            crate::pool::InvokeFailure::HardDeadline => {
+                ApiError::CompileTimeout { timeout_ms: app.config.compile_timeout_ms }
+            }
+            other => invoke_failure(other, &invocation),
+        })?;
     match done.result.outcome {
         Outcome::Exited { code: 0 } => Ok(done.result.module_source.map(|s| s.as_str()).unwrap_or("compiled")),
         Outcome::InvalidModule { message } => Err(ApiError::InvalidModule(message)),
@@ -257,6 +264,7 @@ async fn describe(app: &Arc<App>, name: &FunctionName, artifacts: &Artifacts) ->
     let config = app.registry.dir().join(format!("{name}.toml")).exists();
     Ok(json!({
         "name": name.as_str(),
+        "tenant": function.tenant(),
         "sha256": function.module.sha256,
         "size": function.module_size,
         "config": config,

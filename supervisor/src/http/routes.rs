@@ -236,7 +236,7 @@ async fn invoke(
             invocation.preopens = opened.config.preopens.clone();
         }
         let Dispatched { completed, worker, queue_wait } =
-            dispatch(app, &invocation, vec![stdin_bytes.clone()], files).await?;
+            dispatch(app, opened.tenant(), &invocation, vec![stdin_bytes.clone()], files).await?;
         let meta = Meta { worker, queue_wait };
         let ran =
             completed.as_ref().ok().map(|done| (Duration::from_micros(done.result.exec_us), done.result.module_source));
@@ -255,7 +255,7 @@ async fn invoke(
             }
             Ok(done) => {
                 if let Some(used) = &done.accounting {
-                    app.usage.record(&name, used);
+                    app.usage.record(&name, opened.tenant(), used);
                 }
                 let (mut r, kind) = outcome_response(&done.result, done.stdout, &done.stderr, invocation.timeout_ms);
                 add_accounting(r.headers_mut(), done.accounting.as_ref());
@@ -263,7 +263,7 @@ async fn invoke(
             }
             Err(failure) => {
                 if matches!(failure, InvokeFailure::OomKilled { .. }) {
-                    app.usage.record_oom_kill(&name);
+                    app.usage.record_oom_kill(&name, opened.tenant());
                 }
                 let e = invoke_failure(failure, &invocation);
                 (e.to_response(), e.kind())
@@ -307,17 +307,19 @@ pub(super) struct Dispatched {
 /// parts; `files`: the descriptors it passes).
 pub(super) async fn dispatch(
     app: &App,
+    tenant: &str,
     invocation: &Invocation,
     payload: Vec<Bytes>,
     files: Vec<OwnedFd>,
 ) -> Result<Dispatched, ApiError> {
-    let lease = acquire(app, invocation).await?;
+    let lease = acquire(app, tenant, invocation).await?;
     run(lease, invocation, payload, files).await
 }
 
-/// A worker for `invocation`, or why there is none (429 queue full, 503 shutting down).
-pub(super) async fn acquire(app: &App, invocation: &Invocation) -> Result<Lease, ApiError> {
-    app.pool.acquire(&invocation.module_key()).await.map_err(|e| match e {
+/// A worker for `tenant`'s `invocation`, or why there is none (429 queue full, 503
+/// shutting down).
+pub(super) async fn acquire(app: &App, tenant: &str, invocation: &Invocation) -> Result<Lease, ApiError> {
+    app.pool.acquire(tenant, &invocation.module_key()).await.map_err(|e| match e {
         AcquireError::QueueFull { depth } => ApiError::QueueFull { depth },
         AcquireError::ShuttingDown => ApiError::ShuttingDown,
     })

@@ -196,7 +196,7 @@ async fn step(
         ),
         _ => None,
     };
-    let lease = acquire(app, &invocation).await?;
+    let lease = acquire(app, function.tenant(), &invocation).await?;
     let (_, files) = open_files(app, function.clone()).await?;
     let snapshot = match state {
         State::Fresh => Bytes::new(),
@@ -210,7 +210,7 @@ async fn step(
     match completed {
         Ok(mut completed) => {
             if let Some(used) = &completed.accounting {
-                app.usage.record(&function.name, used);
+                app.usage.record(&function.name, function.tenant(), used);
             }
             if completed.result.outcome == Outcome::ModuleChanged {
                 app.registry.invalidate(&function.name);
@@ -228,7 +228,7 @@ async fn step(
         }
         Err(failure) => {
             if matches!(failure, crate::pool::InvokeFailure::OomKilled { .. }) {
-                app.usage.record_oom_kill(&function.name);
+                app.usage.record_oom_kill(&function.name, function.tenant());
             }
             Err(invoke_failure(failure, &invocation))
         }

@@ -1,7 +1,10 @@
 //! The worker pool: a fixed number of slots, each kept filled with a live worker process.
 //!
 //! Dispatch takes an idle worker (preferring one that already has the function's module
-//! compiled), or waits in a bounded FIFO queue. Each slot has a supervision task that
+//! compiled), or waits in a bounded FIFO queue. With tenants isolated, a worker serves one
+//! tenant for its whole life: it starts clean (a spare), is bound to the first tenant it
+//! runs, and a slot that must run another tenant's code is recycled into a fresh process
+//! (see [`State::take_idle`] and [`State::place`] for the order of preference). Each slot has a supervision task that
 //! spawns its worker, shakes hands, watches it, and replaces it when it dies. A lease ends
 //! either by returning a healthy worker or by killing a broken one; the slot task then
 //! starts a fresh process, so a crash costs one request and never a slot.
@@ -44,6 +47,10 @@ pub struct PoolConfig {
     pub compile_memory_bytes: u64,
     /// Replace a worker after this many invocations (None: never).
     pub max_invocations: Option<u64>,
+    /// A worker runs one tenant's code for its whole life (`WASMBOX_TENANCY=isolated`).
+    pub isolate_tenants: bool,
+    /// Clean workers kept idle for tenant switches (isolated tenancy only).
+    pub spare_workers: usize,
 }
 
 /// Identifies one worker process: its slot and which incarnation of that slot.
@@ -130,6 +137,11 @@ pub struct PoolStatus {
     pub restarts: u64,
     /// Workers the kernel OOM-killed.
     pub oom_kills: u64,
+    /// Idle workers bound to no tenant yet (isolated tenancy).
+    pub spares: usize,
+    /// Requests served by a worker that had to be given to their tenant first: a spare
+    /// bound to it, or a slot recycled for it.
+    pub tenant_switches: u64,
     /// Workers that ended while the pool ran (each then replaced), by why.
     pub exits: WorkerExits,
 }
@@ -150,6 +162,9 @@ pub enum ExitReason {
     /// The supervisor stopped it for another reason (a protocol error, an exchange
     /// abandoned halfway).
     Discarded,
+    /// It served another tenant than the one its slot must run now (or a spare was
+    /// wanted): replaced by a fresh process.
+    TenantSwitch,
 }
 
 /// Worker exits counted by [`ExitReason`].
@@ -161,6 +176,7 @@ pub struct WorkerExits {
     pub timeout_kill: u64,
     pub recycle: u64,
     pub discarded: u64,
+    pub tenant_switch: u64,
 }
 
 impl WorkerExits {
@@ -172,12 +188,13 @@ impl WorkerExits {
             ExitReason::TimeoutKill => &mut self.timeout_kill,
             ExitReason::Recycle => &mut self.recycle,
             ExitReason::Discarded => &mut self.discarded,
+            ExitReason::TenantSwitch => &mut self.tenant_switch,
         };
         *n += 1;
     }
 
     /// (label, count) for every reason.
-    pub fn by_reason(&self) -> [(&'static str, u64); 6] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 7] {
         [
             ("crash", self.crash),
             ("oom_kill", self.oom_kill),
@@ -185,6 +202,7 @@ impl WorkerExits {
             ("timeout_kill", self.timeout_kill),
             ("recycle", self.recycle),
             ("discarded", self.discarded),
+            ("tenant_switch", self.tenant_switch),
         ]
     }
 }
@@ -197,9 +215,22 @@ struct Life {
     oom_killed: AtomicBool,
     /// Why the supervisor asked this worker to die, set before `kill` is notified.
     kill_reason: std::sync::Mutex<Option<ExitReason>>,
+    /// Set when the pool counted this worker's replacement in `State::coming` as it
+    /// recycled it, so the slot task does not count it again.
+    replacement_counted: AtomicBool,
 }
 
 impl Life {
+    fn new() -> Self {
+        Life {
+            kill: Notify::new(),
+            exit: watch::channel(None).0,
+            oom_killed: AtomicBool::new(false),
+            kill_reason: std::sync::Mutex::new(None),
+            replacement_counted: AtomicBool::new(false),
+        }
+    }
+
     fn is_dead(&self) -> bool {
         self.exit.borrow().is_some()
     }
@@ -224,7 +255,13 @@ pub struct Worker {
     modules: VecDeque<String>,
     /// Invocations this worker completed.
     invocations: u64,
+    /// The tenant whose code this process has run or was handed to run (isolated
+    /// tenancy); `None`: a clean spare.
+    tenant: Option<Tenant>,
 }
+
+/// A tenant's name, shared by the workers bound to it and the requests waiting for one.
+pub type Tenant = Arc<str>;
 
 impl Worker {
     fn note_module(&mut self, hash: &str, capacity: usize) {
@@ -238,39 +275,143 @@ impl Worker {
     }
 }
 
-#[derive(Default)]
+/// A request waiting for a worker of `tenant` (`None` in shared tenancy: any worker).
+struct Waiter {
+    tenant: Option<Tenant>,
+    tx: oneshot::Sender<Worker>,
+}
+
 struct State {
+    /// Least recently used first.
     idle: Vec<Worker>,
-    waiters: VecDeque<oneshot::Sender<Worker>>,
+    waiters: VecDeque<Waiter>,
     live: usize,
     busy: usize,
+    /// Workers on their way: slots between a worker's end (or the decision to recycle
+    /// it) and its successor's handshake. Each arrives clean, so it can serve any waiter.
+    coming: usize,
     draining: bool,
     closed: bool,
+    isolate_tenants: bool,
+    spare_workers: usize,
+    tenant_switches: u64,
 }
 
 impl State {
-    fn take_idle(&mut self, hash: &str) -> Option<Worker> {
-        self.idle.retain(|w| !w.life.is_dead());
-        let preferred = self.idle.iter().rposition(|w| w.modules.iter().any(|h| h == hash));
-        match preferred {
-            Some(i) => Some(self.idle.remove(i)),
-            // Most recently used first: keeps warm workers warm.
-            None => self.idle.pop(),
+    fn new(config: &PoolConfig) -> Self {
+        State {
+            idle: Vec::new(),
+            waiters: VecDeque::new(),
+            live: 0,
+            busy: 0,
+            coming: 0,
+            draining: false,
+            closed: false,
+            isolate_tenants: config.isolate_tenants,
+            spare_workers: config.spare_workers.min(config.size.saturating_sub(1)),
+            tenant_switches: 0,
         }
     }
 
-    /// Hands a worker to the oldest live waiter, or parks it idle.
+    /// Whether `worker` may run `tenant`'s code: always in shared tenancy; in isolated
+    /// tenancy if it is a spare or already that tenant's.
+    fn fits(&self, worker: &Worker, tenant: Option<&Tenant>) -> bool {
+        !self.isolate_tenants || worker.tenant.is_none() || worker.tenant.as_ref() == tenant
+    }
+
+    /// Binds a spare to the tenant it is about to run (isolated tenancy).
+    fn bind(&mut self, worker: &mut Worker, tenant: Option<&Tenant>) {
+        if self.isolate_tenants && worker.tenant.is_none() {
+            worker.tenant = tenant.cloned();
+            self.tenant_switches += 1;
+        }
+    }
+
+    /// An idle worker for `tenant` (`None`: any): first one of that tenant that has the
+    /// module, then one of that tenant, then a spare (bound to the tenant). Among equals
+    /// the most recently used, which keeps warm workers warm.
+    fn take_idle(&mut self, tenant: Option<&Tenant>, hash: &str) -> Option<Worker> {
+        self.idle.retain(|w| !w.life.is_dead());
+        let own = |w: &Worker| !self.isolate_tenants || w.tenant.as_ref() == tenant;
+        let pick = self
+            .idle
+            .iter()
+            .rposition(|w| own(w) && w.modules.iter().any(|h| h == hash))
+            .or_else(|| self.idle.iter().rposition(|w| own(w)))
+            .or_else(|| self.idle.iter().rposition(|w| w.tenant.is_none()))?;
+        let mut worker = self.idle.remove(pick);
+        self.bind(&mut worker, tenant);
+        Some(worker)
+    }
+
+    /// Hands a worker to the oldest live waiter it may serve, or parks it idle. A worker
+    /// that may serve none of the waiters, or only some behind an older waiter no worker on
+    /// its way will serve, is recycled into a fresh process for them (isolated tenancy), so
+    /// no tenant starves behind another's queue.
     fn place(&mut self, mut worker: Worker) {
-        while let Some(waiter) = self.waiters.pop_front() {
-            match waiter.send(worker) {
-                Ok(()) => {
-                    self.busy += 1;
+        self.waiters.retain(|w| !w.tx.is_closed());
+        loop {
+            let fits = self.waiters.iter().position(|w| self.fits(&worker, w.tenant.as_ref()));
+            match fits {
+                Some(i) if i <= self.coming => {
+                    let Some(waiter) = self.waiters.remove(i) else { return };
+                    self.bind(&mut worker, waiter.tenant.as_ref());
+                    match waiter.tx.send(worker) {
+                        Ok(()) => {
+                            self.busy += 1;
+                            return;
+                        }
+                        Err(back) => worker = back,
+                    }
+                }
+                _ if self.waiters.len() > self.coming => {
+                    self.recycle(worker);
                     return;
                 }
-                Err(back) => worker = back,
+                _ => break,
             }
         }
         self.idle.push(worker);
+        self.keep_spares();
+    }
+
+    /// After a request took a worker: with waiters that no idle worker fits and no worker
+    /// on its way will serve, recycle idle workers of other tenants for them, least
+    /// recently used first; then top up the spares.
+    fn serve_waiters(&mut self) {
+        while self.isolate_tenants && self.waiters.len() > self.coming {
+            let Some(i) = self.idle.iter().position(|w| w.tenant.is_some()) else { break };
+            let worker = self.idle.remove(i);
+            self.recycle(worker);
+        }
+        self.keep_spares();
+    }
+
+    /// Keeps `spare_workers` clean workers idle or on their way (beyond what waiters will
+    /// take) by recycling the least recently used idle worker bound to a tenant.
+    fn keep_spares(&mut self) {
+        if !self.isolate_tenants || self.draining {
+            return;
+        }
+        loop {
+            let idle_spares = self.idle.iter().filter(|w| w.tenant.is_none()).count();
+            let coming_spares = self.coming.saturating_sub(self.waiters.len());
+            if idle_spares + coming_spares >= self.spare_workers {
+                return;
+            }
+            let Some(i) = self.idle.iter().position(|w| w.tenant.is_some()) else { return };
+            let worker = self.idle.remove(i);
+            self.recycle(worker);
+        }
+    }
+
+    /// Ends `worker` (its slot starts a fresh process, counted in `coming` from now).
+    fn recycle(&mut self, worker: Worker) {
+        tracing::debug!(worker = %worker.id, tenant = worker.tenant.as_deref(), "recycling worker for another tenant");
+        worker.life.set_kill_reason(ExitReason::TenantSwitch);
+        worker.life.replacement_counted.store(true, Ordering::Relaxed);
+        self.coming += 1;
+        worker.life.kill.notify_one();
     }
 }
 
@@ -299,7 +440,7 @@ impl Pool {
         let spawner = Spawner::start(config.launch.clone(), tokio::runtime::Handle::current())
             .map_err(|source| SpawnError::Spawn { binary: config.launch.binary.display().to_string(), source })?;
         let pool = Pool(Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new(&config)),
             spawner,
             changed: Notify::new(),
             closed: watch::channel(false).0,
@@ -354,6 +495,8 @@ impl Pool {
             draining: st.draining,
             restarts: self.0.restarts.load(Ordering::Relaxed),
             oom_kills: self.0.oom_kills.load(Ordering::Relaxed),
+            spares: st.idle.iter().filter(|w| st.isolate_tenants && w.tenant.is_none()).count(),
+            tenant_switches: st.tenant_switches,
             exits: *self.0.exits.lock().unwrap_or_else(|p| p.into_inner()),
         }
     }
@@ -362,28 +505,32 @@ impl Pool {
         self.0.config.cgroups.get(slot)
     }
 
-    /// Takes a worker for one invocation of the module with hash `module_hash`.
-    pub async fn acquire(&self, module_hash: &str) -> Result<Lease, AcquireError> {
+    /// Takes a worker for one invocation of `tenant`'s module with hash `module_hash`.
+    pub async fn acquire(&self, tenant: &str, module_hash: &str) -> Result<Lease, AcquireError> {
         let asked = Instant::now();
         let rx = {
             let mut st = self.state();
             if st.draining {
                 return Err(AcquireError::ShuttingDown);
             }
-            if let Some(worker) = st.take_idle(module_hash) {
+            let tenant: Option<Tenant> = st.isolate_tenants.then(|| Arc::from(tenant));
+            if let Some(worker) = st.take_idle(tenant.as_ref(), module_hash) {
                 st.busy += 1;
+                st.keep_spares();
+                drop(st);
                 return Ok(Lease::new(self.clone(), worker, asked));
             }
             let depth = self.0.config.queue_depth;
             if st.waiters.len() >= depth {
                 // Waiters whose clients went away still hold a place; drop them first.
-                st.waiters.retain(|w| !w.is_closed());
+                st.waiters.retain(|w| !w.tx.is_closed());
             }
             if st.waiters.len() >= depth {
                 return Err(AcquireError::QueueFull { depth });
             }
             let (tx, rx) = oneshot::channel();
-            st.waiters.push_back(tx);
+            st.waiters.push_back(Waiter { tenant, tx });
+            st.serve_waiters();
             rx
         };
         self.0.changed.notify_waiters();
@@ -433,7 +580,7 @@ impl Pool {
             notified.as_mut().enable();
             {
                 let st = self.state();
-                if st.busy == 0 && st.waiters.iter().all(|w| w.is_closed()) {
+                if st.busy == 0 && st.waiters.iter().all(|w| w.tx.is_closed()) {
                     return true;
                 }
             }
@@ -484,10 +631,16 @@ impl Pool {
         let mut ready = Some(ready);
         let mut failures = 0u32;
         let mut closed = self.0.closed.subscribe();
+        // Whether the worker on its way is already counted in `State::coming`.
+        let mut counted = false;
         loop {
             if *closed.borrow() {
                 return;
             }
+            if !counted {
+                self.state().coming += 1;
+            }
+            counted = false;
             let generation = self.0.generations.fetch_add(1, Ordering::Relaxed) + 1;
             let id = WorkerId { slot, generation };
             match self.start_worker(id).await {
@@ -503,6 +656,7 @@ impl Pool {
                     {
                         let mut st = self.state();
                         st.live += 1;
+                        st.coming -= 1;
                         st.place(worker);
                     }
                     self.0.changed.notify_waiters();
@@ -539,6 +693,7 @@ impl Pool {
                         tracing::warn!(worker = %id, pid = hello.pid, "worker was OOM-killed by the kernel (cgroup memory limit)");
                     }
                     life.exit.send_replace(Some(status));
+                    counted = life.replacement_counted.load(Ordering::Relaxed);
                     {
                         let mut st = self.state();
                         st.live -= 1;
@@ -560,6 +715,7 @@ impl Pool {
                     tracing::warn!(worker = %id, pid = hello.pid, status = %describe_exit(status), "worker exited; replacing it");
                 }
                 Err(e) => {
+                    self.state().coming -= 1;
                     if let Some(tx) = ready.take() {
                         let _ = tx.send(Err(e));
                         return;
@@ -650,13 +806,8 @@ impl Pool {
                 });
             }
         };
-        let life = Arc::new(Life {
-            kill: Notify::new(),
-            exit: watch::channel(None).0,
-            oom_killed: AtomicBool::new(false),
-            kill_reason: std::sync::Mutex::new(None),
-        });
-        let worker = Worker { id, pid: hello.pid, conn, life, modules: VecDeque::new(), invocations: 0 };
+        let life = Arc::new(Life::new());
+        let worker = Worker { id, pid: hello.pid, conn, life, modules: VecDeque::new(), invocations: 0, tenant: None };
         Ok((child, worker, hello))
     }
 }
@@ -956,6 +1107,8 @@ mod tests {
             cgroups: Vec::new(),
             compile_memory_bytes: 0,
             max_invocations: None,
+            isolate_tenants: true,
+            spare_workers: 1,
         }
     }
 
@@ -988,15 +1141,11 @@ mod tests {
             id: WorkerId { slot: 0, generation: 1 },
             pid: 1,
             conn: Connection::new(ours, 1 << 20),
-            life: Arc::new(Life {
-                kill: Notify::new(),
-                exit: watch::channel(None).0,
-                oom_killed: AtomicBool::new(false),
-                kill_reason: std::sync::Mutex::new(None),
-            }),
+            life: Arc::new(Life::new()),
             // Warm: no compile allowance, so the deadline is the invocation's own.
             modules: VecDeque::from(["0".repeat(64)]),
             invocations: 0,
+            tenant: None,
         };
         let fake = tokio::spawn(async move {
             let started = wasmbox_protocol::encode_head(&FromWorker::Started, 0);

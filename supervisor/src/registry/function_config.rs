@@ -16,6 +16,9 @@ pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
+    /// The tenant this function belongs to (default: the function's own name). Functions
+    /// of one tenant may share worker processes; different tenants never do.
+    tenant: Option<String>,
     /// argv[1..] when the request passes no `arg` query parameters.
     #[serde(default)]
     args: Vec<String>,
@@ -74,6 +77,8 @@ pub struct FunctionLimits {
 /// A function's resolved configuration.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FunctionConfig {
+    /// `tenant`, validated like a function name (`None`: the function is its own tenant).
+    pub tenant: Option<String>,
     pub default_args: Vec<String>,
     pub env: Vec<(String, String)>,
     /// Host paths canonical (no symbolic link, no `..`), as resolved when the file was read.
@@ -92,6 +97,10 @@ pub struct FunctionConfig {
 /// Parses and resolves a config file's text; `base` resolves relative preopen paths.
 pub fn parse(text: &str, base: &Path) -> Result<FunctionConfig, String> {
     let file: ConfigFile = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+    if let Some(tenant) = &file.tenant {
+        super::FunctionName::parse(tenant)
+            .map_err(|e| format!("tenant {tenant:?}: {}", e.to_string().replace("function name", "a tenant name")))?;
+    }
     for arg in &file.args {
         if arg.contains('\0') {
             return Err("args must not contain NUL".into());
@@ -152,6 +161,7 @@ pub fn parse(text: &str, base: &Path) -> Result<FunctionConfig, String> {
         return Err("session.max_sessions and session.max_stored_bytes must be at least 1".into());
     }
     Ok(FunctionConfig {
+        tenant: file.tenant,
         session_max_sessions: file.session.max_sessions,
         session_max_stored_bytes: file.session.max_stored_bytes,
         default_args: file.args,
@@ -172,6 +182,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("data")).unwrap();
         let text = r#"
+            tenant = "acme"
             args = ["--fast"]
             [env]
             GREETING = "hi"
@@ -189,6 +200,7 @@ mod tests {
             handler = "on_message"
         "#;
         let c = parse(text, dir.path()).unwrap();
+        assert_eq!(c.tenant.as_deref(), Some("acme"));
         assert_eq!(c.default_args, ["--fast"]);
         assert_eq!(c.env, [("GREETING".to_string(), "hi".to_string())]);
         let data = dir.path().join("data").canonicalize().unwrap();
@@ -203,6 +215,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cases = [
             ("unknown = 1", "unknown"),
+            ("tenant = \"../etc\"", "tenant \"../etc\": a tenant name must start"),
+            ("tenant = \"\"", "tenant \"\": a tenant name is empty"),
             ("[[preopen]]\nhost = \"missing\"\nguest = \"/m\"", "missing"),
             ("[env]\n\"A=B\" = \"x\"", "A=B"),
             ("[env]\nA = \"x\\u0000\"", "env value of \"A\""),

@@ -67,6 +67,11 @@ pub struct Function {
 }
 
 impl Function {
+    /// The tenant the function belongs to: its config's `tenant`, else its own name.
+    pub fn tenant(&self) -> &str {
+        self.config.tenant.as_deref().unwrap_or(self.name.as_str())
+    }
+
     /// What a worker gets with an invocation of this function, in the order of
     /// `Invocation::passed_fds`: the module file (a regular file, opened read-only), then
     /// each preopened directory as a path handle, opened without following any symbolic
