@@ -153,6 +153,7 @@ pub struct Builder {
     inherited: Option<std::fs::File>,
     cgroup_procs: Vec<PathBuf>,
     run_as: Option<(u32, u32)>,
+    tenant: Option<String>,
 }
 
 impl Builder {
@@ -167,6 +168,14 @@ impl Builder {
     /// container would: its directories (functions, state, a cache of its own) belong to it.
     pub fn run_as(mut self, uid: u32, gid: u32) -> Self {
         self.run_as = Some((uid, gid));
+        self
+    }
+
+    /// Makes every function installed with [`Builder::function`] or [`Builder::module`]
+    /// part of one tenant (`tenant = ...` at the top of its `name.toml`), so they share
+    /// workers as one customer's functions do.
+    pub fn tenant(mut self, tenant: &str) -> Self {
+        self.tenant = Some(tenant.into());
         self
     }
 
@@ -241,6 +250,13 @@ impl Builder {
                 std::fs::create_dir_all(parent)?;
             }
             std::fs::write(path, bytes)?;
+        }
+        if let Some(tenant) = &self.tenant {
+            for (name, _) in &self.functions {
+                let config = functions.join(format!("{name}.toml"));
+                let rest = std::fs::read_to_string(&config).unwrap_or_default();
+                std::fs::write(&config, format!("tenant = {tenant:?}\n{rest}"))?;
+            }
         }
         // Each supervisor gets its own cgroup parent: a shared one would be refused as in use.
         let cgroup_parent = self
@@ -431,6 +447,7 @@ impl Supervisor {
             inherited: None,
             cgroup_procs: Vec::new(),
             run_as: None,
+            tenant: None,
         };
         match std::env::var("WASMBOX_TEST_ENGINE") {
             Ok(engine) if !engine.is_empty() => builder.engine(&engine),
@@ -486,9 +503,15 @@ impl Supervisor {
         self.client().post(path, body).await
     }
 
-    /// PIDs of this supervisor's worker processes (its live children).
+    /// PIDs of this supervisor's worker processes (its live children but compile
+    /// processes).
     pub fn worker_pids(&self) -> Vec<i32> {
-        children_of(self.pid())
+        children_of(self.pid()).into_iter().filter(|&pid| !is_compile_process(pid)).collect()
+    }
+
+    /// PIDs of this supervisor's compile processes (`wasmbox-worker --compile-artifact`).
+    pub fn compile_pids(&self) -> Vec<i32> {
+        children_of(self.pid()).into_iter().filter(|&pid| is_compile_process(pid)).collect()
     }
 
     /// Waits until /ready reports every slot live and `n` worker processes exist.
@@ -587,6 +610,13 @@ pub fn remove_cgroups_named(name: &str) {
             }
         }
     }
+}
+
+/// Whether `pid` runs `wasmbox-worker --compile-artifact`.
+pub fn is_compile_process(pid: i32) -> bool {
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.cmdline())
+        .is_ok_and(|args| args.iter().any(|a| a == "--compile-artifact"))
 }
 
 /// Live (non-zombie) children of `pid`.

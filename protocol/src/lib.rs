@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 pub mod snapshot;
 
 /// Bumped whenever a message changes shape. Supervisor and worker must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// First bytes of every frame; a stream that loses sync fails fast on the next frame.
 pub const MAGIC: [u8; 4] = *b"WBX\x01";
@@ -239,16 +239,17 @@ pub struct Invocation {
     #[serde(default)]
     pub confirm_start: bool,
     /// Descriptors sent with this frame (SCM_RIGHTS): the module file, opened read-only,
-    /// then one directory per entry of `preopens`, in order. The worker opens no host path
+    /// then the module's artifact when `artifact` is set, then one directory per entry of
+    /// `preopens`, in order. The worker opens no host path
     /// itself, so it needs no access to the functions directory or the preopened
     /// directories' parents once it runs as an unprivileged user.
     #[serde(default)]
     pub passed_fds: u32,
-    /// Only make the module ready (validate, compile, write its artifact), then answer
-    /// `Exited { code: 0 }` without running the guest and without `Started`: how a module
-    /// uploaded through the admin API is checked and precompiled before it is visible.
+    /// The second descriptor is the module's precompiled artifact (for `module_key`),
+    /// made by the supervisor's compiler process and checked against its record: the
+    /// worker loads it instead of compiling. Workers never write artifacts.
     #[serde(default)]
-    pub prepare_only: bool,
+    pub artifact: bool,
     /// A step of a stateful session instead of a command run: the module is a reactor,
     /// and the payload starts with the session's snapshot (see [`SessionCall`]).
     #[serde(default)]
@@ -261,6 +262,34 @@ impl Invocation {
     pub fn module_key(&self) -> String {
         module_key(&self.module.sha256, self.session.is_some())
     }
+}
+
+/// What a compile process (`wasmbox-worker --compile-artifact`) reports on its stdout, one
+/// JSON line; the artifact itself is the file `file` in the directory it was given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum CompileReport {
+    Compiled {
+        engine: String,
+        version: String,
+        file: String,
+    },
+    /// Not valid Wasm, or not what the kind needs; the message says why.
+    Invalid {
+        message: String,
+    },
+    /// The module's bytes do not have the hash it was asked to compile.
+    Changed,
+    /// The engine keeps no artifacts (WasmEdge without its AOT compiler).
+    Unsupported {
+        engine: String,
+        version: String,
+    },
+    /// The module is valid but compiling or writing the artifact failed (not the module's
+    /// fault: it may work next time).
+    Failed {
+        message: String,
+    },
 }
 
 /// Cache key of a module: its hash, marked for the rewritten form sessions run.
@@ -398,7 +427,7 @@ mod tests {
             max_output_bytes: 1 << 20,
             confirm_start: true,
             passed_fds: 2,
-            prepare_only: false,
+            artifact: false,
             session: Some(SessionCall {
                 op: SessionOp::Message,
                 handler: "handle".into(),

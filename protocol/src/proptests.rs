@@ -145,7 +145,7 @@ fn invocation() -> BoxedStrategy<Invocation> {
         .prop_map(
             |(
                 (request_id, function, module, argv, env, preopens),
-                (mem, timeout, cpu, out, confirm, passed_fds, prepare_only),
+                (mem, timeout, cpu, out, confirm, passed_fds, artifact),
                 session,
             )| {
                 Invocation {
@@ -161,7 +161,7 @@ fn invocation() -> BoxedStrategy<Invocation> {
                     max_output_bytes: out,
                     confirm_start: confirm,
                     passed_fds,
-                    prepare_only,
+                    artifact,
                     session,
                 }
             },

@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         parent: format!("wasmbox-cost-{}", std::process::id()),
         pids_max: 64,
         memory_headroom_bytes: 64 << 20,
+        compilers: 0,
     };
     let Some(mut cgroups) = Cgroups::setup(Arc::new(KernelFs), &settings, 1)? else {
         return Err("cgroups unavailable".into());

@@ -29,8 +29,9 @@ pub struct Cli {
 pub enum Subcommands {
     /// Serve the functions directory over HTTP (the default).
     Serve(Box<Config>),
-    /// Precompile modules into the artifact cache (WASMBOX_CACHE_DIR) for the configured
-    /// engine and worker user, so their first invocation loads native code.
+    /// Precompile modules into the artifact store (WASMBOX_CACHE_DIR/artifacts) for the
+    /// configured engine, each in a sandboxed compile process as the server's compiler
+    /// does, so their first invocation loads native code.
     Compile(CompileArgs),
     /// Run a function of the functions directory once, locally: stdin to stdout, its
     /// name.toml applied, its exit code as this command's (125 for a trap or limit). No
@@ -43,6 +44,10 @@ pub struct CompileArgs {
     /// Modules to compile.
     #[arg(required = true, value_name = "FILE.wasm")]
     pub modules: Vec<PathBuf>,
+    /// The tenant the artifacts are for [default: a module of the functions directory
+    /// its function's tenant, any other its file name without `.wasm`].
+    #[arg(long)]
+    pub tenant: Option<String>,
     #[command(flatten)]
     pub config: Box<Config>,
 }
@@ -70,23 +75,85 @@ fn worker(config: &Config) -> Result<(Command, &'static str), String> {
     Ok((cmd, engine))
 }
 
-/// `wasmbox compile`.
+/// `wasmbox compile`: the server's trusted compiler, run from the command line (without
+/// cgroups, which are the server's).
 pub fn compile(args: &CompileArgs) -> ExitCode {
-    let (mut cmd, _) = match worker(&args.config) {
-        Ok(found) => found,
+    let config = &args.config;
+    let prepared = (|| -> Result<_, String> {
+        config.validate().map_err(|e| e.to_string())?;
+        let binary = crate::worker_binary(config).map_err(|e| e.to_string())?;
+        let hardening = crate::hardening::WorkerHardening::resolve(config).map_err(|e| e.to_string())?;
+        let compiler =
+            crate::compiler::CompilerConfig::new(config, &hardening, binary, Vec::new()).map_err(|e| e.to_string())?;
+        let registry = Registry::new(&config.functions_dir, config.max_module_bytes).map_err(|e| e.to_string())?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        Ok((compiler, registry, runtime))
+    })();
+    let (compiler_config, registry, runtime) = match prepared {
+        Ok(p) => p,
         Err(e) => return fail(&e),
     };
-    // Artifacts belong to the user the workers will run as, or they would refuse them.
-    match crate::hardening::WorkerHardening::resolve(&args.config) {
-        Ok(h) => {
-            if let Some(user) = h.user {
-                cmd.arg(format!("--user={}:{}", user.uid, user.gid));
+    if let Some(tenant) = &args.tenant {
+        if let Err(e) = FunctionName::parse(tenant) {
+            return fail(&format!("--tenant {tenant:?}: {e}"));
+        }
+    }
+    let failed = runtime.block_on(async {
+        let spawner = crate::pool::spawn::Spawner::start(tokio::runtime::Handle::current())
+            .map_err(|e| format!("cannot start the spawner thread: {e}"))?;
+        let compiler = crate::compiler::Compiler::new(compiler_config, spawner)
+            .map_err(|e| format!("cannot set up the artifact store: {e}"))?;
+        let mut failed = 0;
+        for path in &args.modules {
+            match compile_one(&compiler, &registry, args.tenant.as_deref(), path, config.max_module_bytes).await {
+                Ok(line) => println!("{}: {line}", path.display()),
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    failed += 1;
+                }
             }
         }
-        Err(e) => return fail(&e.to_string()),
+        Ok::<_, String>(failed)
+    });
+    match failed {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => fail(&e),
     }
-    cmd.arg("--compile").args(&args.modules);
-    run(cmd)
+}
+
+/// Compiles one module file for its tenant; says what happened.
+async fn compile_one(
+    compiler: &crate::compiler::Compiler,
+    registry: &Registry,
+    tenant: Option<&str>,
+    path: &std::path::Path,
+    limit: u64,
+) -> Result<String, String> {
+    use std::io::Read;
+    let file = crate::registry::files::open_regular(path).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("larger than the limit of {limit} bytes (WASMBOX_MAX_MODULE_BYTES)"));
+    }
+    let sha256 = crate::registry::sha256_hex(&bytes);
+    let stem = path.file_stem().and_then(|s| s.to_str()).and_then(|s| FunctionName::parse(s).ok());
+    let tenant = match (tenant, &stem) {
+        (Some(t), _) => t.to_owned(),
+        (None, Some(name)) => match registry.lookup(name).await {
+            Ok(function) if function.module.sha256 == sha256 => function.tenant().to_owned(),
+            _ => name.to_string(),
+        },
+        (None, None) => return Err("the file name is not a function name; pass --tenant".into()),
+    };
+    let module = wasmbox_protocol::ModuleRef { path: path.to_path_buf(), sha256: sha256.clone() };
+    match compiler.prepare(&tenant, &module, crate::compiler::Kind::Command).await {
+        Ok((Some(_), true)) => Ok(format!("compiled {sha256} for tenant {tenant}")),
+        Ok((Some(_), false)) => Ok(format!("already compiled {sha256} for tenant {tenant}")),
+        Ok((None, _)) => Ok(format!("valid; the engine keeps no artifacts ({sha256})")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `wasmbox invoke`.

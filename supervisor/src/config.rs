@@ -133,6 +133,11 @@ pub struct Config {
     #[arg(long, env = "WASMBOX_COMPILE_TIMEOUT_MS", default_value_t = 60_000)]
     pub compile_timeout_ms: u64,
 
+    /// Compile processes that may run at once, each in its own cgroup (`compiler-<n>`)
+    /// and as its own uid [default: the number of CPUs, at most 4].
+    #[arg(long, env = "WASMBOX_COMPILERS")]
+    pub compilers: Option<u32>,
+
     /// Compiled modules each worker keeps in memory.
     #[arg(long, env = "WASMBOX_WORKER_MODULE_CACHE", default_value_t = 64)]
     pub worker_module_cache: usize,
@@ -150,6 +155,11 @@ pub struct Config {
     /// worker. At most the pool size minus one.
     #[arg(long, env = "WASMBOX_SPARE_WORKERS", default_value_t = 1)]
     pub spare_workers: usize,
+
+    /// How long a tenant's worker must have been idle before the pool recycles it into a
+    /// spare, so a busy tenant's workers are never taken to make spares.
+    #[arg(long, env = "WASMBOX_SPARE_AFTER_IDLE_MS", default_value_t = 1000)]
+    pub spare_after_idle_ms: u64,
 
     /// Replace each worker process after this many invocations (0: never), so nothing a
     /// long-lived process accumulates outlives a bounded number of tenants' requests.
@@ -229,6 +239,13 @@ pub struct Config {
     /// [default: nobody]; empty keeps the supervisor's user.
     #[arg(long, env = "WASMBOX_WORKER_USER")]
     pub worker_user: Option<String>,
+
+    /// First uid of the range workers and compile processes run as when the supervisor is
+    /// root: worker slot n as base+n, compiler slot m as base+workers+m (gid the same), so
+    /// no slot can signal, trace or read another. The range must be unused on the host
+    /// (and mapped, in a user namespace) [default: 2000000].
+    #[arg(long, env = "WASMBOX_WORKER_UID_BASE")]
+    pub worker_uid_base: Option<u32>,
 
     /// Give each worker a network namespace of its own with no interface up: functions get
     /// no network (needs CAP_SYS_ADMIN; skipped with a log line where not permitted).
@@ -385,6 +402,11 @@ impl Config {
         self.workers.unwrap_or_else(Self::cpus) as usize
     }
 
+    /// Compile processes that may run at once (`WASMBOX_COMPILERS`).
+    pub fn compiler_count(&self) -> usize {
+        self.compilers.map_or_else(|| Self::cpus().min(4), u64::from).max(1) as usize
+    }
+
     pub fn io_thread_count(&self) -> usize {
         self.io_threads.unwrap_or_else(|| Self::cpus().div_ceil(4)) as usize
     }
@@ -491,6 +513,7 @@ impl Config {
             parent: self.cgroup_parent.clone(),
             pids_max: self.pids_max,
             memory_headroom_bytes: self.cgroup_memory_headroom_mb.saturating_mul(1 << 20),
+            compilers: self.compiler_count(),
         })
     }
 

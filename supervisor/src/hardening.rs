@@ -37,6 +37,44 @@ pub struct WorkerUser {
     pub gid: u32,
 }
 
+/// Default first uid of the per-slot range (`WASMBOX_WORKER_UID_BASE`): far above login
+/// users, system users and the subordinate ranges rootless containers are usually given.
+pub const DEFAULT_UID_BASE: u32 = 2_000_000;
+
+/// Which unprivileged uid each process runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerUsers {
+    /// Worker slot `n` runs as `base + n`, compiler slot `m` as `base + workers + m` (gid
+    /// the same number): no two slots can signal, trace or read each other.
+    PerSlot { base: u32, workers: u32, compilers: u32 },
+    /// Every worker and compiler as one user (`WASMBOX_WORKER_USER`).
+    Shared(WorkerUser),
+}
+
+impl WorkerUsers {
+    /// (uid, gid) of worker slot `slot`.
+    pub fn worker(&self, slot: usize) -> (u32, u32) {
+        match self {
+            WorkerUsers::PerSlot { base, .. } => {
+                let id = base.saturating_add(slot as u32);
+                (id, id)
+            }
+            WorkerUsers::Shared(u) => (u.uid, u.gid),
+        }
+    }
+
+    /// (uid, gid) of compiler slot `index`.
+    pub fn compiler(&self, index: usize) -> (u32, u32) {
+        match self {
+            WorkerUsers::PerSlot { base, workers, .. } => {
+                let id = base.saturating_add(*workers).saturating_add(index as u32);
+                (id, id)
+            }
+            WorkerUsers::Shared(u) => (u.uid, u.gid),
+        }
+    }
+}
+
 /// Resource limits of each worker process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rlimits {
@@ -51,7 +89,7 @@ pub struct Rlimits {
 pub struct WorkerHardening {
     pub close_fds: bool,
     pub rlimits: Option<Rlimits>,
-    pub user: Option<WorkerUser>,
+    pub user: Option<WorkerUsers>,
     pub netns: bool,
     pub no_new_privs: bool,
     pub seccomp: SeccompMode,
@@ -81,6 +119,14 @@ impl WorkerHardening {
             Some(spec) if !spec.is_empty() => Some(refuse_root(lookup_user(spec)?)?),
             _ => None,
         };
+        if named.is_some() && config.worker_uid_base.is_some() {
+            return Err(ConfigError(
+                "WASMBOX_WORKER_USER (one user for all workers) and WASMBOX_WORKER_UID_BASE (a uid per slot) \
+                 exclude each other; set one"
+                    .into(),
+            ));
+        }
+        let (workers, compilers) = (config.worker_count() as u32, config.compiler_count() as u32);
         let user = match config.worker_user.as_deref().map(str::trim) {
             Some("") => {
                 skipped.push(("user", "WASMBOX_WORKER_USER is empty: workers run as the supervisor's user".into()));
@@ -90,8 +136,19 @@ impl WorkerHardening {
                 skipped.push(("user", "not started as root: workers run as the supervisor's user".into()));
                 None
             }
-            Some(_) => named,
-            None => Some(refuse_root(lookup_user("nobody")?)?),
+            Some(_) => named.map(WorkerUsers::Shared),
+            None => {
+                let base = config.worker_uid_base.unwrap_or(DEFAULT_UID_BASE);
+                let last = u64::from(base) + u64::from(workers) + u64::from(compilers);
+                if base == 0 || last >= u64::from(u32::MAX) {
+                    return Err(ConfigError(format!(
+                        "WASMBOX_WORKER_UID_BASE={base}: the range of {} uids must start above 0 and end below {}",
+                        workers + compilers,
+                        u32::MAX
+                    )));
+                }
+                Some(WorkerUsers::PerSlot { base, workers, compilers })
+            }
         };
         let netns = if !config.worker_netns {
             skipped.push(("netns", "WASMBOX_WORKER_NETNS=false".into()));
@@ -124,8 +181,12 @@ impl WorkerHardening {
         let rlimits = config.worker_rlimits.then(|| Rlimits {
             nofile: config.worker_nofile,
             fsize_bytes: config.worker_fsize_mb.saturating_mul(1 << 20),
-            // Every worker's threads count against the one user: the pool's pids.max in all.
-            nproc: user.as_ref().map(|_| (config.worker_count() as u64).saturating_mul(config.pids_max) + 64),
+            // Threads count against the uid: one slot's pids.max with a uid per slot, every
+            // worker's and compiler's with one shared user.
+            nproc: user.as_ref().map(|u| match u {
+                WorkerUsers::PerSlot { .. } => config.pids_max + 64,
+                WorkerUsers::Shared(_) => u64::from(workers + compilers).saturating_mul(config.pids_max) + 64,
+            }),
         });
         Ok(WorkerHardening {
             close_fds: config.worker_close_fds,
@@ -139,7 +200,7 @@ impl WorkerHardening {
         })
     }
 
-    /// Flags for `wasmbox-worker`.
+    /// Flags for `wasmbox-worker`, but the user (per slot: [`WorkerUsers`]).
     pub fn worker_args(&self) -> Vec<String> {
         let mut args = Vec::new();
         if self.close_fds {
@@ -153,9 +214,6 @@ impl WorkerHardening {
             if let Some(nproc) = r.nproc {
                 args.push(format!("--nproc={nproc}"));
             }
-        }
-        if let Some(u) = &self.user {
-            args.push(format!("--user={}:{}", u.uid, u.gid));
         }
         if self.no_new_privs {
             args.push("--no-new-privs".into());
@@ -194,8 +252,13 @@ impl fmt::Display for WorkerHardening {
             let nproc = r.nproc.map(|n| format!(" nproc={n}")).unwrap_or_default();
             active.push(format!("rlimits(core=0 nofile={} fsize={}MiB{nproc})", r.nofile, r.fsize_bytes >> 20));
         }
-        if let Some(u) = &self.user {
-            active.push(format!("user={}({}:{})", u.name, u.uid, u.gid));
+        match &self.user {
+            Some(WorkerUsers::PerSlot { base, workers, compilers }) => {
+                let last = base + workers + compilers - 1;
+                active.push(format!("user=uid per slot({base}..={last}: {workers} workers, {compilers} compilers)"));
+            }
+            Some(WorkerUsers::Shared(u)) => active.push(format!("user={}({}:{}, shared)", u.name, u.uid, u.gid)),
+            None => {}
         }
         if self.netns {
             active.push("netns".into());
@@ -323,6 +386,26 @@ mod tests {
         let same = resolve(&["--worker-user="]).expect("empty");
         assert!(same.user.is_none());
         assert!(same.to_string().contains("user (WASMBOX_WORKER_USER is empty"), "{same}");
+    }
+
+    /// As root, every worker slot and compiler slot has a uid of its own, from the base.
+    #[test]
+    fn each_slot_gets_its_own_uid() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let h = resolve(&["--workers=3", "--compilers=2", "--worker-uid-base=50000"]).expect("range");
+        let users = h.user.clone().expect("user layer on");
+        let ids: Vec<(u32, u32)> = (0..3).map(|i| users.worker(i)).chain((0..2).map(|i| users.compiler(i))).collect();
+        assert_eq!(ids, [(50000, 50000), (50001, 50001), (50002, 50002), (50003, 50003), (50004, 50004)]);
+        assert!(h.to_string().contains("uid per slot(50000..=50004"), "{h}");
+        assert_eq!(h.rlimits.and_then(|r| r.nproc), Some(resolve(&[]).unwrap().rlimits.unwrap().nproc.unwrap()));
+        let shared = resolve(&["--worker-user=nobody"]).expect("one user");
+        assert!(matches!(shared.user, Some(WorkerUsers::Shared(_))));
+        let both = resolve(&["--worker-user=nobody", "--worker-uid-base=50000"]).expect_err("both");
+        assert!(both.to_string().contains("exclude each other"), "{both}");
+        assert!(resolve(&["--worker-uid-base=0"]).is_err());
+        assert!(resolve(&[&format!("--worker-uid-base={}", u32::MAX - 2)]).is_err());
     }
 
     #[test]

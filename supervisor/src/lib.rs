@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod cli;
+pub mod compiler;
 pub mod config;
 pub mod hardening;
 pub mod http;
@@ -76,6 +77,8 @@ pub enum StartError {
     Cgroups(#[from] cgroup::CgroupError),
     #[error("cannot open the session store (WASMBOX_STATE_DIR)")]
     Sessions(#[from] sessions::StoreError),
+    #[error("cannot set up the artifact store in WASMBOX_CACHE_DIR")]
+    Compiler(#[source] std::io::Error),
 }
 
 /// State shared by every request.
@@ -84,6 +87,8 @@ pub struct App {
     pub limits: LimitDefaults,
     pub registry: Registry,
     pub pool: Pool,
+    /// Compiles modules into the artifact store (the trusted compiler).
+    pub compiler: Arc<compiler::Compiler>,
     /// The worker cgroups in use, if any.
     pub cgroups: Option<Description>,
     pub usage: UsageLedger,
@@ -194,19 +199,27 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     .map_err(|e| StartError::Cgroups(cgroup::CgroupError::Detect(format!("setup task failed: {e}"))))??;
     let slot_cgroups =
         cgroups.as_ref().map(|c| (0..slots).filter_map(|i| c.slot(i).cloned()).collect()).unwrap_or_default();
+    let users = hardening.user.as_ref().map(|u| (0..slots).map(|i| u.worker(i)).collect()).unwrap_or_default();
+    let compiler_cgroups = cgroups
+        .as_ref()
+        .map(|c| (0..config.compiler_count()).filter_map(|i| c.compiler(i).cloned()).collect())
+        .unwrap_or_default();
+    let compiler_config = compiler::CompilerConfig::new(&config, &hardening, worker_bin.clone(), compiler_cgroups)?;
     let pool_config = PoolConfig {
         size: config.worker_count(),
         queue_depth: config.queue_depth,
         launch: WorkerLaunch {
             binary: worker_bin,
             engine: config.engine()?.name().into(),
-            cache_dir: Some(cache_dir.clone()),
+            // Workers write no artifacts: the compiler does, and passes them.
+            cache_dir: None,
             module_cache_entries: config.worker_module_cache,
             max_module_bytes: config.max_module_bytes,
             log_filter: worker_log_filter(),
             log_json: config.log_format == config::LogFormat::Json,
             hardening_args: hardening.worker_args(),
             hardening_layers: hardening.expected_layers(),
+            users,
         },
         handshake_timeout: Duration::from_secs(30),
         kill_grace: Duration::from_millis(config.kill_grace_ms),
@@ -223,6 +236,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         max_invocations: config.worker_max_invocations.filter(|&n| n > 0),
         isolate_tenants: config.tenancy == config::Tenancy::Isolated,
         spare_workers: config.spare_workers,
+        spare_after_idle: Duration::from_millis(config.spare_after_idle_ms),
     };
     tracing::info!(
         workers = pool_config.size,
@@ -240,8 +254,17 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             return Err(e.into());
         }
     };
+    let compiler = match compiler::Compiler::new(compiler_config, pool.spawner()) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            pool.shutdown(Duration::from_secs(1)).await;
+            remove_cgroups(cgroups.take()).await;
+            return Err(StartError::Compiler(e));
+        }
+    };
     if let Some((engine, version)) = pool.engine() {
         tracing::info!(%engine, %version, "engine");
+        compiler.set_engine(&engine, &version);
     }
     let listener = match TcpListener::bind(config.listen).await {
         Ok(l) => l,
@@ -267,6 +290,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         limits: config.limits(),
         registry,
         pool: pool.clone(),
+        compiler,
         cgroups: cgroups.as_ref().map(Cgroups::describe),
         usage: UsageLedger::default(),
         metrics: metrics::Metrics::new(),
@@ -367,6 +391,6 @@ pub(crate) fn worker_binary(config: &Config) -> Result<PathBuf, StartError> {
 }
 
 /// Workers log warnings and errors unless RUST_LOG asks for more about them.
-fn worker_log_filter() -> String {
+pub(crate) fn worker_log_filter() -> String {
     std::env::var("WASMBOX_WORKER_LOG").unwrap_or_else(|_| "warn".into())
 }

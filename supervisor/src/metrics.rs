@@ -366,7 +366,13 @@ mod tests {
         m.record_invocation("hello", "timeout", ms(5), None, ms(9), None);
         let usage = [(
             "hello".to_string(),
-            FunctionUsage { invocations: 2, cpu_seconds: 0.25, memory_peak_bytes_max: 4096, oom_kills: 0 },
+            FunctionUsage {
+                tenant: "hello".into(),
+                invocations: 2,
+                cpu_seconds: 0.25,
+                memory_peak_bytes_max: 4096,
+                oom_kills: 0,
+            },
         )];
         let readiness = crate::Readiness {
             ready: false,

@@ -166,10 +166,13 @@ impl<E: Engine> ModuleCache<E> {
 
     /// Returns the module ready to run, and where it came from. `file`: the module file
     /// opened by the supervisor; without it the module is read from `module.path`.
+    /// `artifact`: its precompiled artifact, made by the supervisor's compiler, loaded
+    /// before anything else is tried.
     pub fn get(
         &mut self,
         module: &ModuleRef,
         file: Option<fs::File>,
+        artifact: Option<fs::File>,
         kind: ModuleKind,
     ) -> Result<(Prepared<E::Module>, ModuleSource), PrepareError> {
         if !is_sha256_hex(&module.sha256) {
@@ -184,7 +187,7 @@ impl<E: Engine> ModuleCache<E> {
         if let Some(message) = self.invalid.get(&key) {
             return Err(PrepareError::Invalid(message.clone()));
         }
-        let (compiled, source) = match self.load_or_compile(module, file, kind) {
+        let (compiled, source) = match self.load_or_compile(module, file, artifact, kind) {
             Ok(found) => found,
             Err(PrepareError::Invalid(message)) => {
                 if self.invalid.len() >= self.capacity {
@@ -212,12 +215,16 @@ impl<E: Engine> ModuleCache<E> {
         &self,
         module: &ModuleRef,
         file: Option<fs::File>,
+        passed: Option<fs::File>,
         kind: ModuleKind,
     ) -> Result<(Prepared<E::Module>, ModuleSource), PrepareError> {
         if kind == ModuleKind::Session {
-            return self.load_or_compile_session(module, file);
+            return self.load_or_compile_session(module, file, passed);
         }
         let command = |m| Prepared { module: m, layout: None };
+        if let Some(m) = passed.and_then(|artifact| self.load_passed(artifact, kind)) {
+            return Ok((command(m), ModuleSource::Artifact));
+        }
         let artifact = self.artifact_name(&module.sha256, kind);
         if let Some(m) = artifact.as_deref().and_then(|name| self.load_trusted(name, kind)) {
             return Ok((command(m), ModuleSource::Artifact));
@@ -237,6 +244,7 @@ impl<E: Engine> ModuleCache<E> {
         &self,
         module: &ModuleRef,
         file: Option<fs::File>,
+        passed: Option<fs::File>,
     ) -> Result<(Prepared<E::Module>, ModuleSource), PrepareError> {
         let wasm = read_module(&module.path, file, self.max_module_bytes)?;
         if sha256_hex(&wasm) != module.sha256 {
@@ -245,12 +253,28 @@ impl<E: Engine> ModuleCache<E> {
         let instrument::Instrumented { wasm, layout } =
             instrument::instrument(&wasm).map_err(|e| PrepareError::Invalid(e.to_string()))?;
         let layout = Some(Arc::new(layout));
+        if let Some(m) = passed.and_then(|artifact| self.load_passed(artifact, ModuleKind::Session)) {
+            return Ok((Prepared { module: m, layout }, ModuleSource::Artifact));
+        }
         let artifact = self.artifact_name(&module.sha256, ModuleKind::Session);
         if let Some(m) = artifact.as_deref().and_then(|name| self.load_trusted(name, ModuleKind::Session)) {
             return Ok((Prepared { module: m, layout }, ModuleSource::Artifact));
         }
         let (m, source) = self.compile_cached(&wasm, artifact.as_deref(), ModuleKind::Session)?;
         Ok((Prepared { module: m, layout }, source))
+    }
+
+    /// Loads an artifact the supervisor passed; one the engine refuses is logged and the
+    /// module compiled instead (the supervisor's record said it was this module's, so a
+    /// refusal means another engine build, never someone else's code being run).
+    fn load_passed(&self, artifact: fs::File, kind: ModuleKind) -> Option<E::Module> {
+        match self.engine.load_passed_artifact(artifact, kind) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "the artifact the supervisor passed is not usable; compiling");
+                None
+            }
+        }
     }
 
     /// The artifact file `name` in the artifact directory (which exists when a name does).
@@ -418,17 +442,17 @@ mod tests {
         let m = module_file(tmp.path(), r#"(module (func (export "_start")))"#);
         let cache_dir = tmp.path().join("cache");
         let mut a = ModuleCache::new(WasmtimeEngine::new(false).unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
-        assert_eq!(a.get(&m, None, ModuleKind::Command).unwrap().1, ModuleSource::Compiled);
-        assert_eq!(a.get(&m, None, ModuleKind::Command).unwrap().1, ModuleSource::Memory);
+        assert_eq!(a.get(&m, None, None, ModuleKind::Command).unwrap().1, ModuleSource::Compiled);
+        assert_eq!(a.get(&m, None, None, ModuleKind::Command).unwrap().1, ModuleSource::Memory);
         // A second worker finds the artifact the first one wrote.
         let mut b = ModuleCache::new(WasmtimeEngine::new(false).unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
-        assert_eq!(b.get(&m, None, ModuleKind::Command).unwrap().1, ModuleSource::Artifact);
+        assert_eq!(b.get(&m, None, None, ModuleKind::Command).unwrap().1, ModuleSource::Artifact);
         let artifact = b.artifact_dir().unwrap().join(b.artifact_name(&m.sha256, ModuleKind::Command).unwrap());
         assert_eq!(fs::metadata(&artifact).unwrap().mode() & 0o077, 0, "artifact must be owner-only");
         // An artifact others can write is never loaded.
         fs::set_permissions(&artifact, fs::Permissions::from_mode(0o666)).unwrap();
         let mut c = ModuleCache::new(WasmtimeEngine::new(false).unwrap(), Some(&cache_dir), 4, 1 << 20).unwrap();
-        assert_eq!(c.get(&m, None, ModuleKind::Command).unwrap().1, ModuleSource::Compiled);
+        assert_eq!(c.get(&m, None, None, ModuleKind::Command).unwrap().1, ModuleSource::Compiled);
     }
 
     #[test]
@@ -438,11 +462,11 @@ mod tests {
         let mut cache = ModuleCache::new(WasmtimeEngine::new(false).unwrap(), None, 4, 1 << 20).unwrap();
         let good = m.sha256.clone();
         m.sha256 = "0".repeat(64);
-        assert!(matches!(cache.get(&m, None, ModuleKind::Command), Err(PrepareError::Changed)));
+        assert!(matches!(cache.get(&m, None, None, ModuleKind::Command), Err(PrepareError::Changed)));
         m.sha256 = "../../etc/passwd".into();
-        assert!(matches!(cache.get(&m, None, ModuleKind::Command), Err(PrepareError::BadHash)));
+        assert!(matches!(cache.get(&m, None, None, ModuleKind::Command), Err(PrepareError::BadHash)));
         m.sha256 = good;
-        assert!(cache.get(&m, None, ModuleKind::Command).is_ok());
+        assert!(cache.get(&m, None, None, ModuleKind::Command).is_ok());
     }
 
     #[test]
@@ -456,11 +480,11 @@ mod tests {
                 module_file(&dir, &format!(r#"(module (func (export "_start")) (func (export "f{i}")))"#))
             })
             .collect();
-        cache.get(&refs[0], None, ModuleKind::Command).unwrap();
-        cache.get(&refs[1], None, ModuleKind::Command).unwrap();
-        cache.get(&refs[0], None, ModuleKind::Command).unwrap();
-        cache.get(&refs[2], None, ModuleKind::Command).unwrap(); // evicts 1
-        assert_eq!(cache.get(&refs[0], None, ModuleKind::Command).unwrap().1, ModuleSource::Memory);
-        assert_eq!(cache.get(&refs[1], None, ModuleKind::Command).unwrap().1, ModuleSource::Compiled);
+        cache.get(&refs[0], None, None, ModuleKind::Command).unwrap();
+        cache.get(&refs[1], None, None, ModuleKind::Command).unwrap();
+        cache.get(&refs[0], None, None, ModuleKind::Command).unwrap();
+        cache.get(&refs[2], None, None, ModuleKind::Command).unwrap(); // evicts 1
+        assert_eq!(cache.get(&refs[0], None, None, ModuleKind::Command).unwrap().1, ModuleSource::Memory);
+        assert_eq!(cache.get(&refs[1], None, None, ModuleKind::Command).unwrap().1, ModuleSource::Compiled);
     }
 }

@@ -76,6 +76,18 @@ pub struct WorkerArgs {
     #[arg(long, num_args = 1.., value_name = "MODULE", conflicts_with = "one_shot")]
     pub compile: Vec<PathBuf>,
 
+    /// Compile process of the supervisor's trusted compiler: compile the module read from
+    /// stdin (it must have this SHA-256) into the directory at `--socket-fd` (a directory
+    /// descriptor here), under the same hardening as a worker, and report on stdout
+    /// (`wasmbox_protocol::CompileReport`, one JSON line). The process runs no guest code
+    /// and ends after the one module.
+    #[arg(long, value_name = "SHA256", conflicts_with_all = ["one_shot", "compile"])]
+    pub compile_artifact: Option<String>,
+    /// With `--compile-artifact`: the form to compile (`command`, or `session`: the
+    /// rewritten module sessions run).
+    #[arg(long, default_value = "command", requires = "compile_artifact")]
+    pub compile_kind: String,
+
     /// `/proc/self/cgroup` as read at the start of `main` (not a flag).
     #[arg(skip)]
     pub initial_cgroup: String,
@@ -172,6 +184,29 @@ pub fn run_compile(args: &WorkerArgs) -> anyhow::Result<u8> {
         #[cfg(feature = "wasmedge")]
         "wasmedge" => compile::run(engine::wasmedge::WasmEdgeEngine::new()?, args),
         other => Err(WorkerError::UnknownEngine(other.into()).into()),
+    }
+}
+
+/// `--compile-artifact`: compiles one module for the supervisor (see
+/// [`compile::artifact`]); `applied` as for [`run`].
+pub fn run_compile_artifact(args: WorkerArgs, mut applied: harden::Applied) -> Result<(), WorkerError> {
+    if args.hardening.netns {
+        harden::enter_network_namespace(&mut applied)?;
+    }
+    let supervisor = args.supervisor_pid.unwrap_or_else(nix::unistd::getppid);
+    // The test hooks' host functions must link in the compile check as in the worker.
+    let test_hooks = cfg!(debug_assertions) && args.hardening.test_hooks;
+    match args.engine.as_str() {
+        "wasmtime" => {
+            let engine = engine::wasmtime::WasmtimeEngine::new(test_hooks).map_err(WorkerError::Engine)?;
+            compile::artifact(engine, &args, supervisor, applied)
+        }
+        #[cfg(feature = "wasmedge")]
+        "wasmedge" => {
+            let engine = engine::wasmedge::WasmEdgeEngine::new().map_err(WorkerError::Engine)?;
+            compile::artifact(engine, &args, supervisor, applied)
+        }
+        other => Err(WorkerError::UnknownEngine(other.into())),
     }
 }
 

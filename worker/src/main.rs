@@ -42,7 +42,12 @@ fn main() -> std::process::ExitCode {
         logs.init();
     }
     let slot = args.slot;
-    match wasmbox_worker::run(args, applied) {
+    let result = if args.compile_artifact.is_some() {
+        wasmbox_worker::run_compile_artifact(args, applied)
+    } else {
+        wasmbox_worker::run(args, applied)
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(slot, error = %anyhow::Error::from(e), "worker stopped");

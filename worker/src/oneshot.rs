@@ -47,7 +47,7 @@ pub fn run<E: Engine>(engine: E, job: &OneShot) -> anyhow::Result<u8> {
     let module = ModuleRef { path: job.module.clone(), sha256: sha256_hex(&bytes) };
     drop(bytes);
     let (compiled, _) = cache
-        .get(&module, None, crate::engine::ModuleKind::Command)
+        .get(&module, None, None, crate::engine::ModuleKind::Command)
         .map_err(|e| anyhow::anyhow!("{}: {e}", job.module.display()))?;
     let mut stdin = Vec::new();
     std::io::stdin().read_to_end(&mut stdin)?;

@@ -72,15 +72,20 @@ fn invoke<E: Engine, R: Read, W: Write>(
     let span = tracing::debug_span!("invoke", request_id = %invocation.request_id, function = %invocation.function);
     let _enter = span.enter();
     let prepare_started = Instant::now();
-    // With descriptors: the module file first, then one directory per preopen.
+    // With descriptors: the module file first, then its artifact if one was passed, then
+    // one directory per preopen.
     let mut fds = fds.into_iter();
     let module_file = if invocation.passed_fds > 0 { fds.next().map(std::fs::File::from) } else { None };
+    let artifact = if invocation.artifact { fds.next().map(std::fs::File::from) } else { None };
+    if invocation.artifact && artifact.is_none() {
+        return Err(FrameError::Unexpected("artifact descriptor missing"));
+    }
     let preopen_dirs: Vec<OwnedFd> = fds.collect();
     if !preopen_dirs.is_empty() && preopen_dirs.len() != invocation.preopens.len() {
         return Err(FrameError::Unexpected("preopen descriptors do not match the preopens"));
     }
     let kind = if invocation.session.is_some() { ModuleKind::Session } else { ModuleKind::Command };
-    let prepared = cache.get(&invocation.module, module_file, kind);
+    let prepared = cache.get(&invocation.module, module_file, artifact, kind);
     let prepare_us = micros(prepare_started.elapsed());
     let (module, source) = match prepared {
         Ok(found) => found,
@@ -94,10 +99,6 @@ fn invoke<E: Engine, R: Read, W: Write>(
             return Ok((result_header(&run, None, prepare_us), run, None));
         }
     };
-    if invocation.prepare_only {
-        let run = no_run(Outcome::Exited { code: 0 });
-        return Ok((result_header(&run, Some(source), prepare_us), run, None));
-    }
     if source != ModuleSource::Memory {
         write_frame(writer, &FromWorker::Started, &[])?;
         if invocation.confirm_start {

@@ -195,7 +195,7 @@ fn start_thread<E: Engine + 'static>(
                 Err(_) => return,
             };
             let Ok(job) = job else { return };
-            let reply = match cache.get(&job.module, None, wasmbox_worker::engine::ModuleKind::Command) {
+            let reply = match cache.get(&job.module, None, None, wasmbox_worker::engine::ModuleKind::Command) {
                 Ok((module, _)) => {
                     let mut argv = vec![job.call.function.clone()];
                     argv.extend(job.call.args);

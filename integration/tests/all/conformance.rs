@@ -122,13 +122,16 @@ pub async fn env_and_preopened_directories_from_toml(engine: &str) -> anyhow::Re
     assert_eq!(r.text(), "note.txt\n");
 
     // Writable preopen: the write lands on the host, once the directory is writable by the
-    // user workers run as (nobody, when the tests run as root).
+    // uid the worker runs as (its slot's, when the tests run as root).
     let scratch = s.functions_dir().join("scratch");
     if nix::unistd::geteuid().is_root() {
         let r = s.post("/fs?arg=write&arg=/scratch/out.txt", "x").await?;
-        assert!(r.text().contains("Permission denied"), "root's 0755 directory is not nobody's: {}", r.text());
-        let nobody = nix::unistd::User::from_name("nobody")?.expect("nobody exists");
-        nix::unistd::chown(&scratch, Some(nobody.uid), Some(nobody.gid))?;
+        assert!(r.text().contains("Permission denied"), "root's 0755 directory is not the worker's: {}", r.text());
+        // The slot that ran it (and keeps serving this tenant) runs as the range's first
+        // uid (WASMBOX_WORKER_UID_BASE's default) plus its number.
+        let slot: u32 = r.header("x-wasmbox-worker").and_then(|w| w.split('.').next()?.parse().ok()).expect("slot");
+        let uid = 2_000_000 + slot;
+        nix::unistd::chown(&scratch, Some(nix::unistd::Uid::from_raw(uid)), Some(nix::unistd::Gid::from_raw(uid)))?;
     }
     let r = s.post("/fs?arg=write&arg=/scratch/out.txt", "written by the guest").await?;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -162,7 +165,7 @@ pub async fn exit_codes_map_to_200_or_500_with_code_and_stderr(engine: &str) -> 
 }
 
 pub async fn trap_is_500_and_the_worker_keeps_serving(engine: &str) -> anyhow::Result<()> {
-    let s = Supervisor::builder().engine(engine).workers(1).function("trap").function("hello").start()?;
+    let s = Supervisor::builder().engine(engine).workers(1).function("trap").function("hello").tenant("t").start()?;
     let r = s.get("/trap").await?;
     assert_eq!((r.status, r.kind().as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "trap"));
     assert!(r.json()["message"].as_str().unwrap().contains("unreachable"));
@@ -267,16 +270,20 @@ fn logged_engine_version(s: &Supervisor, engine: &str) -> String {
     line.split("version=").nth(1).and_then(|v| v.split_whitespace().next()).expect("version in the line").to_owned()
 }
 
-/// The artifact files in the cache's directory for `engine`: exactly one such directory, and
-/// its name carries the engine's name and version, so nothing crosses engines or versions.
-fn artifacts(cache: &std::path::Path, engine: &str, version: &str) -> Vec<std::path::PathBuf> {
+/// The artifact files of `tenant` in the store for `engine`: exactly one directory per
+/// engine version, its name carrying the engine's name and version, so nothing crosses
+/// engines or versions; records (`.json`) left out.
+fn artifacts(cache: &std::path::Path, engine: &str, version: &str, tenant: &str) -> Vec<std::path::PathBuf> {
+    let store = cache.join("artifacts");
     let dirs: Vec<_> =
-        std::fs::read_dir(cache).map(|d| d.map_while(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
+        std::fs::read_dir(store).map(|d| d.map_while(Result::ok).map(|e| e.path()).collect()).unwrap_or_default();
     assert!(dirs.len() <= 1, "one artifact directory per engine version: {dirs:?}");
     let Some(dir) = dirs.first() else { return Vec::new() };
     let name = dir.file_name().unwrap().to_string_lossy().into_owned();
     assert!(name.starts_with(&format!("{engine}-{version}")), "{name}");
-    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map_while(Result::ok).map(|e| e.path()).collect();
+    let Ok(entries) = std::fs::read_dir(dir.join(tenant)) else { return Vec::new() };
+    let mut files: Vec<_> =
+        entries.map_while(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_none_or(|e| e != "json")).collect();
     files.sort();
     files
 }
@@ -299,7 +306,7 @@ pub async fn modules_compile_once_into_the_cache_and_load_from_it_after_a_restar
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.header("x-wasmbox-module-source"), Some("compiled"));
     assert_eq!(s.get("/hello").await?.header("x-wasmbox-module-source"), Some("memory"));
-    let files = artifacts(cache.path(), engine, &version);
+    let files = artifacts(cache.path(), engine, &version, "hello");
     if version.ends_with("-interp") {
         // A libwasmedge without its compiler: the interpreter runs the module, nothing is
         // written, and the startup said so.
@@ -332,7 +339,7 @@ pub async fn modules_compile_once_into_the_cache_and_load_from_it_after_a_restar
     let r = s.get("/hello").await?;
     assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "Hello from WasmBox!\n"));
     assert_eq!(r.header("x-wasmbox-module-source"), Some("compiled"));
-    assert_eq!(artifacts(cache.path(), engine, &version), vec![artifact.clone()]);
+    assert_eq!(artifacts(cache.path(), engine, &version, "hello"), vec![artifact.clone()]);
     assert!(std::fs::metadata(artifact)?.len() > 1000, "rebuilt");
     Ok(())
 }

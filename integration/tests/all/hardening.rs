@@ -69,8 +69,8 @@ async fn every_layer_is_active_from_the_kernels_view() -> anyhow::Result<()> {
     if running_as_root() {
         let uid: Vec<&str> = st["Uid"].split_whitespace().collect();
         assert!(uid.iter().all(|u| *u != "0"), "worker uids {uid:?}");
-        let nobody = nix::unistd::User::from_name("nobody")?.expect("nobody exists").uid.as_raw().to_string();
-        assert_eq!(uid, vec![nobody.as_str(); 4], "real, effective, saved and fs uid are all nobody's");
+        // Slot 0's uid: the first of the per-slot range (WASMBOX_WORKER_UID_BASE's default).
+        assert_eq!(uid, vec!["2000000"; 4], "real, effective, saved and fs uid are all the slot's");
         assert_eq!(st["Groups"], "", "no supplementary groups");
         // A new network namespace with nothing but loopback, and loopback down.
         assert_ne!(netns(pid), netns(s.pid()));

@@ -89,7 +89,13 @@ impl Target {
     /// it up and records the baseline.
     async fn start(builder: Builder) -> Result<Target> {
         let cache = tempfile::tempdir()?;
-        let s = builder.workers(WORKERS).function("hello").env("WASMBOX_CACHE_DIR", cache.path().display()).start()?;
+        // One attacker: its modules are one tenant's, so they share (and can harm) workers.
+        let s = builder
+            .workers(WORKERS)
+            .function("hello")
+            .tenant("attacker")
+            .env("WASMBOX_CACHE_DIR", cache.path().display())
+            .start()?;
         s.wait_pool_full(WORKERS, Duration::from_secs(30)).await?;
         // Warm up: every worker compiles or loads `hello`, the supervisor has served requests.
         for _ in 0..2 * WORKERS {
@@ -196,12 +202,19 @@ impl Target {
             "functions dir changed:\nbefore {:?}\nafter  {functions:?}",
             self.functions
         );
-        // The cache holds finished artifacts only: no temporary file survived.
+        // The cache holds finished artifacts and their records only: no temporary file or
+        // staging directory survived.
+        let finished = |p: &Path| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let artifact = format!(".{}", artifact_extension());
+            name.ends_with(&artifact) || name.ends_with(&format!("{artifact}.json"))
+        };
         let stray: Vec<_> = tree(self.cache.path())
             .into_iter()
             .filter(|(p, e)| match e {
-                Entry::Dir => false,
-                _ => p.extension().is_none_or(|x| x != artifact_extension()),
+                // staging/<supervisor pid>/<one compile>
+                Entry::Dir => p.starts_with("staging") && p.components().count() > 2,
+                _ => !finished(p),
             })
             .collect();
         ensure!(stray.is_empty(), "cache dir leftovers: {stray:?}");

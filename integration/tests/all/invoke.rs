@@ -64,7 +64,8 @@ async fn replaced_module_is_served_without_restart() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn metrics_count_known_invocations() -> anyhow::Result<()> {
-    let s = Supervisor::builder().workers(1).function("hello").function("trap").start()?;
+    // One tenant: both modules in the one worker, so each is loaded once and then warm.
+    let s = Supervisor::builder().workers(1).function("hello").function("trap").tenant("t").start()?;
     s.wait_pool_full(1, std::time::Duration::from_secs(10)).await?;
     for _ in 0..3 {
         assert_eq!(s.get("/hello").await?.status, StatusCode::OK);

@@ -6,6 +6,7 @@ mod admin;
 mod cgroups;
 mod chaos;
 mod cli;
+mod compiler;
 mod conformance;
 mod drift;
 mod engines;

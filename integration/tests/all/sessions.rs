@@ -516,7 +516,8 @@ async fn the_state_directory_has_a_total_byte_budget() -> anyhow::Result<()> {
 /// (here a corrupt file, which reading would report).
 #[tokio::test]
 async fn a_message_takes_its_queue_place_before_its_state_is_read() -> anyhow::Result<()> {
-    let s = counter().workers(1).function("cpu-spin").env("WASMBOX_QUEUE_DEPTH", 1).start()?;
+    // One tenant, so the busy function and the session share the one worker.
+    let s = counter().workers(1).function("cpu-spin").tenant("t").env("WASMBOX_QUEUE_DEPTH", 1).start()?;
     let c = s.client();
     let id = create(&c, "counter").await?;
     let file = s.default_state_dir().join("sessions/counter").join(format!("{id}.snap"));

@@ -66,7 +66,12 @@ async fn functions_that_name_one_tenant_share_its_workers() -> anyhow::Result<()
     let a2 = served_by(&s, "/hello").await?;
     assert!(a1 == b && b == a2, "one tenant, one process: {a1} {b} {a2}");
     let described = s
-        .request(http::Method::GET, "/admin/functions/echo", &[("authorization", "Bearer tenancy-admin-t0ken")], Default::default())
+        .request(
+            http::Method::GET,
+            "/admin/functions/echo",
+            &[("authorization", "Bearer tenancy-admin-t0ken")],
+            Default::default(),
+        )
         .await?;
     assert_eq!(described.json()["tenant"], "acme", "{}", described.text());
     let stats = s.get("/stats").await?.json();

@@ -59,6 +59,8 @@ pub struct CgroupSettings {
     pub pids_max: u64,
     /// Added to every invocation's memory limit (see [`SlotRequest`]).
     pub memory_headroom_bytes: u64,
+    /// `compiler-<n>` cgroups for the compile processes, beside the workers' slots.
+    pub compilers: usize,
 }
 
 /// Why cgroups cannot be used.
@@ -139,6 +141,7 @@ pub struct Cgroups {
     layout: Layout,
     parents: Vec<Parent>,
     slots: Vec<Arc<SlotCgroup>>,
+    compilers: Vec<Arc<SlotCgroup>>,
     v2: V2Changes,
     leftovers_removed: usize,
 }
@@ -202,6 +205,7 @@ impl Cgroups {
             layout: layout.clone(),
             parents: Vec::new(),
             slots: Vec::new(),
+            compilers: Vec::new(),
             v2: V2Changes::default(),
             leftovers_removed: 0,
         };
@@ -232,17 +236,25 @@ impl Cgroups {
             self.delegate_v2()?;
         }
         for index in 0..slots {
-            let name = format!("worker-{index}");
-            let mut dirs = Vec::new();
-            for parent in &self.parents {
-                let dir = parent.dir.join(&name);
-                self.fs.create_cgroup(&dir).map_err(CgroupError::io("cannot create cgroup", &dir))?;
-                dirs.push((parent.hierarchy.clone(), dir, format!("{}/{name}", parent.path.trim_end_matches('/'))));
-            }
-            let slot = SlotCgroup::open(index, self.layout.version, dirs, settings)?;
+            let slot = self.create_leaf(&format!("worker-{index}"), index, settings)?;
             self.slots.push(Arc::new(slot));
         }
+        for index in 0..settings.compilers {
+            let slot = self.create_leaf(&format!("compiler-{index}"), index, settings)?;
+            self.compilers.push(Arc::new(slot));
+        }
         Ok(())
+    }
+
+    /// Creates the leaf `name` under the parent in every hierarchy.
+    fn create_leaf(&self, name: &str, index: usize, settings: &CgroupSettings) -> Result<SlotCgroup, CgroupError> {
+        let mut dirs = Vec::new();
+        for parent in &self.parents {
+            let dir = parent.dir.join(name);
+            self.fs.create_cgroup(&dir).map_err(CgroupError::io("cannot create cgroup", &dir))?;
+            dirs.push((parent.hierarchy.clone(), dir, format!("{}/{name}", parent.path.trim_end_matches('/'))));
+        }
+        SlotCgroup::open(index, self.layout.version, dirs, settings)
     }
 
     /// Creates `dir` and missing ancestors; returns what it created, outermost first.
@@ -391,6 +403,11 @@ impl Cgroups {
         self.slots.get(index)
     }
 
+    /// The cgroup of compile process slot `index`.
+    pub fn compiler(&self, index: usize) -> Option<&Arc<SlotCgroup>> {
+        self.compilers.get(index)
+    }
+
     pub fn version(&self) -> Version {
         self.layout.version
     }
@@ -412,7 +429,8 @@ impl Cgroups {
     /// Removes every cgroup this supervisor created and undoes its v2 changes. Workers must
     /// be gone; any process still inside is killed. Idempotent.
     pub fn teardown(&mut self) {
-        for slot in std::mem::take(&mut self.slots) {
+        let compilers = std::mem::take(&mut self.compilers);
+        for slot in std::mem::take(&mut self.slots).into_iter().chain(compilers) {
             for dir in slot.dirs() {
                 if let Err(e) = empty_and_remove(self.fs.as_ref(), dir, Duration::from_secs(5)) {
                     tracing::warn!(error = %error_chain(&e), "cannot remove worker cgroup");
@@ -484,8 +502,10 @@ fn validate_parent(parent: &str) -> Result<String, CgroupError> {
     Ok(if absolute { format!("/{joined}") } else { joined })
 }
 
+/// `worker-<n>` or `compiler-<n>`: the leaves this program creates under its parent.
 fn is_worker_dir(name: &str) -> bool {
-    name.strip_prefix("worker-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    let numbered = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+    name.strip_prefix("worker-").is_some_and(numbered) || name.strip_prefix("compiler-").is_some_and(numbered)
 }
 
 fn is_permission(e: &io::Error) -> bool {

@@ -8,7 +8,7 @@ use super::fs::{CgroupFs, KernelFs};
 use super::*;
 
 fn settings(mode: CgroupMode) -> CgroupSettings {
-    CgroupSettings { mode, parent: "wasmbox".into(), pids_max: 48, memory_headroom_bytes: 32 << 20 }
+    CgroupSettings { mode, parent: "wasmbox".into(), pids_max: 48, memory_headroom_bytes: 32 << 20, compilers: 0 }
 }
 
 fn setup(fs: &Arc<FixtureFs>, mode: CgroupMode, slots: usize) -> Result<Option<Cgroups>, CgroupError> {

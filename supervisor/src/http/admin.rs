@@ -27,11 +27,10 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use wasmbox_protocol::{Invocation, ModuleRef, Outcome};
+use wasmbox_protocol::ModuleRef;
 
 use super::error::ApiError;
-use super::routes::dispatch;
-use super::routes::{invoke_failure, json_response, read_body, registry_error};
+use super::routes::{json_response, read_body, registry_error};
 use crate::App;
 use crate::registry::{FunctionName, sha256_hex};
 
@@ -118,7 +117,7 @@ async fn upload(
         tracing::error!(dir = %dir.display(), error = %e, "cannot stage an upload in the functions directory");
         ApiError::Internal("cannot write to the functions directory".into())
     })?;
-    let prepared = prepare(app, &name, &staged, &sha256, request_id).await;
+    let prepared = prepare(app, &name, &staged, &sha256).await;
     let source = match prepared {
         Ok(source) => source,
         Err(e) => {
@@ -154,54 +153,17 @@ async fn upload(
     Ok(json_response(status, &body))
 }
 
-/// Has a worker validate and compile the staged module without running it; returns where
-/// the worker got it from (compiled, or an artifact when the same bytes were seen before).
-async fn prepare(
-    app: &Arc<App>,
-    name: &FunctionName,
-    staged: &Path,
-    sha256: &str,
-    request_id: &str,
-) -> Result<&'static str, ApiError> {
-    let invocation = Invocation {
-        request_id: request_id.to_owned(),
-        function: name.to_string(),
-        module: ModuleRef { path: staged.to_path_buf(), sha256: sha256.to_owned() },
-        argv: vec![name.to_string()],
-        env: Vec::new(),
-        preopens: Vec::new(),
-        memory_limit_bytes: app.limits.default_memory_mb << 20,
-        timeout_ms: 1,
-        cpu_quota_millis: app.limits.max_cpu_quota,
-        max_output_bytes: 0,
-        confirm_start: false,
-        passed_fds: 0,
-        prepare_only: true,
-        session: None,
-    };
-    let module = crate::registry::files::open_regular(staged).map_err(|e| {
-        tracing::error!(path = %staged.display(), error = %e, "cannot open a staged upload");
-        ApiError::Internal("cannot open the staged module".into())
-    })?;
-    let files = vec![std::os::fd::OwnedFd::from(module)];
-    // The compile runs in a worker of the function's tenant: the one its config names when
-    // the function exists, else the function itself.
+/// Has the trusted compiler validate and compile the staged module for the function's
+/// tenant (the one its config names when the function exists, else the function itself),
+/// without running it; returns whether it was compiled now or its artifact was there.
+async fn prepare(app: &Arc<App>, name: &FunctionName, staged: &Path, sha256: &str) -> Result<&'static str, ApiError> {
     let tenant = match app.registry.lookup(name).await {
         Ok(function) => function.tenant().to_owned(),
         Err(_) => name.to_string(),
     };
-    let done =
-        dispatch(app, &tenant, &invocation, Vec::new(), files).await?.completed.map_err(|failure| match failure {
-            crate::pool::InvokeFailure::HardDeadline => {
-                ApiError::CompileTimeout { timeout_ms: app.config.compile_timeout_ms }
-            }
-            other => invoke_failure(other, &invocation),
-        })?;
-    match done.result.outcome {
-        Outcome::Exited { code: 0 } => Ok(done.result.module_source.map(|s| s.as_str()).unwrap_or("compiled")),
-        Outcome::InvalidModule { message } => Err(ApiError::InvalidModule(message)),
-        other => Err(ApiError::Internal(format!("compiling the module failed: {other:?}"))),
-    }
+    let module = ModuleRef { path: staged.to_path_buf(), sha256: sha256.to_owned() };
+    let (_, compiled) = app.compiler.prepare(&tenant, &module, crate::compiler::Kind::Command).await?;
+    Ok(if compiled { "compiled" } else { "artifact" })
 }
 
 /// Creates `path` (it must not exist), writes and syncs it.
@@ -283,26 +245,36 @@ fn function_names(dir: &Path) -> Vec<FunctionName> {
     names
 }
 
-/// Module hash to the cache directories (one per engine version and worker user) holding
-/// an artifact of it.
+/// Module hash to where the artifact store holds a compile of it
+/// (`<engine>-<version>/<tenant>`).
 type Artifacts = BTreeMap<String, Vec<String>>;
 
 async fn artifacts(app: &Arc<App>) -> Artifacts {
-    let root = app.config.resolved_cache_dir();
+    let root = app.config.resolved_cache_dir().join("artifacts");
     tokio::task::spawn_blocking(move || scan_artifacts(&root)).await.unwrap_or_default()
 }
 
+/// Lists `<root>/<engine>-<version>/<tenant>/<sha256>[.session].<ext>` with its record.
 fn scan_artifacts(root: &Path) -> Artifacts {
     let mut found = Artifacts::new();
-    let Ok(dirs) = std::fs::read_dir(root) else { return found };
-    for dir in dirs.filter_map(|d| d.ok()).filter(|d| d.file_type().is_ok_and(|t| t.is_dir())) {
-        let label = dir.file_name().to_string_lossy().into_owned();
-        let Ok(files) = std::fs::read_dir(dir.path()) else { continue };
-        for file in files.filter_map(|f| f.ok()) {
-            let file_name = file.file_name();
-            let Some((hash, ext)) = file_name.to_str().and_then(|n| n.split_once('.')) else { continue };
-            if hash.len() == 64 && !ext.contains("tmp") {
-                found.entry(hash.to_owned()).or_default().push(label.clone());
+    let subdirs = |dir: &Path| -> Vec<(String, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .collect()
+    };
+    for (engine, engine_dir) in subdirs(root) {
+        for (tenant, tenant_dir) in subdirs(&engine_dir) {
+            let Ok(files) = std::fs::read_dir(&tenant_dir) else { continue };
+            let names: Vec<String> = files.filter_map(|f| f.ok()?.file_name().into_string().ok()).collect();
+            for name in &names {
+                let Some((hash, ext)) = name.split_once('.') else { continue };
+                let recorded = names.contains(&format!("{name}.json"));
+                if hash.len() == 64 && !ext.contains("tmp") && !ext.ends_with(".json") && recorded {
+                    found.entry(hash.to_owned()).or_default().push(format!("{engine}/{tenant}"));
+                }
             }
         }
     }
@@ -356,19 +328,24 @@ mod tests {
     }
 
     #[test]
-    fn artifacts_are_found_per_cache_directory() {
+    fn artifacts_are_found_per_engine_and_tenant() {
         let root = tempfile::tempdir().unwrap();
         let hash = "a".repeat(64);
-        for (dir, file) in [
-            ("wasmtime-48.0.0", format!("{hash}.cwasm")),
-            ("wasmtime-48.0.0-uid65534", format!("{hash}.cwasm")),
-            ("wasmedge-0.17.1", format!("{hash}.tmp-12.so")),
+        for (dir, file, record) in [
+            ("wasmtime-48/acme", format!("{hash}.cwasm"), true),
+            ("wasmtime-48/hello", format!("{hash}.session.cwasm"), true),
+            ("wasmtime-48/other", format!("{hash}.cwasm"), false),
+            ("wasmedge-0.17.1/acme", format!("{hash}.tmp-12.so"), true),
         ] {
-            std::fs::create_dir_all(root.path().join(dir)).unwrap();
-            std::fs::write(root.path().join(dir).join(file), b"").unwrap();
+            let dir = root.path().join(dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(&file), b"").unwrap();
+            if record {
+                std::fs::write(dir.join(format!("{file}.json")), b"{}").unwrap();
+            }
         }
         let mut found = scan_artifacts(root.path()).remove(&hash).unwrap();
         found.sort();
-        assert_eq!(found, ["wasmtime-48.0.0", "wasmtime-48.0.0-uid65534"]);
+        assert_eq!(found, ["wasmtime-48/acme", "wasmtime-48/hello"], "only recorded artifacts count");
     }
 }

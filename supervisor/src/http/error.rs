@@ -72,6 +72,9 @@ pub enum ApiError {
     Unauthorized(&'static str),
     #[error("compiling the module took longer than WASMBOX_COMPILE_TIMEOUT_MS ({timeout_ms} ms)")]
     CompileTimeout { timeout_ms: u64 },
+    /// The compile process died without a result (a crash, a kill, a seccomp violation).
+    #[error("compiling the module failed: the compile process {detail}; the next request tries again")]
+    CompileFailed { detail: String },
     #[error("no session {id} of function {function}")]
     SessionNotFound { function: String, id: String },
     #[error("session {id} expired after {idle_secs} s without messages (WASMBOX_SESSION_IDLE_SECS); create a new one")]
@@ -143,7 +146,9 @@ impl ApiError {
             // Both memory failures are 507; the kind says which layer stopped the function:
             // the engine's linear-memory cap or the kernel's cgroup OOM killer.
             ApiError::MemoryLimitExceeded { .. } | ApiError::OomKilled { .. } => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::WorkerDied { .. } | ApiError::SeccompViolation => StatusCode::BAD_GATEWAY,
+            ApiError::WorkerDied { .. } | ApiError::SeccompViolation | ApiError::CompileFailed { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded { .. } | ApiError::CompileTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -176,6 +181,7 @@ impl ApiError {
             ApiError::DeadlineExceeded { .. } => "deadline_exceeded",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::CompileTimeout { .. } => "compile_timeout",
+            ApiError::CompileFailed { .. } => "compile_failed",
             ApiError::SessionNotFound { .. } => "session_not_found",
             ApiError::SessionExpired { .. } => "session_expired",
             ApiError::SessionLimit { .. } => "session_limit",
@@ -279,6 +285,22 @@ pub fn stderr_tail(stderr: &[u8]) -> String {
     String::from_utf8_lossy(&stderr[start..]).into_owned()
 }
 
+impl From<crate::compiler::CompileError> for ApiError {
+    fn from(e: crate::compiler::CompileError) -> Self {
+        use crate::compiler::CompileError;
+        match e {
+            CompileError::Invalid(message) => ApiError::InvalidModule(message),
+            CompileError::Timeout { timeout_ms } => ApiError::CompileTimeout { timeout_ms },
+            CompileError::Died(detail) => ApiError::CompileFailed { detail },
+            CompileError::Changed => ApiError::Internal("the module kept changing while it was compiled".into()),
+            CompileError::Internal(detail) => {
+                tracing::error!(%detail, "compiling a module failed on the supervisor's side");
+                ApiError::Internal("cannot compile the module".into())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +334,7 @@ mod tests {
             (ApiError::DeadlineExceeded { timeout_ms: 1, worker_killed: false }, 504, "deadline_exceeded"),
             (ApiError::Unauthorized("x"), 401, "unauthorized"),
             (ApiError::CompileTimeout { timeout_ms: 1 }, 504, "compile_timeout"),
+            (ApiError::CompileFailed { detail: s() }, 502, "compile_failed"),
             (ApiError::SessionNotFound { function: s(), id: s() }, 404, "session_not_found"),
             (ApiError::SessionExpired { id: s(), idle_secs: 1 }, 410, "session_expired"),
             (ApiError::SessionLimit { scope: "function", max: 1 }, 507, "session_limit"),

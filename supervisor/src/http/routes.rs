@@ -11,7 +11,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use serde_json::json;
-use wasmbox_protocol::{Invocation, InvocationResult, Outcome};
+use wasmbox_protocol::{Invocation, InvocationResult, ModuleSource, Outcome};
 
 use super::error::{ApiError, stderr_tail};
 use super::request;
@@ -117,6 +117,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Resu
             only_get(req.method())?;
             let body = json!({
                 "pool": app.pool.status(),
+                "compiler": app.compiler.stats(),
                 "cgroups": app.cgroups,
                 "functions": app.usage.snapshot(),
                 "http": app.connections.stats(),
@@ -221,7 +222,7 @@ async fn invoke(
         max_output_bytes: app.config.max_output_bytes,
         confirm_start: false,
         passed_fds: 0,
-        prepare_only: false,
+        artifact: false,
         session: None,
     };
     drop(_entered);
@@ -229,14 +230,15 @@ async fn invoke(
     // One retry when the module changed between our hash and the worker's read of it.
     let mut function = function;
     for attempt in 0..2 {
-        let (opened, files) = open_files(app, function.clone()).await?;
+        let Opened { function: opened, files, artifact } =
+            open_files(app, function.clone(), crate::compiler::Kind::Command).await?;
         if !Arc::ptr_eq(&opened, &function) {
             // The config was read again (a preopen changed): use it as it is now.
             invocation.module = opened.module.clone();
             invocation.preopens = opened.config.preopens.clone();
         }
         let Dispatched { completed, worker, queue_wait } =
-            dispatch(app, opened.tenant(), &invocation, vec![stdin_bytes.clone()], files).await?;
+            dispatch(app, opened.tenant(), &invocation, vec![stdin_bytes.clone()], files, artifact).await?;
         let meta = Meta { worker, queue_wait };
         let ran =
             completed.as_ref().ok().map(|done| (Duration::from_micros(done.result.exec_us), done.result.module_source));
@@ -311,9 +313,10 @@ pub(super) async fn dispatch(
     invocation: &Invocation,
     payload: Vec<Bytes>,
     files: Vec<OwnedFd>,
+    artifact: Artifact,
 ) -> Result<Dispatched, ApiError> {
     let lease = acquire(app, tenant, invocation).await?;
-    run(lease, invocation, payload, files).await
+    run(lease, invocation, payload, files, artifact).await
 }
 
 /// A worker for `tenant`'s `invocation`, or why there is none (429 queue full, 503
@@ -333,11 +336,19 @@ pub(super) async fn run(
     invocation: &Invocation,
     payload: Vec<Bytes>,
     files: Vec<OwnedFd>,
+    artifact: Artifact,
 ) -> Result<Dispatched, ApiError> {
     let queue_wait = lease.queue_wait;
     let worker = lease.worker_id().map(|w| w.to_string()).unwrap_or_default();
-    let run = tokio::spawn(lease.invoke(invocation.clone(), payload, files));
-    let completed = run.await.map_err(|e| ApiError::Internal(format!("worker exchange task failed: {e}")))?;
+    let run = tokio::spawn(lease.invoke(invocation.clone(), payload, files, artifact.file));
+    let mut completed = run.await.map_err(|e| ApiError::Internal(format!("worker exchange task failed: {e}")))?;
+    // The compile this request waited for happened in the compiler, not the worker: the
+    // module was still compiled for it.
+    if let Ok(done) = completed.as_mut() {
+        if artifact.compiled && done.result.module_source == Some(ModuleSource::Artifact) {
+            done.result.module_source = Some(ModuleSource::Compiled);
+        }
+    }
     Ok(Dispatched { completed, worker, queue_wait })
 }
 
@@ -347,11 +358,38 @@ pub(super) async fn run(
 /// directory the config was checked with (renamed, replaced, a link put in its path) makes
 /// the registry read and check the config again, once, against the directories as they are
 /// now; it is used only if it passes. Returns the function as it was opened.
-pub(super) async fn open_files(app: &App, function: Arc<Function>) -> Result<(Arc<Function>, Vec<OwnedFd>), ApiError> {
+/// What an invocation takes to its worker: the function as it is now, the descriptors it
+/// passes, and the module's artifact from the trusted compiler (compiled now if needed).
+pub(super) struct Opened {
+    pub function: Arc<Function>,
+    pub files: Vec<OwnedFd>,
+    pub artifact: Artifact,
+}
+
+/// A module's artifact for an invocation, and whether this request had it compiled.
+#[derive(Clone, Default)]
+pub(super) struct Artifact {
+    pub file: Option<Arc<crate::compiler::Artifact>>,
+    pub compiled: bool,
+}
+
+pub(super) async fn open_files(
+    app: &App,
+    function: Arc<Function>,
+    kind: crate::compiler::Kind,
+) -> Result<Opened, ApiError> {
     let mut function = function;
     for attempt in 0..2 {
         match function.open_files() {
-            Ok(files) => return Ok((function, files)),
+            Ok(files) => match app.compiler.artifact(function.tenant(), &function.module, kind).await {
+                Ok((file, compiled)) => return Ok(Opened { function, files, artifact: Artifact { file, compiled } }),
+                // Replaced since the registry hashed it: once more with the new one.
+                Err(crate::compiler::CompileError::Changed) if attempt == 0 => {
+                    app.registry.invalidate(&function.name);
+                    function = app.registry.lookup(&function.name).await.map_err(registry_error)?;
+                }
+                Err(e) => return Err(e.into()),
+            },
             Err(OpenError::Preopen(e @ PreopenError::Changed { .. })) if attempt == 0 => {
                 tracing::info!(function = %function.name, reason = %e, "preopened directory changed; checking the config again");
                 app.registry.invalidate(&function.name);

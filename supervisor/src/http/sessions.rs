@@ -179,7 +179,7 @@ async fn step(
         max_output_bytes: app.config.max_output_bytes,
         confirm_start: false,
         passed_fds: 0,
-        prepare_only: false,
+        artifact: false,
         session: Some(SessionCall {
             op,
             handler: handler(function),
@@ -197,7 +197,8 @@ async fn step(
         _ => None,
     };
     let lease = acquire(app, function.tenant(), &invocation).await?;
-    let (_, files) = open_files(app, function.clone()).await?;
+    let super::routes::Opened { files, artifact, .. } =
+        open_files(app, function.clone(), crate::compiler::Kind::Session).await?;
     let snapshot = match state {
         State::Fresh => Bytes::new(),
         State::Given(bytes) => bytes,
@@ -206,7 +207,8 @@ async fn step(
     if let Some(call) = invocation.session.as_mut() {
         call.snapshot_len = snapshot.len() as u64;
     }
-    let Dispatched { completed, worker, queue_wait } = run(lease, &invocation, vec![snapshot, message], files).await?;
+    let Dispatched { completed, worker, queue_wait } =
+        run(lease, &invocation, vec![snapshot, message], files, artifact).await?;
     match completed {
         Ok(mut completed) => {
             if let Some(used) = &completed.accounting {

@@ -51,6 +51,9 @@ pub struct PoolConfig {
     pub isolate_tenants: bool,
     /// Clean workers kept idle for tenant switches (isolated tenancy only).
     pub spare_workers: usize,
+    /// How long a tenant's worker must have been idle before it is recycled into a spare,
+    /// so a busy tenant's workers are never taken from it to make spares.
+    pub spare_after_idle: Duration,
 }
 
 /// Identifies one worker process: its slot and which incarnation of that slot.
@@ -258,6 +261,8 @@ pub struct Worker {
     /// The tenant whose code this process has run or was handed to run (isolated
     /// tenancy); `None`: a clean spare.
     tenant: Option<Tenant>,
+    /// When it last became idle.
+    idle_since: Instant,
 }
 
 /// A tenant's name, shared by the workers bound to it and the requests waiting for one.
@@ -294,6 +299,7 @@ struct State {
     closed: bool,
     isolate_tenants: bool,
     spare_workers: usize,
+    spare_after_idle: Duration,
     tenant_switches: u64,
 }
 
@@ -309,6 +315,7 @@ impl State {
             closed: false,
             isolate_tenants: config.isolate_tenants,
             spare_workers: config.spare_workers.min(config.size.saturating_sub(1)),
+            spare_after_idle: config.spare_after_idle,
             tenant_switches: 0,
         }
     }
@@ -337,7 +344,7 @@ impl State {
             .idle
             .iter()
             .rposition(|w| own(w) && w.modules.iter().any(|h| h == hash))
-            .or_else(|| self.idle.iter().rposition(|w| own(w)))
+            .or_else(|| self.idle.iter().rposition(own))
             .or_else(|| self.idle.iter().rposition(|w| w.tenant.is_none()))?;
         let mut worker = self.idle.remove(pick);
         self.bind(&mut worker, tenant);
@@ -371,6 +378,7 @@ impl State {
                 _ => break,
             }
         }
+        worker.idle_since = Instant::now();
         self.idle.push(worker);
         self.keep_spares();
     }
@@ -388,7 +396,9 @@ impl State {
     }
 
     /// Keeps `spare_workers` clean workers idle or on their way (beyond what waiters will
-    /// take) by recycling the least recently used idle worker bound to a tenant.
+    /// take) by recycling the least recently used idle worker bound to a tenant, once it
+    /// has been idle for `spare_after_idle` (the pool's maintenance tick comes back for
+    /// those not idle long enough yet).
     fn keep_spares(&mut self) {
         if !self.isolate_tenants || self.draining {
             return;
@@ -399,7 +409,8 @@ impl State {
             if idle_spares + coming_spares >= self.spare_workers {
                 return;
             }
-            let Some(i) = self.idle.iter().position(|w| w.tenant.is_some()) else { return };
+            let long_idle = |w: &Worker| w.tenant.is_some() && w.idle_since.elapsed() >= self.spare_after_idle;
+            let Some(i) = self.idle.iter().position(long_idle) else { return };
             let worker = self.idle.remove(i);
             self.recycle(worker);
         }
@@ -419,6 +430,7 @@ struct Shared {
     config: PoolConfig,
     state: Mutex<State>,
     spawner: Spawner,
+    launch: Arc<WorkerLaunch>,
     changed: Notify,
     closed: watch::Sender<bool>,
     generations: AtomicU64,
@@ -437,11 +449,12 @@ pub struct Pool(Arc<Shared>);
 impl Pool {
     /// Starts every slot and waits until each has a worker that completed its handshake.
     pub async fn start(config: PoolConfig) -> Result<Pool, SpawnError> {
-        let spawner = Spawner::start(config.launch.clone(), tokio::runtime::Handle::current())
+        let spawner = Spawner::start(tokio::runtime::Handle::current())
             .map_err(|source| SpawnError::Spawn { binary: config.launch.binary.display().to_string(), source })?;
         let pool = Pool(Arc::new(Shared {
             state: Mutex::new(State::new(&config)),
             spawner,
+            launch: Arc::new(config.launch.clone()),
             changed: Notify::new(),
             closed: watch::channel(false).0,
             generations: AtomicU64::new(0),
@@ -458,6 +471,10 @@ impl Pool {
             let task = tokio::spawn(pool.clone().supervise_slot(slot, tx));
             lock(&pool.0.slots).push(task);
             ready.push(rx);
+        }
+        if pool.0.config.isolate_tenants && pool.0.config.spare_workers > 0 {
+            let task = tokio::spawn(pool.clone().tend_spares());
+            lock(&pool.0.slots).push(task);
         }
         for rx in ready {
             if let Ok(Err(e)) | Err(e) = rx.await.map_err(|_| SpawnError::Handshake {
@@ -477,6 +494,11 @@ impl Pool {
 
     pub fn config(&self) -> &PoolConfig {
         &self.0.config
+    }
+
+    /// The thread every worker and compile process is forked from.
+    pub fn spawner(&self) -> Spawner {
+        self.0.spawner.clone()
     }
 
     /// The engine and its version, as the first worker reported them.
@@ -627,6 +649,19 @@ impl Pool {
         self.0.changed.notify_waiters();
     }
 
+    /// Turns tenants' workers that stayed idle into spares (see [`State::keep_spares`]),
+    /// until the pool closes.
+    async fn tend_spares(self) {
+        let mut closed = self.0.closed.subscribe();
+        let tick = (self.0.config.spare_after_idle / 4).max(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(tick) => self.state().keep_spares(),
+                () = closed_signal(&mut closed) => return,
+            }
+        }
+    }
+
     async fn supervise_slot(self, slot: usize, ready: oneshot::Sender<Result<(), SpawnError>>) {
         let mut ready = Some(ready);
         let mut failures = 0u32;
@@ -738,7 +773,8 @@ impl Pool {
         let spawn_err = |source| SpawnError::Spawn { binary: binary.clone(), source };
         let cgroup = self.slot_cgroup(id.slot);
         let placement = cgroup.map(|cg| cg.placement_fds()).unwrap_or_default();
-        let Spawned { mut child, socket } = self.0.spawner.spawn(id.slot, placement).await.map_err(spawn_err)?;
+        let Spawned { mut child, socket } =
+            self.0.spawner.spawn(self.0.launch.clone(), id.slot, placement).await.map_err(spawn_err)?;
         let stream = match tokio::net::UnixStream::from_std(socket) {
             Ok(s) => s,
             Err(e) => {
@@ -807,7 +843,16 @@ impl Pool {
             }
         };
         let life = Arc::new(Life::new());
-        let worker = Worker { id, pid: hello.pid, conn, life, modules: VecDeque::new(), invocations: 0, tenant: None };
+        let worker = Worker {
+            id,
+            pid: hello.pid,
+            conn,
+            life,
+            modules: VecDeque::new(),
+            invocations: 0,
+            tenant: None,
+            idle_since: Instant::now(),
+        };
         Ok((child, worker, hello))
     }
 }
@@ -853,12 +898,15 @@ impl Lease {
 
     /// Runs one invocation: `payload` is the frame's payload in parts (sent as they are, one
     /// vectored write), `files` the descriptors the worker gets with it (see
-    /// `Invocation::passed_fds`). A worker that fails in any way is killed and replaced.
+    /// `Invocation::passed_fds`: the module, then the preopens). `artifact` is passed too
+    /// when the worker does not have the module in memory yet. A worker that fails in any
+    /// way is killed and replaced.
     pub async fn invoke(
         mut self,
         mut invocation: Invocation,
         payload: Vec<Bytes>,
-        files: Vec<OwnedFd>,
+        mut files: Vec<OwnedFd>,
+        artifact: Option<Arc<crate::compiler::Artifact>>,
     ) -> Result<Completed, InvokeFailure> {
         // The pool handle is one Arc; cloning the config would copy the launch settings and
         // every slot's cgroup handle on each invocation.
@@ -868,6 +916,11 @@ impl Lease {
             return Err(InvokeFailure::ShuttingDown);
         };
         let hash = invocation.module_key();
+        let cold = !worker.modules.contains(&hash);
+        if let Some(fd) = artifact.as_ref().filter(|_| cold && !files.is_empty()).and_then(|a| a.for_worker()) {
+            files.insert(1, fd);
+            invocation.artifact = true;
+        }
         invocation.passed_fds = files.len() as u32;
         let payload_len: u64 = payload.iter().map(|p| p.len() as u64).sum();
         let cgroup = self.pool.slot_cgroup(worker.id.slot).cloned();
@@ -881,7 +934,6 @@ impl Lease {
         };
         let mut checkpoint = match &cgroup {
             Some(cg) => {
-                let cold = !worker.modules.contains(&hash);
                 let allowance = if cold { config.compile_memory_bytes } else { 0 };
                 // Nothing was sent yet: on failure the worker goes back to the pool unharmed.
                 Some(cg.prepare(&request, allowance).map_err(|e| InvokeFailure::Limits(e.to_string()))?)
@@ -1099,6 +1151,7 @@ mod tests {
                 log_json: false,
                 hardening_args: Vec::new(),
                 hardening_layers: Vec::new(),
+                users: Vec::new(),
             },
             handshake_timeout: Duration::from_secs(1),
             kill_grace,
@@ -1109,6 +1162,7 @@ mod tests {
             max_invocations: None,
             isolate_tenants: true,
             spare_workers: 1,
+            spare_after_idle: Duration::from_secs(1),
         }
     }
 
@@ -1126,7 +1180,7 @@ mod tests {
             max_output_bytes: 1024,
             confirm_start: false,
             passed_fds: 0,
-            prepare_only: false,
+            artifact: false,
             session: None,
         }
     }
@@ -1146,6 +1200,7 @@ mod tests {
             modules: VecDeque::from(["0".repeat(64)]),
             invocations: 0,
             tenant: None,
+            idle_since: Instant::now(),
         };
         let fake = tokio::spawn(async move {
             let started = wasmbox_protocol::encode_head(&FromWorker::Started, 0);

@@ -34,6 +34,8 @@ pub struct WorkerLaunch {
     pub hardening_args: Vec<String>,
     /// Layers a worker's hello must report.
     pub hardening_layers: Vec<&'static str>,
+    /// The (uid, gid) each slot's workers switch to, by slot (empty: no switch).
+    pub users: Vec<(u32, u32)>,
 }
 
 /// A started worker process and the supervisor's end of its socket.
@@ -42,12 +44,8 @@ pub struct Spawned {
     pub socket: UnixStream,
 }
 
-struct Job {
-    slot: usize,
-    /// `cgroup.procs` descriptors of the slot's cgroups, kept open by the pool.
-    placement: Vec<RawFd>,
-    reply: oneshot::Sender<io::Result<Spawned>>,
-}
+/// Something to run on the spawner thread (it forks).
+type Job = Box<dyn FnOnce() + Send>;
 
 /// Handle to the spawner thread.
 #[derive(Clone)]
@@ -56,24 +54,41 @@ pub struct Spawner {
 }
 
 impl Spawner {
-    pub fn start(launch: WorkerLaunch, runtime: tokio::runtime::Handle) -> io::Result<Self> {
+    pub fn start(runtime: tokio::runtime::Handle) -> io::Result<Self> {
         let (jobs, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new().name("wasmbox-spawner".into()).spawn(move || {
             // tokio's child reaping needs the runtime context of the thread that spawns.
             let _guard = runtime.enter();
             for job in rx {
-                let _ = job.reply.send(spawn_worker(&launch, job.slot, job.placement));
+                job();
             }
         })?;
         Ok(Spawner { jobs })
     }
 
+    /// Runs `start` on the spawner thread, so what it forks has that thread as the one
+    /// whose exit its parent-death signal waits for.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        start: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let (reply, rx) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = reply.send(start());
+        });
+        self.jobs.send(job).map_err(|_| io::Error::other("spawner thread is gone"))?;
+        rx.await.map_err(|_| io::Error::other("spawner thread is gone"))?
+    }
+
     /// Starts the worker for `slot`; with `placement` (the slot's open `cgroup.procs`
     /// files) it enters its cgroups between fork and exec.
-    pub async fn spawn(&self, slot: usize, placement: Vec<RawFd>) -> io::Result<Spawned> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job { slot, placement, reply }).map_err(|_| io::Error::other("spawner thread is gone"))?;
-        rx.await.map_err(|_| io::Error::other("spawner thread is gone"))?
+    pub async fn spawn(
+        &self,
+        launch: std::sync::Arc<WorkerLaunch>,
+        slot: usize,
+        placement: Vec<RawFd>,
+    ) -> io::Result<Spawned> {
+        self.run(move || spawn_worker(&launch, slot, placement)).await
     }
 }
 
@@ -102,6 +117,9 @@ fn spawn_worker(launch: &WorkerLaunch, slot: usize, placement: Vec<RawFd>) -> io
         cmd.arg("--cache-dir").arg(dir);
     }
     cmd.args(&launch.hardening_args);
+    if let Some((uid, gid)) = launch.users.get(slot) {
+        cmd.arg(format!("--user={uid}:{gid}"));
+    }
     // The worker needs nothing from the supervisor's environment; guests get only the env
     // their function declares.
     cmd.env_clear()

@@ -195,6 +195,14 @@ pub trait Engine {
         Err(EngineError::Unsupported("loading artifacts"))
     }
 
+    /// Loads an artifact of this engine version that the supervisor passed as a
+    /// descriptor (its compiler process made it; the supervisor checked it against its
+    /// record before passing it).
+    fn load_passed_artifact(&self, file: std::fs::File, kind: ModuleKind) -> Result<Self::Module, EngineError> {
+        let _ = (file, kind);
+        Err(EngineError::Unsupported("loading artifacts"))
+    }
+
     /// Runs `_start` in a fresh instance with fresh WASI state.
     fn run(&self, module: &Self::Module, request: RunRequest<'_>) -> RunResult;
 

@@ -373,6 +373,14 @@ impl Engine for WasmEdgeEngine {
         Ok(())
     }
 
+    fn load_passed_artifact(&self, file: std::fs::File, kind: ModuleKind) -> Result<WasmEdgeModule, EngineError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        // libwasmedge loads by path only: the passed descriptor's own.
+        let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let artifact = ArtifactFile { dir: file.as_fd(), name: "", path: &path };
+        self.load_artifact(&artifact, kind)
+    }
+
     fn load_artifact(&self, artifact: &ArtifactFile<'_>, kind: ModuleKind) -> Result<WasmEdgeModule, EngineError> {
         let artifact = artifact.path;
         let path = c_path(artifact)?;

@@ -177,6 +177,18 @@ impl Engine for WasmtimeEngine {
         self.link(&module, kind)
     }
 
+    fn load_passed_artifact(&self, file: std::fs::File, kind: ModuleKind) -> Result<WasmtimeModule, EngineError> {
+        let stale = |reason: String| EngineError::StaleArtifact { path: "(passed by the supervisor)".into(), reason };
+        // SAFETY: deserializing trusts the file to be native code produced by this engine.
+        // The supervisor passes only artifacts its compiler process produced for this
+        // module and tenant, checked against the digest it recorded (workers cannot write
+        // them); Wasmtime additionally rejects artifacts from another version or
+        // configuration.
+        let module = unsafe { wasmtime::Module::deserialize_open_file(&self.engine, file) }
+            .map_err(|e| stale(bounded(format!("{e:#}"))))?;
+        self.link(&module, kind)
+    }
+
     fn run(&self, module: &WasmtimeModule, request: RunRequest<'_>) -> RunResult {
         super::run_captured(&request, |stdout, stderr| self.run_guest(module, &request, stdout, stderr))
     }
