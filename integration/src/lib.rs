@@ -504,9 +504,14 @@ impl Supervisor {
     }
 
     /// PIDs of this supervisor's worker processes (its live children but compile
-    /// processes).
+    /// processes and the zygote).
     pub fn worker_pids(&self) -> Vec<i32> {
-        children_of(self.pid()).into_iter().filter(|&pid| !is_compile_process(pid)).collect()
+        children_of(self.pid()).into_iter().filter(|&pid| !is_compile_process(pid) && !is_zygote(pid)).collect()
+    }
+
+    /// PID of this supervisor's zygote, if one runs.
+    pub fn zygote_pid(&self) -> Option<i32> {
+        children_of(self.pid()).into_iter().find(|&pid| is_zygote(pid))
     }
 
     /// PIDs of this supervisor's compile processes (`wasmbox-worker --compile-artifact`).
@@ -614,9 +619,17 @@ pub fn remove_cgroups_named(name: &str) {
 
 /// Whether `pid` runs `wasmbox-worker --compile-artifact`.
 pub fn is_compile_process(pid: i32) -> bool {
-    procfs::process::Process::new(pid)
-        .and_then(|p| p.cmdline())
-        .is_ok_and(|args| args.iter().any(|a| a == "--compile-artifact"))
+    has_arg(pid, "--compile-artifact")
+}
+
+/// Whether `pid` is a zygote (its workers, forked from it, rename themselves).
+pub fn is_zygote(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "wasmbox-zygote")
+}
+
+/// Whether `pid`'s command line has `arg`.
+fn has_arg(pid: i32, arg: &str) -> bool {
+    procfs::process::Process::new(pid).and_then(|p| p.cmdline()).is_ok_and(|args| args.iter().any(|a| a == arg))
 }
 
 /// Live (non-zombie) children of `pid`.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 pub mod snapshot;
 
 /// Bumped whenever a message changes shape. Supervisor and worker must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// First bytes of every frame; a stream that loses sync fails fast on the next frame.
 pub const MAGIC: [u8; 4] = *b"WBX\x01";
@@ -157,6 +157,21 @@ pub enum ToWorker {
     /// Answer to `Started` when the invocation asked for `confirm_start`: the supervisor
     /// has set the limits for running the guest; go ahead.
     Proceed,
+    /// To a zygote (`wasmbox-worker --zygote`): fork a worker for this slot. The frame
+    /// carries the new worker's socket, then the slot's `cgroup.procs` files (SCM_RIGHTS).
+    Fork(ForkRequest),
+}
+
+/// What a forked worker is, beyond the settings it shares with the zygote.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ForkRequest {
+    pub slot: usize,
+    /// (uid, gid) the worker switches to.
+    #[serde(default)]
+    pub user: Option<(u32, u32)>,
+    /// `cgroup.procs` descriptors after the socket.
+    #[serde(default)]
+    pub placement_fds: u32,
 }
 
 /// Messages from a worker to the supervisor.
@@ -171,6 +186,8 @@ pub enum FromWorker {
     Started,
     /// The invocation finished; payload is stdout followed by stderr.
     Result(InvocationResult),
+    /// From a zygote: the worker asked for is running, as a child of the supervisor.
+    Forked { pid: u32 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -161,6 +161,13 @@ pub struct Config {
     #[arg(long, env = "WASMBOX_SPARE_AFTER_IDLE_MS", default_value_t = 1000)]
     pub spare_after_idle_ms: u64,
 
+    /// Fork new workers from a zygote, a process that has loaded the worker binary and its
+    /// engine library once, instead of starting each by exec (respawns and tenant switches
+    /// then cost a fork). A spawn the zygote cannot serve falls back to exec.
+    #[arg(long, env = "WASMBOX_ZYGOTE", default_value_t = true, action = ArgAction::Set,
+        value_parser = BoolishValueParser::new())]
+    pub zygote: bool,
+
     /// Replace each worker process after this many invocations (0: never), so nothing a
     /// long-lived process accumulates outlives a bounded number of tenants' requests.
     #[arg(long, env = "WASMBOX_WORKER_MAX_INVOCATIONS")]

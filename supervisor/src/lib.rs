@@ -237,6 +237,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         isolate_tenants: config.tenancy == config::Tenancy::Isolated,
         spare_workers: config.spare_workers,
         spare_after_idle: Duration::from_millis(config.spare_after_idle_ms),
+        zygote: config.zygote,
     };
     tracing::info!(
         workers = pool_config.size,

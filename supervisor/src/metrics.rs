@@ -70,6 +70,7 @@ pub struct Metrics {
     restarts: Counter,
     oom_kills: Counter,
     tenant_switches: Counter,
+    zygote_restarts: Counter,
     exits: Family<Reason, Counter>,
     cpu_seconds: Family<FunctionLabel, Counter<f64, AtomicU64>>,
     memory_peak: Family<FunctionLabel, Gauge>,
@@ -134,6 +135,12 @@ impl Metrics {
             "tenant_switches",
             "Requests whose tenant no idle worker served: given a spare, or a slot recycled into a fresh process",
             tenant_switches.clone(),
+        );
+        let zygote_restarts = Counter::default();
+        registry.register(
+            "zygote_restarts",
+            "Times the zygote (the process workers are forked from) was started again after it died",
+            zygote_restarts.clone(),
         );
         let exits = Family::<Reason, Counter>::default();
         registry.register(
@@ -232,6 +239,7 @@ impl Metrics {
             restarts,
             oom_kills,
             tenant_switches,
+            zygote_restarts,
             exits,
             cpu_seconds,
             memory_peak,
@@ -308,6 +316,7 @@ impl Metrics {
         catch_up(&self.restarts, pool.restarts);
         catch_up(&self.oom_kills, pool.oom_kills);
         catch_up(&self.tenant_switches, pool.tenant_switches);
+        catch_up(&self.zygote_restarts, pool.zygote_restarts);
         for (reason, total) in pool.exits.by_reason() {
             catch_up(&self.exits.get_or_create(&Reason { reason }), total);
         }
@@ -353,6 +362,8 @@ mod tests {
             oom_kills: 1,
             spares: 1,
             tenant_switches: 4,
+            zygote_restarts: 2,
+            exec_spawns: 0,
             exits: crate::pool::WorkerExits { crash: 2, recycle: 1, ..Default::default() },
         }
     }
@@ -409,6 +420,7 @@ mod tests {
             "wasmbox_workers{state=\"busy\"} 1",
             "wasmbox_workers{state=\"spare\"} 1",
             "wasmbox_tenant_switches_total 4",
+            "wasmbox_zygote_restarts_total 2",
             "wasmbox_queue_depth 3",
             "wasmbox_http_connections{pool=\"main\"} 7",
             "wasmbox_http_connections{pool=\"reserve\"} 1",

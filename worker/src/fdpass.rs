@@ -29,6 +29,11 @@ impl FdReader {
         FdReader { socket, buf: vec![0; BUFFER].into_boxed_slice(), start: 0, end: 0, fds: VecDeque::new() }
     }
 
+    /// The socket's descriptor number.
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
     /// Takes the `n` descriptors that came with the frame just read. Any other number
     /// queued is a protocol error: descriptors only ever travel with an `Invoke` frame,
     /// and the supervisor sends the next one only after the previous result.

@@ -110,7 +110,7 @@ fn fail(layer: &'static str) -> impl FnOnce(nix::errno::Errno) -> HardeningError
 }
 
 /// Layers applied so far, by their protocol names.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Applied(pub Vec<String>);
 
 impl Applied {
@@ -405,6 +405,54 @@ pub fn seccomp_programs(mode: SeccompMode, paths: PathPolicy) -> Result<Vec<BpfP
     };
     // Installed in this order: the main filter last, so installing needs nothing it forbids.
     Ok(vec![compile(clone3)?, compile(main)?])
+}
+
+/// The zygote's filter (see `crate::zygote`): everything a worker's setup needs stays
+/// allowed, calls none ever makes kill the process. Inherited by every forked worker,
+/// beneath its own allow-list.
+pub fn install_zygote_filter() -> Result<(), String> {
+    use nix::libc;
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())?;
+    let denied = [
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_chroot,
+        libc::SYS_move_mount,
+        libc::SYS_open_tree,
+        libc::SYS_fsopen,
+        libc::SYS_fsmount,
+        libc::SYS_init_module,
+        libc::SYS_finit_module,
+        libc::SYS_delete_module,
+        libc::SYS_kexec_load,
+        libc::SYS_kexec_file_load,
+        libc::SYS_reboot,
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_keyctl,
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_swapon,
+        libc::SYS_swapoff,
+        libc::SYS_acct,
+        libc::SYS_settimeofday,
+        libc::SYS_clock_settime,
+        libc::SYS_open_by_handle_at,
+        libc::SYS_name_to_handle_at,
+        libc::SYS_userfaultfd,
+        libc::SYS_io_uring_setup,
+        libc::SYS_setns,
+        libc::SYS_quotactl,
+    ];
+    let rules = denied.iter().map(|&nr| (nr, Vec::new())).collect();
+    let filter =
+        SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::KillProcess, arch).map_err(|e| e.to_string())?;
+    let program: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| e.to_string())?;
+    seccompiler::apply_filter(&program).map_err(|e| e.to_string())
 }
 
 /// Syscalls allowed without conditions once the worker is initialized: memory and thread

@@ -10,6 +10,7 @@ pub mod harden;
 pub mod oneshot;
 pub mod server;
 pub mod session;
+pub mod zygote;
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -19,7 +20,7 @@ use clap::Parser;
 
 /// Command line of `wasmbox-worker`. The supervisor starts it; it is not meant to be run
 /// by hand, except `--version`.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "wasmbox-worker", version, about = "WasmBox worker process (started by the wasmbox supervisor)")]
 pub struct WorkerArgs {
     /// Inherited file descriptor of this worker's end of the supervisor socketpair.
@@ -88,6 +89,11 @@ pub struct WorkerArgs {
     #[arg(long, default_value = "command", requires = "compile_artifact")]
     pub compile_kind: String,
 
+    /// Serve fork requests on `--socket-fd` instead of invocations: the zygote the
+    /// supervisor forks workers from (see `zygote`).
+    #[arg(long, conflicts_with_all = ["one_shot", "compile", "compile_artifact"])]
+    pub zygote: bool,
+
     /// `/proc/self/cgroup` as read at the start of `main` (not a flag).
     #[arg(skip)]
     pub initial_cgroup: String,
@@ -95,6 +101,9 @@ pub struct WorkerArgs {
     #[arg(skip)]
     pub supervisor_pid: Option<nix::unistd::Pid>,
 }
+
+/// Where a worker finds its socket.
+pub const DEFAULT_SOCKET_FD: RawFd = 3;
 
 /// The engines compiled into this worker.
 pub const ENGINES: &[&str] = &[
@@ -185,6 +194,12 @@ pub fn run_compile(args: &WorkerArgs) -> anyhow::Result<u8> {
         "wasmedge" => compile::run(engine::wasmedge::WasmEdgeEngine::new()?, args),
         other => Err(WorkerError::UnknownEngine(other.into()).into()),
     }
+}
+
+/// `--zygote`: serves fork requests (see [`zygote`]); each child runs [`run`].
+pub fn run_zygote(args: WorkerArgs, applied: harden::Applied) -> Result<(), WorkerError> {
+    let socket = adopt_socket(args.socket_fd)?;
+    zygote::serve(args, socket, applied, run)
 }
 
 /// `--compile-artifact`: compiles one module for the supervisor (see

@@ -42,7 +42,9 @@ fn main() -> std::process::ExitCode {
         logs.init();
     }
     let slot = args.slot;
-    let result = if args.compile_artifact.is_some() {
+    let result = if args.zygote {
+        wasmbox_worker::run_zygote(args, applied)
+    } else if args.compile_artifact.is_some() {
         wasmbox_worker::run_compile_artifact(args, applied)
     } else {
         wasmbox_worker::run(args, applied)

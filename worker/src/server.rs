@@ -47,6 +47,7 @@ pub fn serve<E: Engine>(
         match message {
             ToWorker::Shutdown => return Ok(()),
             ToWorker::Proceed => return Err(FrameError::Unexpected("proceed outside an invocation")),
+            ToWorker::Fork(_) => return Err(FrameError::Unexpected("fork is for the zygote")),
             ToWorker::Invoke(invocation) => {
                 let count = usize::try_from(invocation.passed_fds).unwrap_or(usize::MAX);
                 let fds = reader.take_fds(count).map_err(|e| {

@@ -23,8 +23,24 @@ pub struct Extras {
     pub cold_samples: usize,
     /// From SIGKILL of an idle worker until the pool reports every worker live again, µs.
     pub respawn_p50_us: u64,
+    pub respawn_p99_us: u64,
     pub respawn_max_us: u64,
     pub respawn_samples: usize,
+    /// The same with WASMBOX_ZYGOTE=false (every worker started by exec), side by side.
+    pub respawn_exec_p50_us: u64,
+    pub respawn_exec_p99_us: u64,
+    /// A request for a tenant no idle worker serves (its module compiled before): from the
+    /// request to its answer, so recycling a slot, the new process and the artifact load.
+    pub switch_p50_us: u64,
+    pub switch_p99_us: u64,
+    pub switch_exec_p50_us: u64,
+    pub switch_exec_p99_us: u64,
+    pub switch_samples: usize,
+    /// The zygote's resident and private memory, KiB.
+    pub zygote_rss_kib: u64,
+    pub zygote_private_kib: u64,
+    /// hello round robin over many functions (each its own tenant), by tenancy mode.
+    pub mixed: Vec<Mixed>,
     /// Resident memory when idle (after one hello per worker), KiB.
     pub supervisor_rss_kib: u64,
     pub worker_rss_kib: Vec<u64>,
@@ -37,6 +53,17 @@ pub struct Extras {
     pub cgroups_active: bool,
     /// Restore, capture and commit of session state, by heap size.
     pub sessions: crate::sessions::Sessions,
+}
+
+/// One mixed-tenant cell.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Mixed {
+    pub tenancy: &'static str,
+    pub functions: usize,
+    pub throughput: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub errors: u64,
 }
 
 /// A copy of `wasm` with a custom section that makes its hash (so its cache key) unique.
@@ -70,6 +97,10 @@ pub async fn measure(setup: &Setup, plan: &Plan) -> anyhow::Result<Extras> {
     let quick = plan.name == "quick";
     cold_starts(setup, if quick { 5 } else { 50 }, &mut extras).await?;
     respawn_and_memory(setup, if quick { 3 } else { 20 }, &mut extras).await?;
+    tenant_switches(setup, if quick { 6 } else { 60 }, &mut extras).await?;
+    let (sizes, duration): (&[usize], _) =
+        if quick { (&[10], Duration::from_secs(1)) } else { (&[10, 100], Duration::from_secs(5)) };
+    mixed_tenants(setup, sizes, duration, &mut extras).await?;
     cgroup_cost(setup, plan, &mut extras).await?;
     extras.sessions = crate::sessions::measure(setup, plan).await?;
     Ok(extras)
@@ -110,6 +141,7 @@ async fn cold_starts(setup: &Setup, samples: usize, extras: &mut Extras) -> anyh
 
 async fn respawn_and_memory(setup: &Setup, samples: usize, extras: &mut Extras) -> anyhow::Result<()> {
     let server = Server::start(Mode::WasmBox, setup)?;
+    let exec = Server::start_with_env(Mode::WasmBox, setup, &[("WASMBOX_ZYGOTE", "false")])?;
     let n = setup.workers;
     // One hello per worker, concurrently, so each has loaded a module once.
     let target = Target { addr: server.addr, path: "/hello".into(), headers: vec![], body: Bytes::new() };
@@ -120,27 +152,210 @@ async fn respawn_and_memory(setup: &Setup, samples: usize, extras: &mut Extras) 
     let workers = crate::modes::children(server.pid());
     extras.worker_rss_kib = workers.iter().copied().map(crate::modes::rss_kib).collect();
     extras.worker_private_kib = workers.iter().copied().map(crate::modes::private_kib).collect();
+    if let Some(zygote) = crate::modes::zygote(server.pid()) {
+        extras.zygote_rss_kib = crate::modes::rss_kib(zygote);
+        extras.zygote_private_kib = crate::modes::private_kib(zygote);
+    }
 
-    let mut respawn = Recorder::default();
+    // Taking turns, so a drift of the machine's speed reaches both alike.
+    let mut respawn = [Recorder::default(), Recorder::default()];
     for _ in 0..samples {
-        wait_live(&server, n, Duration::from_secs(30)).await?;
-        let Some(&victim) = crate::modes::children(server.pid()).first() else {
-            anyhow::bail!("WasmBox has no workers");
-        };
-        let t = Instant::now();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGKILL)?;
-        // Gone first (the pool may still count it live for a moment), then all live again.
-        while crate::modes::children(server.pid()).contains(&victim) && t.elapsed() < Duration::from_secs(10) {
-            tokio::time::sleep(Duration::from_micros(200)).await;
+        for (i, server) in [&server, &exec].into_iter().enumerate() {
+            respawn[i].record(respawn_once(server, n).await?);
         }
-        wait_live(&server, n, Duration::from_secs(30)).await?;
-        respawn.record(t.elapsed());
     }
     extras.respawn_samples = samples;
-    extras.respawn_p50_us = respawn.quantile_us(0.5);
-    extras.respawn_max_us = respawn.max_us();
+    extras.respawn_p50_us = respawn[0].quantile_us(0.5);
+    extras.respawn_p99_us = respawn[0].quantile_us(0.99);
+    extras.respawn_max_us = respawn[0].max_us();
+    extras.respawn_exec_p50_us = respawn[1].quantile_us(0.5);
+    extras.respawn_exec_p99_us = respawn[1].quantile_us(0.99);
     server.stop();
+    exec.stop();
     Ok(())
+}
+
+/// SIGKILL of one idle worker until the pool is full again.
+async fn respawn_once(server: &Server, n: usize) -> anyhow::Result<Duration> {
+    wait_live(server, n, Duration::from_secs(30)).await?;
+    let Some(&victim) = crate::modes::children(server.pid()).first() else {
+        anyhow::bail!("WasmBox has no workers");
+    };
+    let t = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGKILL)?;
+    // Gone first (the pool may still count it live for a moment), then all live again.
+    while crate::modes::children(server.pid()).contains(&victim) && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    wait_live(server, n, Duration::from_secs(30)).await?;
+    Ok(t.elapsed())
+}
+
+/// A functions directory of `count` copies of hello with distinct hashes (so distinct
+/// modules and, by name, distinct tenants).
+fn variants(setup: &Setup, what: &str, count: usize) -> anyhow::Result<(std::path::PathBuf, Vec<String>)> {
+    let dir = tempdir(what)?;
+    let functions = dir.join("functions");
+    std::fs::create_dir_all(&functions)?;
+    let hello = std::fs::read(setup.functions.join("hello.wasm"))?;
+    for i in 0..count {
+        std::fs::write(functions.join(format!("t{i}.wasm")), variant(&hello, 1000 + i))?;
+    }
+    Ok((dir, (0..count).map(|i| format!("/t{i}")).collect()))
+}
+
+/// Requests round robin over more tenants than workers, one at a time: none finds an idle
+/// worker of its tenant. With the zygote and without, taking turns.
+async fn tenant_switches(setup: &Setup, samples: usize, extras: &mut Extras) -> anyhow::Result<()> {
+    let (dir, paths) = variants(setup, "switch", setup.workers * 2 + 1)?;
+    let with = Setup { functions: dir.join("functions"), cache_dir: dir.join("cache"), ..setup.clone() };
+    let servers = [
+        Server::start(Mode::WasmBox, &with)?,
+        Server::start_with_env(Mode::WasmBox, &with, &[("WASMBOX_ZYGOTE", "false")])?,
+    ];
+    let mut clients = Vec::new();
+    for server in &servers {
+        let mut client = Client::connect(server.addr).await?;
+        // Compile every module first: a switch, not a compile, is what is measured.
+        for path in &paths {
+            client.get(path).await?;
+        }
+        clients.push(client);
+    }
+    let mut recorders = [Recorder::default(), Recorder::default()];
+    for i in 0..samples {
+        let path = &paths[i % paths.len()];
+        for (k, client) in clients.iter_mut().enumerate() {
+            let t = Instant::now();
+            let status = client.get(path).await?;
+            anyhow::ensure!(status == 200, "tenant switch to {path}: {status}");
+            recorders[k].record(t.elapsed());
+        }
+    }
+    extras.switch_samples = samples;
+    extras.switch_p50_us = recorders[0].quantile_us(0.5);
+    extras.switch_p99_us = recorders[0].quantile_us(0.99);
+    extras.switch_exec_p50_us = recorders[1].quantile_us(0.5);
+    extras.switch_exec_p99_us = recorders[1].quantile_us(0.99);
+    for server in servers {
+        server.stop();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// hello over each of `sizes` functions (10 and 100 in a full run), round robin from two connections, in both
+/// tenancy modes (the two modes of one size run at once and take turns).
+async fn mixed_tenants(setup: &Setup, sizes: &[usize], duration: Duration, extras: &mut Extras) -> anyhow::Result<()> {
+    for &count in sizes {
+        let (dir, paths) = variants(setup, "mixed", count)?;
+        let with = Setup { functions: dir.join("functions"), cache_dir: dir.join("cache"), ..setup.clone() };
+        let modes = ["isolated", "shared"];
+        let servers = [
+            Server::start_with_env(Mode::WasmBox, &with, &[("WASMBOX_TENANCY", "isolated")])?,
+            Server::start_with_env(Mode::WasmBox, &with, &[("WASMBOX_TENANCY", "shared")])?,
+        ];
+        let mut cells: Vec<(Recorder, u64, u64, Duration)> = vec![Default::default(); 2];
+        // Every module compiled once on each, then rounds of load.
+        for server in &servers {
+            let mut client = Client::connect(server.addr).await?;
+            for path in &paths {
+                client.get(path).await?;
+            }
+        }
+        for _ in 0..4 {
+            for (k, server) in servers.iter().enumerate() {
+                let (recorder, ok, errors, took) = round_robin(server.addr, &paths, 2, duration / 4).await?;
+                cells[k].0.merge(&recorder);
+                cells[k].1 += ok;
+                cells[k].2 += errors;
+                cells[k].3 += took;
+            }
+        }
+        for (k, (recorder, ok, errors, took)) in cells.into_iter().enumerate() {
+            extras.mixed.push(Mixed {
+                tenancy: modes[k],
+                functions: count,
+                throughput: ok as f64 / took.as_secs_f64().max(1e-9),
+                p50_us: recorder.quantile_us(0.5),
+                p99_us: recorder.quantile_us(0.99),
+                errors,
+            });
+        }
+        for server in servers {
+            server.stop();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// `connections` clients, each requesting `paths` in turn for `duration`.
+async fn round_robin(
+    addr: std::net::SocketAddr,
+    paths: &[String],
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<(Recorder, u64, u64, Duration)> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let paths = paths.to_vec();
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect(addr).await?;
+            let (mut recorder, mut ok, mut errors) = (Recorder::default(), 0u64, 0u64);
+            let mut i = c * paths.len() / connections.max(1);
+            while started.elapsed() < duration {
+                let t = Instant::now();
+                match client.get(&paths[i % paths.len()]).await {
+                    Ok(200) => {
+                        ok += 1;
+                        recorder.record(t.elapsed());
+                    }
+                    _ => errors += 1,
+                }
+                i += 1;
+            }
+            anyhow::Ok((recorder, ok, errors))
+        }));
+    }
+    let mut all = (Recorder::default(), 0, 0);
+    for task in tasks {
+        let (recorder, ok, errors) = task.await??;
+        all.0.merge(&recorder);
+        all.1 += ok;
+        all.2 += errors;
+    }
+    Ok((all.0, all.1, all.2, started.elapsed()))
+}
+
+/// One keep-alive HTTP/1.1 connection for sequential requests.
+struct Client {
+    addr: std::net::SocketAddr,
+    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+}
+
+impl Client {
+    async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Client> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Client { addr, sender })
+    }
+
+    /// GET `path`; the status (the body is read and dropped).
+    async fn get(&mut self, path: &str) -> anyhow::Result<u16> {
+        self.sender.ready().await?;
+        let req =
+            http::Request::get(path).header(http::header::HOST, self.addr.to_string()).body(Empty::<Bytes>::new())?;
+        let response = self.sender.send_request(req).await?;
+        let status = response.status().as_u16();
+        response.into_body().collect().await?;
+        Ok(status)
+    }
 }
 
 /// Waits until `/ready` reports `n` live workers (polling every millisecond).

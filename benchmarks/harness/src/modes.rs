@@ -116,7 +116,7 @@ impl Server {
                     .env("WASMBOX_WORKER_BIN", &setup.worker)
                     .env("WASMBOX_WORKERS", setup.workers.to_string())
                     .env("WASMBOX_ENGINE", &setup.engine)
-                    .env("WASMBOX_CGROUP_PARENT", format!("wasmbox-bench-{}", std::process::id()));
+                    .env("WASMBOX_CGROUP_PARENT", format!("wasmbox-bench-{}-{number}", std::process::id()));
                 // Not the per-user default: two supervisors of one run (or a run and a
                 // supervisor someone else started) would contend for its lock.
                 let dir = scratch("-state");
@@ -286,7 +286,27 @@ pub fn private_kib(pid: i32) -> u64 {
 }
 
 /// The live children of `pid` (of any of its threads: WasmBox forks from a thread of its own).
+/// The worker processes among `pid`'s children: neither its zygote nor a compile process.
 pub fn children(pid: i32) -> Vec<i32> {
+    all_children(pid).into_iter().filter(|&c| !is_zygote(c) && !is_compile_process(c)).collect()
+}
+
+/// `pid`'s zygote (the process WasmBox forks workers from), if it has one.
+pub fn zygote(pid: i32) -> Option<i32> {
+    all_children(pid).into_iter().find(|&c| is_zygote(c))
+}
+
+fn is_zygote(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "wasmbox-zygote")
+}
+
+fn is_compile_process(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"--compile-artifact"))
+}
+
+/// Every live child of `pid`.
+fn all_children(pid: i32) -> Vec<i32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
     let mut out: Vec<i32> = tasks
         .filter_map(Result::ok)

@@ -304,11 +304,45 @@ pub fn markdown(r: &Results, svg_name: &str) -> String {
     );
     let _ = writeln!(
         out,
-        "| worker respawn, SIGKILL to pool full again, p50 / max of {} | {} / {} ms |",
+        "| worker respawn, SIGKILL to pool full again, p50 / p99 / max of {}: zygote | {} / {} / {} ms |",
         e.respawn_samples,
         ms(e.respawn_p50_us),
+        ms(e.respawn_p99_us),
         ms(e.respawn_max_us)
     );
+    let _ = writeln!(
+        out,
+        "| the same, every worker by exec (WASMBOX_ZYGOTE=false), side by side, p50 / p99 | {} / {} ms |",
+        ms(e.respawn_exec_p50_us),
+        ms(e.respawn_exec_p99_us)
+    );
+    let _ = writeln!(
+        out,
+        "| tenant switch (request for a tenant no idle worker serves, to its answer), p50 / p99 of {}: zygote / exec | {} / {} ms, {} / {} ms |",
+        e.switch_samples,
+        ms(e.switch_p50_us),
+        ms(e.switch_p99_us),
+        ms(e.switch_exec_p50_us),
+        ms(e.switch_exec_p99_us)
+    );
+    let _ = writeln!(
+        out,
+        "| zygote RSS / of it private | {:.1} / {:.1} MiB |",
+        e.zygote_rss_kib as f64 / 1024.0,
+        e.zygote_private_kib as f64 / 1024.0
+    );
+    for m in &e.mixed {
+        let _ = writeln!(
+            out,
+            "| hello round robin over {} functions (one tenant each), 2 connections, WASMBOX_TENANCY={} | {:.0} req/s, p50 {} / p99 {} ms, {} errors |",
+            m.functions,
+            m.tenancy,
+            m.throughput,
+            ms(m.p50_us),
+            ms(m.p99_us),
+            m.errors
+        );
+    }
     let mib = |kib: &[u64]| kib.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect::<Vec<_>>().join(", ");
     let _ = writeln!(
         out,

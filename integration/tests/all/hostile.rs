@@ -13,7 +13,7 @@ use anyhow::{Context, Result, ensure};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wasmbox_integration::{Builder, Reply, Supervisor, children_of};
+use wasmbox_integration::{Builder, Reply, Supervisor};
 
 /// Times each hostile call is made.
 const REPEAT: usize = 3;
@@ -194,8 +194,8 @@ impl Target {
             r.text()
         );
         self.s.wait_pool_full(WORKERS, Duration::from_secs(10)).await?;
-        let children = children_of(self.s.pid());
-        ensure!(children.len() == WORKERS, "supervisor children {children:?}, pool size {WORKERS}");
+        let children = self.s.worker_pids();
+        ensure!(children.len() == WORKERS, "supervisor's workers {children:?}, pool size {WORKERS}");
         let functions = tree(&self.s.functions_dir());
         ensure!(
             functions == self.functions,

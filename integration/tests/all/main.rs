@@ -21,3 +21,4 @@ mod operations;
 mod preopens;
 mod sessions;
 mod tenancy;
+mod zygote;

@@ -11,6 +11,7 @@
 
 pub mod connection;
 pub mod spawn;
+pub mod zygote;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -27,7 +28,8 @@ use tokio::sync::{Notify, oneshot, watch};
 use wasmbox_protocol::{FrameError, FromWorker, Hello, Invocation, InvocationResult, PROTOCOL_VERSION, ToWorker};
 
 use self::connection::Connection;
-use self::spawn::{Spawned, Spawner, WorkerLaunch};
+use self::spawn::{Process, Spawned, Spawner, WorkerLaunch};
+use self::zygote::Zygote;
 use crate::cgroup::{Accounting, Checkpoint, SlotCgroup, SlotRequest};
 
 /// Pool settings.
@@ -54,6 +56,8 @@ pub struct PoolConfig {
     /// How long a tenant's worker must have been idle before it is recycled into a spare,
     /// so a busy tenant's workers are never taken from it to make spares.
     pub spare_after_idle: Duration,
+    /// Fork workers from a zygote (exec when it cannot).
+    pub zygote: bool,
 }
 
 /// Identifies one worker process: its slot and which incarnation of that slot.
@@ -145,6 +149,10 @@ pub struct PoolStatus {
     /// Requests served by a worker that had to be given to their tenant first: a spare
     /// bound to it, or a slot recycled for it.
     pub tenant_switches: u64,
+    /// Times the zygote was started again after it died.
+    pub zygote_restarts: u64,
+    /// Workers started by exec because the zygote could not fork them.
+    pub exec_spawns: u64,
     /// Workers that ended while the pool ran (each then replaced), by why.
     pub exits: WorkerExits,
 }
@@ -431,6 +439,8 @@ struct Shared {
     state: Mutex<State>,
     spawner: Spawner,
     launch: Arc<WorkerLaunch>,
+    zygote: Option<Zygote>,
+    exec_spawns: AtomicU64,
     changed: Notify,
     closed: watch::Sender<bool>,
     generations: AtomicU64,
@@ -453,6 +463,8 @@ impl Pool {
             .map_err(|source| SpawnError::Spawn { binary: config.launch.binary.display().to_string(), source })?;
         let pool = Pool(Arc::new(Shared {
             state: Mutex::new(State::new(&config)),
+            zygote: config.zygote.then(|| Zygote::new(Arc::new(config.launch.clone()), spawner.clone())),
+            exec_spawns: AtomicU64::new(0),
             spawner,
             launch: Arc::new(config.launch.clone()),
             changed: Notify::new(),
@@ -519,6 +531,8 @@ impl Pool {
             oom_kills: self.0.oom_kills.load(Ordering::Relaxed),
             spares: st.idle.iter().filter(|w| st.isolate_tenants && w.tenant.is_none()).count(),
             tenant_switches: st.tenant_switches,
+            zygote_restarts: self.0.zygote.as_ref().map_or(0, Zygote::restarts),
+            exec_spawns: self.0.exec_spawns.load(Ordering::Relaxed),
             exits: *self.0.exits.lock().unwrap_or_else(|p| p.into_inner()),
         }
     }
@@ -646,6 +660,9 @@ impl Pool {
         if tokio::time::timeout(grace + Duration::from_secs(5), all).await.is_err() {
             tracing::warn!("some worker slots did not stop in time");
         }
+        if let Some(zygote) = &self.0.zygote {
+            zygote.stop().await;
+        }
         self.0.changed.notify_waiters();
     }
 
@@ -767,14 +784,34 @@ impl Pool {
         }
     }
 
-    async fn start_worker(&self, id: WorkerId) -> Result<(tokio::process::Child, Worker, Hello), SpawnError> {
+    async fn start_worker(&self, id: WorkerId) -> Result<(Process, Worker, Hello), SpawnError> {
         let config = &self.0.config;
         let binary = config.launch.binary.display().to_string();
         let spawn_err = |source| SpawnError::Spawn { binary: binary.clone(), source };
         let cgroup = self.slot_cgroup(id.slot);
         let placement = cgroup.map(|cg| cg.placement_fds()).unwrap_or_default();
-        let Spawned { mut child, socket } =
-            self.0.spawner.spawn(self.0.launch.clone(), id.slot, placement).await.map_err(spawn_err)?;
+        let forked = match &self.0.zygote {
+            Some(zygote) => {
+                let user = config.launch.users.get(id.slot).copied();
+                match zygote.fork(id.slot, user, &placement).await {
+                    Ok(spawned) => Some(spawned),
+                    Err(e) => {
+                        tracing::warn!(worker = %id, error = %e, "the zygote cannot fork this worker; starting it by exec");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let Spawned { mut child, socket } = match forked {
+            Some(spawned) => spawned,
+            None => {
+                if self.0.zygote.is_some() {
+                    self.0.exec_spawns.fetch_add(1, Ordering::Relaxed);
+                }
+                self.0.spawner.spawn(self.0.launch.clone(), id.slot, placement).await.map_err(spawn_err)?
+            }
+        };
         let stream = match tokio::net::UnixStream::from_std(socket) {
             Ok(s) => s,
             Err(e) => {
@@ -1094,6 +1131,9 @@ async fn exchange(
             Ok(Ok((FromWorker::Hello(_), _))) => {
                 return Err(Exchange::Protocol("protocol violation: hello in the middle of a session".into()));
             }
+            Ok(Ok((FromWorker::Forked { .. }, _))) => {
+                return Err(Exchange::Protocol("protocol violation: a worker does not fork".into()));
+            }
         }
     }
 }
@@ -1163,6 +1203,7 @@ mod tests {
             isolate_tenants: true,
             spare_workers: 1,
             spare_after_idle: Duration::from_secs(1),
+            zygote: false,
         }
     }
 

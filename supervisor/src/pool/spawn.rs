@@ -40,8 +40,34 @@ pub struct WorkerLaunch {
 
 /// A started worker process and the supervisor's end of its socket.
 pub struct Spawned {
-    pub child: tokio::process::Child,
+    pub child: Process,
     pub socket: UnixStream,
+}
+
+/// A child process of the supervisor: started by exec, or forked by the zygote (then
+/// adopted through a pidfd; it is the supervisor's child all the same, thanks to
+/// `CLONE_PARENT`, so only the supervisor reaps it and its pid cannot be reused before).
+pub enum Process {
+    Exec(tokio::process::Child),
+    Forked(super::zygote::Forked),
+}
+
+impl Process {
+    /// Waits for the process to end and reaps it.
+    pub async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        match self {
+            Process::Exec(child) => child.wait().await,
+            Process::Forked(child) => child.wait().await,
+        }
+    }
+
+    /// Sends SIGKILL (nothing if it was reaped already).
+    pub fn start_kill(&mut self) -> io::Result<()> {
+        match self {
+            Process::Exec(child) => child.start_kill(),
+            Process::Forked(child) => child.start_kill(),
+        }
+    }
 }
 
 /// Something to run on the spawner thread (it forks).
@@ -88,21 +114,24 @@ impl Spawner {
         slot: usize,
         placement: Vec<RawFd>,
     ) -> io::Result<Spawned> {
-        self.run(move || spawn_worker(&launch, slot, placement)).await
+        self.run(move || spawn_worker(&launch, Some(slot), placement)).await
     }
 }
 
-fn spawn_worker(launch: &WorkerLaunch, slot: usize, placement: Vec<RawFd>) -> io::Result<Spawned> {
+/// Starts the worker for `slot` by exec; `None`: the zygote (no slot, no user, no cgroup
+/// of its own: its children place themselves).
+pub(super) fn spawn_worker(launch: &WorkerLaunch, slot: Option<usize>, placement: Vec<RawFd>) -> io::Result<Spawned> {
     let (parent_end, child_end) = UnixStream::pair()?;
     let child_fd = child_end.as_raw_fd();
     let supervisor_pid = nix::unistd::getpid();
 
     let mut cmd = tokio::process::Command::new(&launch.binary);
-    cmd.arg("--socket-fd")
-        .arg(WORKER_SOCKET_FD.to_string())
-        .arg("--slot")
-        .arg(slot.to_string())
-        .arg("--engine")
+    cmd.arg("--socket-fd").arg(WORKER_SOCKET_FD.to_string());
+    match slot {
+        Some(slot) => cmd.arg("--slot").arg(slot.to_string()),
+        None => cmd.arg("--zygote"),
+    };
+    cmd.arg("--engine")
         .arg(&launch.engine)
         .arg("--module-cache-entries")
         .arg(launch.module_cache_entries.to_string())
@@ -117,7 +146,7 @@ fn spawn_worker(launch: &WorkerLaunch, slot: usize, placement: Vec<RawFd>) -> io
         cmd.arg("--cache-dir").arg(dir);
     }
     cmd.args(&launch.hardening_args);
-    if let Some((uid, gid)) = launch.users.get(slot) {
+    if let Some((uid, gid)) = slot.and_then(|slot| launch.users.get(slot)) {
         cmd.arg(format!("--user={uid}:{gid}"));
     }
     // The worker needs nothing from the supervisor's environment; guests get only the env
@@ -157,5 +186,5 @@ fn spawn_worker(launch: &WorkerLaunch, slot: usize, placement: Vec<RawFd>) -> io
     let child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", launch.binary.display())))?;
     drop(child_end);
     parent_end.set_nonblocking(true)?;
-    Ok(Spawned { child, socket: parent_end })
+    Ok(Spawned { child: Process::Exec(child), socket: parent_end })
 }
