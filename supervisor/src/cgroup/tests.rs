@@ -34,6 +34,7 @@ fn listing(fs: &FixtureFs) -> Vec<String> {
 fn crash(mut cgroups: Cgroups) {
     cgroups.parents.clear();
     cgroups.slots.clear();
+    cgroups.compilers.clear();
     cgroups.v2 = V2Changes::default();
 }
 
@@ -311,4 +312,36 @@ fn v2_kills_a_slot_through_cgroup_kill() {
     assert_eq!(slot.kill_all().unwrap(), "cgroup.kill");
     let kill_file = slot.dirs().next().unwrap().join("cgroup.kill");
     assert_eq!(std::fs::read_to_string(kill_file).unwrap(), "1");
+}
+
+/// Compile processes get `compiler-<n>` leaves beside the workers' on both layouts, with
+/// the same limits machinery; teardown removes them, and a later start removes a crashed
+/// run's.
+#[test]
+fn compiler_leaves_exist_on_v1_and_v2_and_go_with_the_tree() {
+    for (kind, own, base) in [
+        (Kind::V1Hybrid, V1_OWN_MEMORY, "sys/fs/cgroup/memory/process_api/abc/wasmbox"),
+        (Kind::V2, "/", "sys/fs/cgroup/wasmbox"),
+    ] {
+        let fs = Arc::new(FixtureFs::new(kind, own));
+        let with_compilers = CgroupSettings { compilers: 2, ..settings(CgroupMode::Required) };
+        let mut cgroups = Cgroups::setup(fs.clone() as Arc<dyn CgroupFs>, &with_compilers, 1).unwrap().unwrap();
+        for leaf in ["worker-0", "compiler-0", "compiler-1"] {
+            assert!(fs.path(&format!("{base}/{leaf}")).is_dir(), "{kind:?}: {leaf}");
+        }
+        let compiler = cgroups.compiler(1).unwrap().clone();
+        assert!(cgroups.compiler(2).is_none());
+        let request = SlotRequest { cpu_quota_millis: 2000, memory_request_bytes: 0, io_bytes: 1 << 20 };
+        compiler.prepare(&request, 256 << 20).unwrap();
+        let limit = if kind == Kind::V2 { "memory.max" } else { "memory.limit_in_bytes" };
+        assert_eq!(fs.read(&format!("{base}/compiler-1/{limit}")).trim(), ((1 + 32 + 256) << 20).to_string());
+        crash(cgroups);
+        assert!(fs.path(&format!("{base}/compiler-1")).is_dir(), "{kind:?}: a crash leaves it");
+        // The next start finds the leftovers and removes them.
+        let mut again =
+            Cgroups::setup(fs.clone() as Arc<dyn CgroupFs>, &settings(CgroupMode::Required), 1).unwrap().unwrap();
+        assert!(!fs.path(&format!("{base}/compiler-1")).exists(), "{kind:?}: leftover compiler cgroup removed");
+        again.teardown();
+        assert!(!fs.path(base).exists(), "{kind:?}");
+    }
 }
