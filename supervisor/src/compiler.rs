@@ -673,9 +673,12 @@ fn install(
     }
     let dir = path.parent().ok_or_else(|| io::Error::other("artifact path has no parent"))?;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    write_atomically(path, &bytes)?;
+    // Readable by others: a worker reads its passed descriptor, and an engine that takes
+    // paths only (libwasmedge) opens it again as /proc/self/fd/N, which checks the file's
+    // mode. Nobody reaches it by path: every directory above it is the supervisor's, 0700.
+    write_atomically(path, &bytes, 0o644)?;
     let json = serde_json::to_vec(&record).map_err(io::Error::other)?;
-    write_atomically(record_path, &json)?;
+    write_atomically(record_path, &json, 0o600)?;
     let stamp = Stamp::of(&open_private(path)?.metadata()?);
     Ok((Artifact { path: path.to_path_buf(), stamp, spoiled: AtomicBool::new(false) }, true))
 }
@@ -714,27 +717,34 @@ fn verify_stored(path: &Path, record_path: &Path, expected: &Record, max: u64) -
     if hex(&hasher.finalize()) != record.artifact_sha256 {
         return Err("the artifact's bytes do not have the recorded digest".into());
     }
+    // An artifact stored owner-only (by an earlier version) must be readable by the
+    // workers' engines, which may open their descriptor again by its /proc path.
+    if meta.mode() & 0o777 != 0o644 {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(|e| format!("artifact: {e}"))?;
+    }
+    let meta = file.metadata().map_err(|e| format!("artifact: {e}"))?;
     Ok(Some(Artifact { path: path.to_path_buf(), stamp: Stamp::of(&meta), spoiled: AtomicBool::new(false) }))
 }
 
-/// Opens a store file: a regular file (not a link) of the supervisor's own, closed to
-/// others.
+/// Opens a store file: a regular file (not a link) of the supervisor's own that nobody else
+/// can write.
 fn open_private(path: &Path) -> io::Result<File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(path)?;
     let meta = file.metadata()?;
-    if !meta.file_type().is_file() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
-        return Err(io::Error::other("not a private regular file of the supervisor"));
+    if !meta.file_type().is_file() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
+        return Err(io::Error::other("not a regular file of the supervisor's that only it can write"));
     }
     Ok(file)
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)

@@ -150,9 +150,11 @@ fn child(
         if unsafe { nix::libc::dup2(socket.as_raw_fd(), target) } == -1 {
             return 122;
         }
-    } else {
-        std::mem::forget(socket);
+        // Its old number goes below with everything else this process inherited.
+        let _ = nix::unistd::close(socket.as_raw_fd());
     }
+    // The socket lives on at `target`, owned by the worker from here.
+    std::mem::forget(socket);
     // The layers are the child's own: closing what it inherited is one (the zygote's
     // sockets are closed above either way).
     let _ = applied;

@@ -290,14 +290,14 @@ pub fn markdown(r: &Results, svg_name: &str) -> String {
     let _ = writeln!(out, "| measurement | value |\n|---|---|");
     let _ = writeln!(
         out,
-        "| first call of a never-seen module, empty artifact cache (compile), p50 / p99 of {} | {} / {} ms |",
+        "| first call of a never-seen module, empty artifact store (compile in a compile process), p50 / p99 of {} | {} / {} ms |",
         e.cold_samples,
         ms(e.cold_empty_cache_p50_us),
         ms(e.cold_empty_cache_p99_us)
     );
     let _ = writeln!(
         out,
-        "| first call of a module no worker has loaded, artifact on disk, p50 / p99 of {} | {} / {} ms |",
+        "| first call of a module no worker has loaded (modules of one tenant), artifact in the store, p50 / p99 of {} | {} / {} ms |",
         e.cold_samples,
         ms(e.cold_warm_cache_p50_us),
         ms(e.cold_warm_cache_p99_us)
@@ -579,7 +579,7 @@ mod tests {
         assert!(md.contains("| (a)/(c) | 20.00x | 0.05x | 0.01x |"), "{md}");
         assert!(md.contains("| (a)/(d) | - | 20.00x | 20.00x |"), "{md}");
         assert!(md.contains("(c) spawn per request not run open-loop: too slow."), "{md}");
-        assert!(md.contains("artifact on disk, p50 / p99 of 5 | 0.00 / 3.02 ms"), "{md}");
+        assert!(md.contains("artifact in the store, p50 / p99 of 5 | 0.00 / 3.02 ms"), "{md}");
         assert!(md.contains("![latency by percentile](x.svg)"));
     }
 

@@ -62,6 +62,8 @@ async fn each_slot_runs_as_its_own_uid_and_no_worker_can_reach_the_artifact_stor
         .env("WASMBOX_CACHE_DIR", cache.path().display())
         .env("WASMBOX_WORKER_UID_BASE", 3_100_000)
         .env("WASMBOX_COMPILERS", 1)
+        // No spares: no worker is recycled into one while the test reads /proc.
+        .env("WASMBOX_SPARE_WORKERS", 0)
         .start()?;
     s.wait_pool_full(2, Duration::from_secs(10)).await?;
     for path in ["/hello", "/echo"] {
@@ -81,14 +83,28 @@ async fn each_slot_runs_as_its_own_uid_and_no_worker_can_reach_the_artifact_stor
         assert!(!cmdline.contains("--cache-dir"), "a worker is told no cache path: {cmdline:?}");
     }
     assert_eq!(worker_uids.len(), 2, "two slots, two uids: {worker_uids:?}");
-    // Everything in the store and staging belongs to the supervisor and is closed to all
-    // others: no worker or compiler uid owns or can write (or read) any of it.
+    // Everything in the store and staging belongs to the supervisor: no worker or compiler
+    // uid owns or can write any of it, and none has a path to it, every directory being
+    // closed to others (a worker reads an artifact only through the descriptor it is given).
     let files = walk(cache.path());
-    assert!(files.iter().any(|p| p.extension().is_some_and(|e| e == "cwasm")), "artifacts were stored: {files:?}");
-    for path in files {
-        let meta = std::fs::symlink_metadata(&path)?;
+    let artifact = |p: &PathBuf| p.extension().is_some_and(|e| e == "cwasm" || e == "so");
+    if !wasmbox_integration::test_engine().contains("wasmedge") || files.iter().any(artifact) {
+        assert!(files.iter().any(artifact), "artifacts were stored: {files:?}");
+    }
+    for path in &files {
+        let meta = std::fs::symlink_metadata(path)?;
         assert_eq!(meta.uid(), 0, "{} belongs to the supervisor", path.display());
-        assert_eq!(meta.mode() & 0o077, 0, "{} is closed to other users", path.display());
+        assert_eq!(meta.mode() & 0o022, 0, "{} is writable by its owner only", path.display());
+        if meta.is_dir() {
+            assert_eq!(meta.mode() & 0o077, 0, "directory {} is closed to other users", path.display());
+        }
+    }
+    for pid in s.worker_pids() {
+        let store = cache.path().join("artifacts");
+        let uid = uids(pid)[0];
+        // The kernel's own check for that uid: no search permission on the store.
+        let meta = std::fs::metadata(&store)?;
+        assert!(meta.uid() != uid && meta.mode() & 0o001 == 0, "uid {uid} cannot enter {}", store.display());
     }
     // A compile process's uid is the one after the workers' and was never a worker's.
     let log = s.logs();

@@ -325,7 +325,7 @@ fn compiler_leaves_exist_on_v1_and_v2_and_go_with_the_tree() {
     ] {
         let fs = Arc::new(FixtureFs::new(kind, own));
         let with_compilers = CgroupSettings { compilers: 2, ..settings(CgroupMode::Required) };
-        let mut cgroups = Cgroups::setup(fs.clone() as Arc<dyn CgroupFs>, &with_compilers, 1).unwrap().unwrap();
+        let cgroups = Cgroups::setup(fs.clone() as Arc<dyn CgroupFs>, &with_compilers, 1).unwrap().unwrap();
         for leaf in ["worker-0", "compiler-0", "compiler-1"] {
             assert!(fs.path(&format!("{base}/{leaf}")).is_dir(), "{kind:?}: {leaf}");
         }

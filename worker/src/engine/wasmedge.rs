@@ -62,6 +62,9 @@ pub struct WasmEdgeModule {
     ast: Rc<Owned<ffi::WasmEdge_ASTModuleContext>>,
     /// Pages of the module's own linear memory at instantiation (its minimum).
     min_pages: u64,
+    /// The artifact the supervisor passed, kept open as long as the module: libwasmedge
+    /// knows it by its `/proc/self/fd/N` path.
+    _artifact: Option<Rc<std::fs::File>>,
 }
 
 /// WasmEdge behind the [`Engine`] trait.
@@ -307,7 +310,7 @@ impl WasmEdgeEngine {
                 Some(_) => return Err(invalid("export `_start` is not a function () -> ()".into())),
                 None => return Err(invalid("module has no `_start` export (not a WASI command module)".into())),
             }
-            Ok(WasmEdgeModule { ast: Rc::new(ast), min_pages })
+            Ok(WasmEdgeModule { ast: Rc::new(ast), min_pages, _artifact: None })
         }
     }
 
@@ -375,10 +378,21 @@ impl Engine for WasmEdgeEngine {
 
     fn load_passed_artifact(&self, file: std::fs::File, kind: ModuleKind) -> Result<WasmEdgeModule, EngineError> {
         use std::os::fd::{AsFd, AsRawFd};
-        // libwasmedge loads by path only: the passed descriptor's own.
-        let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        // libwasmedge loads by path only: the passed descriptor's own, kept open with the
+        // module. The dynamic loader knows a library by its path string, so each load gets
+        // one of its own (`/proc/self/fd/./././N`): a later artifact at a reused descriptor
+        // number is never taken for an earlier one.
+        static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::path::PathBuf::from(format!("/proc/self/fd/{}{}", "./".repeat(n), file.as_raw_fd()));
+        // libwasmedge does not check that it could open and map the file before it reads
+        // it: make sure it can (the reopen checks the file's mode).
+        std::fs::File::open(&path)
+            .map_err(|e| EngineError::StaleArtifact { path: path.clone(), reason: e.to_string() })?;
         let artifact = ArtifactFile { dir: file.as_fd(), name: "", path: &path };
-        self.load_artifact(&artifact, kind)
+        let mut module = self.load_artifact(&artifact, kind)?;
+        module._artifact = Some(Rc::new(file));
+        Ok(module)
     }
 
     fn load_artifact(&self, artifact: &ArtifactFile<'_>, kind: ModuleKind) -> Result<WasmEdgeModule, EngineError> {
