@@ -322,9 +322,9 @@ impl Compiler {
         if let Some(message) = lock(&self.invalid).get(&key) {
             return Err(CompileError::Invalid(message.clone()));
         }
-        let gate = lock(&self.inflight).entry((tenant.to_owned(), key.clone())).or_default().clone();
+        let gate = Gate::enter(self, tenant, &key);
         let result = {
-            let _one = gate.lock().await;
+            let _one = gate.gate.lock().await;
             match self.recorded(tenant, &key) {
                 Some(found) => Ok((Some(found), false)),
                 None => match self.stored(tenant, module, kind).await {
@@ -333,13 +333,7 @@ impl Compiler {
                 },
             }
         };
-        {
-            let mut inflight = lock(&self.inflight);
-            // The last one out removes the gate.
-            if Arc::strong_count(&gate) == 2 {
-                inflight.remove(&(tenant.to_owned(), key));
-            }
-        }
+        drop(gate);
         result
     }
 
@@ -418,12 +412,12 @@ impl Compiler {
         kind: Kind,
     ) -> Result<(Option<Arc<Artifact>>, bool), CompileError> {
         let _permit = self.slots.acquire().await.map_err(|_| CompileError::Internal("compiler closed".into()))?;
-        let Some(slot) = lock(&self.free).pop() else {
+        let Some(slot) = lock(&self.free).pop().map(|slot| Slot { compiler: self, slot }) else {
             return Err(CompileError::Internal("no free compiler slot".into()));
         };
         let started = std::time::Instant::now();
-        let result = self.compile_in(slot, tenant, module, kind).await;
-        lock(&self.free).push(slot);
+        let result = self.compile_in(slot.slot, tenant, module, kind).await;
+        drop(slot);
         self.compiles.fetch_add(1, Ordering::Relaxed);
         match &result {
             Ok(_) => tracing::info!(
@@ -567,6 +561,45 @@ impl Compiler {
         let installed = Arc::new(installed);
         self.record(tenant, key, installed.clone());
         Ok((Some(installed), fresh))
+    }
+}
+
+/// A compiler slot in use; given back when dropped, also when the request that waited for
+/// the compile went away (its future dropped) halfway.
+struct Slot<'a> {
+    compiler: &'a Compiler,
+    slot: usize,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        lock(&self.compiler.free).push(self.slot);
+    }
+}
+
+/// This caller's hold on the gate of one (tenant, module key); the last one out removes it
+/// from the map, also when its request went away halfway.
+struct Gate<'a> {
+    compiler: &'a Compiler,
+    key: (String, String),
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a> Gate<'a> {
+    fn enter(compiler: &'a Compiler, tenant: &str, key: &str) -> Self {
+        let key = (tenant.to_owned(), key.to_owned());
+        let gate = lock(&compiler.inflight).entry(key.clone()).or_default().clone();
+        Gate { compiler, key, gate }
+    }
+}
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        let mut inflight = lock(&self.compiler.inflight);
+        // This one and the map's: nobody else waits.
+        if Arc::strong_count(&self.gate) == 2 {
+            inflight.remove(&self.key);
+        }
     }
 }
 

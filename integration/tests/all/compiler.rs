@@ -234,3 +234,32 @@ async fn a_hung_or_killed_compile_costs_only_its_own_request() -> anyhow::Result
     assert_eq!(stats["compiler"]["failures"], 2, "{stats}");
     Ok(())
 }
+
+/// A client that goes away while its module compiles takes nothing with it: the compile
+/// process is stopped and the compiler slot is free for the next module.
+#[tokio::test]
+async fn a_client_that_leaves_during_its_compile_leaves_the_compiler_usable() -> anyhow::Result<()> {
+    let cache = tempfile::tempdir()?;
+    let s = Supervisor::builder()
+        .env("WASMBOX_CACHE_DIR", cache.path().display())
+        .workers(1)
+        .function("hello")
+        .module("stuck", hanging_module())
+        .env("WASMBOX_TEST_HOOKS", 1)
+        .env("WASMBOX_COMPILERS", 1)
+        .start()?;
+    s.wait_pool_full(1, Duration::from_secs(10)).await?;
+    for _ in 0..3 {
+        // Gone long before the (60 s) compile timeout.
+        let gone = tokio::time::timeout(Duration::from_millis(300), s.get("/stuck")).await;
+        assert!(gone.is_err(), "the hanging compile answered: {gone:?}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !s.compile_pids().is_empty() {
+            anyhow::ensure!(Instant::now() < deadline, "the compile outlived its request: {:?}", s.compile_pids());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let r = tokio::time::timeout(Duration::from_secs(30), s.get("/hello")).await??;
+    assert_eq!((r.status, r.header("x-wasmbox-module-source")), (StatusCode::OK, Some("compiled")), "{}", r.text());
+    Ok(())
+}
