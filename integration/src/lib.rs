@@ -617,6 +617,15 @@ pub fn remove_cgroups_named(name: &str) {
     }
 }
 
+/// `/proc/<pid>/status` as field name to value (empty once the process is gone).
+pub fn proc_status(pid: i32) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.to_string(), v.trim().to_string())))
+        .collect()
+}
+
 /// Whether `pid` runs `wasmbox-worker --compile-artifact`.
 pub fn is_compile_process(pid: i32) -> bool {
     has_arg(pid, "--compile-artifact")

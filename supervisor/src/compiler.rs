@@ -193,6 +193,22 @@ struct Record {
     size: u64,
 }
 
+impl Record {
+    /// What an artifact of `tenant`'s `module` in form `kind` for this engine version must
+    /// be recorded as; the digest and size are the artifact's own.
+    fn of(tenant: &str, module: &ModuleRef, kind: Kind, engine: String, version: String) -> Record {
+        Record {
+            tenant: tenant.to_owned(),
+            module_sha256: module.sha256.clone(),
+            kind: kind.arg().to_owned(),
+            engine,
+            version,
+            artifact_sha256: String::new(),
+            size: 0,
+        }
+    }
+}
+
 /// Compiles counted for operators.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CompilerStats {
@@ -376,15 +392,7 @@ impl Compiler {
         let (engine, version) = lock(&self.version).clone()?;
         let key = kind.key(&module.sha256);
         let (path, record_path) = self.paths(&engine, &version, tenant, &key, self.extension());
-        let expected = Record {
-            tenant: tenant.to_owned(),
-            module_sha256: module.sha256.clone(),
-            kind: kind.arg().to_owned(),
-            engine,
-            version,
-            artifact_sha256: String::new(),
-            size: 0,
-        };
+        let expected = Record::of(tenant, module, kind, engine, version);
         let max = self.config.max_artifact_bytes;
         let found =
             tokio::task::spawn_blocking(move || verify_stored(&path, &record_path, &expected, max)).await.ok()?;
@@ -542,15 +550,7 @@ impl Compiler {
         }
         let key = kind.key(&module.sha256);
         let (path, record_path) = self.paths(&engine, &version, tenant, &key, self.extension());
-        let record = Record {
-            tenant: tenant.to_owned(),
-            module_sha256: module.sha256.clone(),
-            kind: kind.arg().to_owned(),
-            engine,
-            version,
-            artifact_sha256: String::new(),
-            size: 0,
-        };
+        let record = Record::of(tenant, module, kind, engine, version);
         let max = self.config.max_artifact_bytes;
         let installed = tokio::task::spawn_blocking(move || install(dir, &file, max, &path, &record_path, record))
             .await
@@ -651,22 +651,7 @@ impl Launch {
             .stderr(Stdio::inherit())
             .process_group(0)
             .kill_on_drop(true);
-        let placement = self.placement;
-        // SAFETY: as for workers (`pool::spawn`): only async-signal-safe calls on values
-        // allocated before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                crate::cgroup::place_in_child(&placement)?;
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
-                if nix::unistd::getppid() != supervisor_pid {
-                    return Err(io::Error::other("supervisor exited during spawn"));
-                }
-                if nix::libc::dup2(dir_fd, WORKER_SOCKET_FD) == -1 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::pool::spawn::confine_child(&mut cmd, self.placement, supervisor_pid, dir_fd);
         cmd.spawn()
     }
 }

@@ -11,11 +11,7 @@ use nix::sys::signal::Signal;
 use wasmbox_integration::{Supervisor, function_wasm};
 
 fn status(pid: i32) -> HashMap<String, String> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.to_string(), v.trim().to_string())))
-        .collect()
+    wasmbox_integration::proc_status(pid)
 }
 
 /// Real, effective, saved and filesystem uid of `pid`.

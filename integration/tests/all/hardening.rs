@@ -7,11 +7,7 @@ use wasmbox_integration::{INHERITED_FD, Supervisor};
 
 /// Fields of /proc/<pid>/status.
 fn status(pid: i32) -> HashMap<String, String> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.to_string(), v.trim().to_string())))
-        .collect()
+    wasmbox_integration::proc_status(pid)
 }
 
 /// The soft limit of one line of /proc/<pid>/limits ("Max open files" ...).

@@ -9,11 +9,7 @@ use nix::sys::signal::Signal;
 use wasmbox_integration::Supervisor;
 
 fn status(pid: i32) -> HashMap<String, String> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.to_string(), v.trim().to_string())))
-        .collect()
+    wasmbox_integration::proc_status(pid)
 }
 
 fn parent(pid: i32) -> i32 {

@@ -159,6 +159,23 @@ pub(super) fn spawn_worker(launch: &WorkerLaunch, slot: Option<usize>, placement
         // and then stops its workers, instead of killing workers mid-invocation.
         .process_group(0)
         .kill_on_drop(true);
+    confine_child(&mut cmd, placement, supervisor_pid, child_fd);
+    let child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", launch.binary.display())))?;
+    drop(child_end);
+    parent_end.set_nonblocking(true)?;
+    Ok(Spawned { child: Process::Exec(child), socket: parent_end })
+}
+
+/// What every child the supervisor execs does between fork and exec: enter its cgroups
+/// (`placement`, the open `cgroup.procs` files) first, set its parent-death signal, check
+/// the supervisor is still its parent, and put `fd` at [`WORKER_SOCKET_FD`] (the socket of a
+/// worker, the staging directory of a compile process).
+pub(crate) fn confine_child(
+    cmd: &mut tokio::process::Command,
+    placement: Vec<RawFd>,
+    supervisor_pid: nix::unistd::Pid,
+    fd: RawFd,
+) {
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (write, prctl, getppid, dup2, fcntl) on values it owns
     // (the placement list was allocated by the parent before fork); it allocates nothing
@@ -172,19 +189,15 @@ pub(super) fn spawn_worker(launch: &WorkerLaunch, slot: Option<usize>, placement
             if nix::unistd::getppid() != supervisor_pid {
                 return Err(io::Error::other("supervisor exited during spawn"));
             }
-            if child_fd == WORKER_SOCKET_FD {
-                // dup2 onto itself keeps FD_CLOEXEC; clear it so the socket survives exec.
-                if nix::libc::fcntl(child_fd, nix::libc::F_SETFD, 0) == -1 {
+            if fd == WORKER_SOCKET_FD {
+                // dup2 onto itself keeps FD_CLOEXEC; clear it so the descriptor survives exec.
+                if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) == -1 {
                     return Err(io::Error::last_os_error());
                 }
-            } else if nix::libc::dup2(child_fd, WORKER_SOCKET_FD) == -1 {
+            } else if nix::libc::dup2(fd, WORKER_SOCKET_FD) == -1 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", launch.binary.display())))?;
-    drop(child_end);
-    parent_end.set_nonblocking(true)?;
-    Ok(Spawned { child: Process::Exec(child), socket: parent_end })
 }
