@@ -74,3 +74,24 @@ async fn a_killed_zygote_is_started_again_and_the_pool_keeps_serving() -> anyhow
     assert!(metrics.contains("wasmbox_zygote_restarts_total 1"), "{metrics}");
     Ok(())
 }
+
+#[tokio::test]
+async fn without_the_zygote_every_worker_is_started_by_exec() -> anyhow::Result<()> {
+    let s = Supervisor::builder().workers(2).function("hello").env("WASMBOX_ZYGOTE", "false").start()?;
+    s.wait_pool_full(2, Duration::from_secs(10)).await?;
+    assert_eq!(s.zygote_pid(), None, "no zygote runs");
+    for pid in s.worker_pids() {
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))?;
+        assert!(cmdline.contains("--slot") && !cmdline.contains("forked"), "{cmdline:?}");
+        assert_eq!(parent(pid), s.pid());
+    }
+    // A replaced worker is exec'd again, into its slot's cgroup as before.
+    let victim = s.worker_pids()[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL)?;
+    s.wait_pool_full(2, Duration::from_secs(10)).await?;
+    assert!(!s.worker_pids().contains(&victim));
+    assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
+    let pool = s.get("/stats").await?.json()["pool"].clone();
+    assert_eq!((pool["exec_spawns"].as_u64(), pool["zygote_restarts"].as_u64()), (Some(0), Some(0)), "{pool}");
+    Ok(())
+}
