@@ -92,16 +92,25 @@ impl CompilerConfig {
     ) -> Result<Self, crate::config::ConfigError> {
         let cache = config.resolved_cache_dir();
         let slots = config.compiler_count();
+        // Native code is a few times the size of its module; a generous bound still keeps
+        // a hostile compile from filling the store, and (as its RLIMIT_FSIZE) the disk.
+        let max_artifact_bytes = config.max_module_bytes.saturating_mul(32).clamp(64 << 20, 2 << 30);
+        let hardening_args = hardening
+            .worker_args()
+            .into_iter()
+            .map(|arg| match arg.strip_prefix("--fsize=").and_then(|n| n.parse::<u64>().ok()) {
+                Some(fsize) => format!("--fsize={}", fsize.min(max_artifact_bytes)),
+                None => arg,
+            })
+            .collect();
         Ok(CompilerConfig {
             binary,
             engine: config.engine()?.name().into(),
             max_module_bytes: config.max_module_bytes,
-            // Native code is a few times the size of its module; a generous bound still
-            // keeps a hostile compile from filling the store.
-            max_artifact_bytes: config.max_module_bytes.saturating_mul(32).max(64 << 20),
+            max_artifact_bytes,
             log_filter: crate::worker_log_filter(),
             log_json: config.log_format == crate::config::LogFormat::Json,
-            hardening_args: hardening.worker_args(),
+            hardening_args,
             users: (0..slots).map(|i| hardening.user.as_ref().map(|u| u.compiler(i))).collect(),
             cgroups,
             timeout: Duration::from_millis(config.compile_timeout_ms),

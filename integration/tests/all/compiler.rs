@@ -198,6 +198,19 @@ async fn a_hung_or_killed_compile_costs_only_its_own_request() -> anyhow::Result
         anyhow::ensure!(Instant::now() < deadline, "no compile process started");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Its output is bounded on disk too: RLIMIT_FSIZE is the largest artifact the store
+    // takes (32 x WASMBOX_MAX_MODULE_BYTES, at most 2 GiB), not the workers' 4 GiB.
+    // (Once it has locked itself down: it hangs after that, before compiling.)
+    let pid = s.compile_pids()[0];
+    let fsize = || {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+        limits.lines().find(|l| l.starts_with("Max file size")).unwrap_or_default().to_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fsize().split_whitespace().nth(3) != Some("2147483648") {
+        anyhow::ensure!(Instant::now() < deadline, "compile process RLIMIT_FSIZE: {}", fsize());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let r = s.get("/hello").await?;
     assert_eq!(r.status, StatusCode::OK, "others are served while a compile hangs: {}", r.text());
     let r = tokio::time::timeout(Duration::from_secs(20), hung).await???;
