@@ -88,8 +88,13 @@ async fn without_the_zygote_every_worker_is_started_by_exec() -> anyhow::Result<
     // A replaced worker is exec'd again, into its slot's cgroup as before.
     let victim = s.worker_pids()[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL)?;
+    // Gone first (a signal takes a moment to land), then the slot full again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.worker_pids().contains(&victim) {
+        anyhow::ensure!(Instant::now() < deadline, "worker {victim} survived SIGKILL");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     s.wait_pool_full(2, Duration::from_secs(10)).await?;
-    assert!(!s.worker_pids().contains(&victim));
     assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
     let pool = s.get("/stats").await?.json()["pool"].clone();
     assert_eq!((pool["exec_spawns"].as_u64(), pool["zygote_restarts"].as_u64()), (Some(0), Some(0)), "{pool}");
