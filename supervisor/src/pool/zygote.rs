@@ -52,14 +52,6 @@ impl Zygote {
         self.starts.load(Ordering::Relaxed).saturating_sub(1)
     }
 
-    /// The zygote's pid while it runs.
-    pub async fn pid(&self) -> Option<u32> {
-        match self.running.lock().await.as_ref().map(|r| &r.process) {
-            Some(Process::Exec(child)) => child.id(),
-            _ => None,
-        }
-    }
-
     /// Forks the worker of `slot` (running as `user`, entering the cgroups whose
     /// `cgroup.procs` descriptors are `placement`). A zygote that does not answer is
     /// replaced and asked once more.
@@ -174,10 +166,6 @@ impl Forked {
         // SAFETY: the AsyncFd owns the OwnedFd, which stays open and the same for its life.
         let pidfd = unsafe { AsyncFd::register(fd) }.map_err(|e| io::Error::other(e.to_string()))?;
         Ok(Forked { pid, pidfd, status: None })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.pid.as_raw() as u32
     }
 
     pub(super) async fn wait(&mut self) -> io::Result<ExitStatus> {
