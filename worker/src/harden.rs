@@ -16,7 +16,8 @@
 //!    oversized write fails with EFBIG instead of killing the worker), RLIMIT_NPROC when
 //!    running as an unprivileged user.
 //! 5. `user`: supplementary groups dropped, then gid and uid set to an unprivileged user;
-//!    checked by trying to get root back.
+//!    checked by trying to get root back. (A serving worker's engine warms up after this,
+//!    as that user, before the rest: [`limit_and_become_user`], then [`seal`].)
 //! 6. `pdeathsig`: PR_SET_PDEATHSIG again (a credential change clears it), then the parent
 //!    is checked to still be the supervisor.
 //! 7. `no_new_privs`: PR_SET_NO_NEW_PRIVS; and always PR_SET_DUMPABLE 0, so processes of
@@ -119,26 +120,41 @@ impl Applied {
     }
 }
 
-/// Closes every descriptor from 3 up except `keep` (the supervisor socket).
-pub fn close_inherited_fds(keep: RawFd, applied: &mut Applied) -> Result<(), HardeningError> {
-    let close = |first: u32, last: u32| -> Result<(), HardeningError> {
-        if first > last {
-            return Ok(());
-        }
-        // SAFETY: close_range only closes descriptors; at this point (the start of `main`)
-        // nothing in this process owns any descriptor above stderr except the socket,
-        // which is excluded from the ranges.
+/// Closes every descriptor from 3 up except those in `keep` (the supervisor socket; in a
+/// worker forked by the zygote also the engine's pagemap).
+pub fn close_inherited_fds(keep: &[RawFd], applied: &mut Applied) -> Result<(), HardeningError> {
+    for (first, last) in ranges_to_close(keep)? {
+        // SAFETY: close_range only closes descriptors; at this point (the start of `main`,
+        // or of a worker the zygote forked) nothing in this process owns any descriptor
+        // above stderr but those in `keep`, which are outside the ranges.
         let rc = unsafe { nix::libc::syscall(nix::libc::SYS_close_range, first, last, 0u32) };
-        if rc == 0 { Ok(()) } else { Err(fail("close_fds")(nix::errno::Errno::last())) }
-    };
-    let keep =
-        u32::try_from(keep).map_err(|_| HardeningError { layer: "close_fds", reason: "bad socket fd".into() })?;
-    if keep >= 3 {
-        close(3, keep - 1)?;
+        if rc != 0 {
+            return Err(fail("close_fds")(nix::errno::Errno::last()));
+        }
     }
-    close(keep.max(2) + 1, u32::MAX)?;
     applied.add("close_fds");
     Ok(())
+}
+
+/// The inclusive ranges from 3 to the largest descriptor number that leave out `keep`.
+fn ranges_to_close(keep: &[RawFd]) -> Result<Vec<(u32, u32)>, HardeningError> {
+    let mut keep = keep
+        .iter()
+        .map(|&fd| u32::try_from(fd).map_err(|_| HardeningError { layer: "close_fds", reason: format!("bad fd {fd}") }))
+        .collect::<Result<Vec<u32>, _>>()?;
+    keep.sort_unstable();
+    let (mut ranges, mut next) = (Vec::new(), 3u32);
+    for fd in keep {
+        if fd < next {
+            continue;
+        }
+        if fd > next {
+            ranges.push((next, fd - 1));
+        }
+        next = fd.saturating_add(1);
+    }
+    ranges.push((next, u32::MAX));
+    Ok(ranges)
 }
 
 /// Enters a new network namespace (before any other thread exists).
@@ -155,13 +171,24 @@ pub fn enter_network_namespace(applied: &mut Applied) -> Result<(), HardeningErr
 /// kills the worker. A thread of its own allocates blocks below the mmap threshold (so they
 /// come from its arena's heap) and frees them all: the heap's top passes the trim
 /// threshold and is given back.
+///
+/// The zygote primes itself once; glibc caches what it read in its own memory, so a worker
+/// forked from it inherits that and this returns at once.
 pub fn prime_allocator() -> std::io::Result<()> {
+    if ALLOCATOR_PRIMED.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(());
+    }
     let primer = std::thread::Builder::new().name("wasmbox-prime".into()).spawn(|| {
         let blocks: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 96 << 10]).collect();
         drop(std::hint::black_box(blocks));
     })?;
-    primer.join().map_err(|_| std::io::Error::other("allocator primer panicked"))
+    primer.join().map_err(|_| std::io::Error::other("allocator primer panicked"))?;
+    ALLOCATOR_PRIMED.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
+
+/// Set once [`prime_allocator`] has run in this process (or in the zygote it was forked from).
+static ALLOCATOR_PRIMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Applies layers 4 to 8 (see the module docs). `supervisor` is the pid the worker's
 /// parent must still be.
@@ -171,6 +198,15 @@ pub fn lock_down(
     paths: PathPolicy,
     applied: &mut Applied,
 ) -> Result<(), HardeningError> {
+    limit_and_become_user(args, applied)?;
+    seal(args, supervisor, paths, applied)
+}
+
+/// Layers 4 and 5: resource limits, then the unprivileged user. A serving worker applies
+/// them before its engine's warm-up starts the engine's threads: a credential change is
+/// made by every thread of the process (glibc signals each one and waits), which costs
+/// milliseconds while threads are still starting.
+pub fn limit_and_become_user(args: &HardeningArgs, applied: &mut Applied) -> Result<(), HardeningError> {
     if args.rlimits {
         let set = |r: Resource, v: u64| setrlimit(r, v, v).map_err(fail("rlimits"));
         set(Resource::RLIMIT_CORE, 0)?;
@@ -187,6 +223,17 @@ pub fn lock_down(
         become_user(uid, gid)?;
         applied.add("user");
     }
+    Ok(())
+}
+
+/// Layers 6 to 8: the parent-death signal (again: a credential change clears it), no
+/// new privileges, non-dumpable, and the seccomp filter last.
+pub fn seal(
+    args: &HardeningArgs,
+    supervisor: nix::unistd::Pid,
+    paths: PathPolicy,
+    applied: &mut Applied,
+) -> Result<(), HardeningError> {
     // Always, and again after the credential change above, which clears it.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(fail("pdeathsig"))?;
     if nix::unistd::getppid() != supervisor {
@@ -201,7 +248,7 @@ pub fn lock_down(
     }
     if args.seccomp != SeccompMode::Off {
         let programs =
-            seccomp_programs(args.seccomp, paths).map_err(|reason| HardeningError { layer: "seccomp", reason })?;
+            prepared_programs(args.seccomp, paths).map_err(|reason| HardeningError { layer: "seccomp", reason })?;
         for program in &programs {
             seccompiler::apply_filter_all_threads(program)
                 .map_err(|e| HardeningError { layer: "seccomp", reason: e.to_string() })?;
@@ -308,6 +355,30 @@ fn fcntl_commands() -> Vec<u64> {
 }
 
 /// Compiles the allow-list for this architecture.
+/// The filters for `mode` and `paths`, built once per process: the zygote builds them for
+/// every path policy before it forks, so a forked worker only installs them.
+fn prepared_programs(mode: SeccompMode, paths: PathPolicy) -> Result<Vec<BpfProgram>, String> {
+    type Prepared = Vec<((SeccompMode, PathPolicy), Vec<BpfProgram>)>;
+    static PREPARED: std::sync::Mutex<Prepared> = std::sync::Mutex::new(Vec::new());
+    let mut prepared = PREPARED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, programs)) = prepared.iter().find(|(key, _)| *key == (mode, paths)) {
+        return Ok(programs.clone());
+    }
+    let programs = seccomp_programs(mode, paths)?;
+    prepared.push(((mode, paths), programs.clone()));
+    Ok(programs)
+}
+
+/// Builds the workers' seccomp filters for `mode` ahead of time (see [`prepared_programs`]).
+pub fn prepare_seccomp(mode: SeccompMode) -> Result<(), String> {
+    if mode != SeccompMode::Off {
+        for paths in [PathPolicy::DescriptorsOnly, PathPolicy::Ambient] {
+            prepared_programs(mode, paths)?;
+        }
+    }
+    Ok(())
+}
+
 pub fn seccomp_programs(mode: SeccompMode, paths: PathPolicy) -> Result<Vec<BpfProgram>, String> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())?;
     let mismatch = match mode {
@@ -573,6 +644,17 @@ mod tests {
     use nix::sys::wait::{WaitStatus, waitpid};
     use std::ffi::CString;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn descriptors_to_keep_are_left_out_of_the_ranges_closed() {
+        let all = |keep: &[RawFd]| ranges_to_close(keep).unwrap();
+        assert_eq!(all(&[3]), vec![(4, u32::MAX)]);
+        assert_eq!(all(&[]), vec![(3, u32::MAX)]);
+        assert_eq!(all(&[7, 3]), vec![(4, 6), (8, u32::MAX)]);
+        assert_eq!(all(&[5, 6, 1]), vec![(3, 4), (7, u32::MAX)]);
+        assert_eq!(all(&[4, 4]), vec![(3, 3), (5, u32::MAX)]);
+        assert!(ranges_to_close(&[-1]).is_err());
+    }
 
     /// What one system call did under the filter, in a forked child (a filter is for life).
     #[derive(Debug, PartialEq, Eq)]

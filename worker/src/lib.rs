@@ -149,7 +149,11 @@ pub fn run(args: WorkerArgs, mut applied: harden::Applied) -> Result<(), WorkerE
     let supervisor = args.supervisor_pid.unwrap_or_else(nix::unistd::getppid);
     match args.engine.as_str() {
         "wasmtime" => {
-            let engine = engine::wasmtime::WasmtimeEngine::new(test_hooks).map_err(WorkerError::Engine)?;
+            let engine = match zygote::take_prepared_engine() {
+                Some(unstarted) => unstarted.start(),
+                None => engine::wasmtime::WasmtimeEngine::for_serving(test_hooks),
+            }
+            .map_err(WorkerError::Engine)?;
             serve_on(engine, socket, &args, supervisor, applied)
         }
         #[cfg(feature = "wasmedge")]
@@ -241,10 +245,11 @@ fn serve_on<E: engine::Engine>(
         args.max_module_bytes,
     )?;
     cache.enter_artifact_dir().map_err(WorkerError::WorkDir)?;
+    harden::limit_and_become_user(&args.hardening, &mut applied)?;
     cache.engine().warm_up().map_err(|e| WorkerError::Engine(e.into()))?;
     harden::prime_allocator().map_err(WorkerError::WorkDir)?;
     let paths = cache.engine().path_policy();
-    harden::lock_down(&args.hardening, supervisor, paths, &mut applied)?;
+    harden::seal(&args.hardening, supervisor, paths, &mut applied)?;
     server::serve(socket, cache, args.initial_cgroup.clone(), applied.0)?;
     Ok(())
 }

@@ -29,7 +29,7 @@ fn main() -> std::process::ExitCode {
     args.supervisor_pid = Some(parent);
     let mut applied = wasmbox_worker::harden::Applied::default();
     if args.hardening.close_fds {
-        if let Err(e) = wasmbox_worker::harden::close_inherited_fds(args.socket_fd, &mut applied) {
+        if let Err(e) = wasmbox_worker::harden::close_inherited_fds(&[args.socket_fd], &mut applied) {
             eprintln!("wasmbox-worker: {e}");
             return std::process::ExitCode::FAILURE;
         }

@@ -2,8 +2,9 @@
 //!
 //! The supervisor starts one zygote per engine. It has loaded and relocated the worker
 //! binary and its engine library and set up what every worker shares, then waits for
-//! `Fork` requests on its socket. For each it forks (single-threaded: the zygote never
-//! starts a thread) with `CLONE_PARENT`, so the new worker is the supervisor's child, not
+//! `Fork` requests on its socket. For each it forks (single-threaded: the zygote's only
+//! other thread, glibc's allocator probe at start-up, is joined before it serves) with
+//! `CLONE_PARENT`, so the new worker is the supervisor's child, not
 //! the zygote's: the supervisor reaps it, reads its exit status and kills it exactly as a
 //! worker it started itself. The child enters its slot's cgroups before anything else,
 //! then becomes an ordinary worker (its own hardening, its own uid); the zygote answers
@@ -35,6 +36,13 @@ pub fn serve(
     applied: harden::Applied,
     become_worker: Become,
 ) -> Result<(), WorkerError> {
+    // What every worker would otherwise do for itself at start, done once here and
+    // inherited by each fork: glibc's one-time allocator probe (a thread, joined before
+    // the first fork) and the seccomp filters, built.
+    harden::prime_allocator().map_err(WorkerError::WorkDir)?;
+    harden::prepare_seccomp(args.hardening.seccomp)
+        .map_err(|reason| WorkerError::Hardening(harden::HardeningError { layer: "seccomp", reason }))?;
+    let pagemap = prepare_engine(&args)?;
     sandbox(&args.hardening)?;
     let _ = nix::sys::prctl::set_name(c"wasmbox-zygote");
     let supervisor = args.supervisor_pid.unwrap_or_else(nix::unistd::getppid);
@@ -70,8 +78,8 @@ pub fn serve(
             zygote: false,
             ..args.clone()
         };
-        // SAFETY: raw clone with fork semantics. The zygote is single-threaded (it starts
-        // no thread and the engine is not created here), so no lock is held by another
+        // SAFETY: raw clone with fork semantics. The zygote is single-threaded (its one
+        // start-up thread is joined; the engine is not created here), so no lock is held by another
         // thread in the child; the child only runs this program's own code from here.
         let pid = unsafe {
             nix::libc::syscall(
@@ -90,15 +98,13 @@ pub fn serve(
                 return Err(WorkerError::Protocol(FrameError::Io(e)));
             }
             0 => {
-                let code = child(
-                    child_args,
-                    supervisor,
-                    worker_socket,
-                    &placement,
-                    &socket_fds(&reader, &writer),
-                    applied.clone(),
-                    become_worker,
-                );
+                let inherited = Inherited {
+                    socket: worker_socket,
+                    placement: &placement,
+                    pagemap,
+                    zygote_fds: socket_fds(&reader, &writer),
+                };
+                let code = child(child_args, supervisor, inherited, applied.clone(), become_worker);
                 std::process::exit(code);
             }
             pid => {
@@ -114,20 +120,35 @@ fn socket_fds(reader: &FdReader, writer: &BufWriter<UnixStream>) -> [RawFd; 2] {
     [reader.raw_fd(), writer.get_ref().as_raw_fd()]
 }
 
+/// What a new worker has from the zygote: its socket, its slot's cgroup placement files,
+/// the engine's pagemap descriptor (to be made its own), and the zygote's socket (to close).
+struct Inherited<'a> {
+    socket: OwnedFd,
+    placement: &'a [OwnedFd],
+    pagemap: Option<RawFd>,
+    zygote_fds: [RawFd; 2],
+}
+
 /// In the new process: cgroups first, then the worker's start as `main` does it.
 fn child(
     mut args: WorkerArgs,
     supervisor: nix::unistd::Pid,
-    socket: OwnedFd,
-    placement: &[OwnedFd],
-    zygote_fds: &[RawFd; 2],
+    inherited: Inherited<'_>,
     applied: harden::Applied,
     become_worker: Become,
 ) -> i32 {
+    let Inherited { socket, placement, pagemap, zygote_fds } = inherited;
     // First: from here on everything this process does is confined and accounted.
     for fd in placement {
         if nix::unistd::write(fd, b"0").is_err() {
             return 120;
+        }
+    }
+    // Then the engine's view of its own memory: the pagemap descriptor still reads the
+    // zygote's.
+    if let Some(fd) = pagemap {
+        if own_pagemap(fd).is_err() {
+            return 124;
         }
     }
     if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err()
@@ -142,7 +163,7 @@ fn child(
     args.supervisor_pid = Some(supervisor);
     // The worker's socket at its usual number; nothing else of the zygote's survives.
     for fd in zygote_fds {
-        let _ = nix::unistd::close(*fd);
+        let _ = nix::unistd::close(fd);
     }
     let target = crate::DEFAULT_SOCKET_FD;
     if socket.as_raw_fd() != target {
@@ -159,7 +180,11 @@ fn child(
     // sockets are closed above either way).
     let _ = applied;
     let mut applied = harden::Applied::default();
-    if args.hardening.close_fds && harden::close_inherited_fds(target, &mut applied).is_err() {
+    let keep: &[RawFd] = match pagemap {
+        Some(fd) => &[target, fd],
+        None => &[target],
+    };
+    if args.hardening.close_fds && harden::close_inherited_fds(keep, &mut applied).is_err() {
         return 123;
     }
     if !args.hardening.close_fds {
@@ -175,6 +200,101 @@ fn child(
             1
         }
     }
+}
+
+/// The engine the zygote made before its first fork (see [`prepare_engine`]).
+static PREPARED: std::sync::Mutex<Option<crate::engine::wasmtime::Unstarted>> = std::sync::Mutex::new(None);
+
+/// In a worker the zygote forked: the engine it inherited, to start (once).
+pub fn take_prepared_engine() -> Option<crate::engine::wasmtime::Unstarted> {
+    PREPARED.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+/// Creates the serving engine every worker of a Wasmtime zygote starts from (no thread is
+/// started; see [`crate::engine::wasmtime::Unstarted`]). Returns the descriptor of the
+/// pagemap the engine opened, which each child replaces with its own. Any other
+/// descriptor the engine held would be shared with, or closed under, every child, so the
+/// zygote refuses to start with one.
+///
+/// Not done as an unprivileged user without the seccomp filter: such a child must be
+/// dumpable for a moment to open its own pagemap (see [`own_pagemap`]), and only the
+/// filter keeps the other workers of that same uid from attaching to it then.
+fn prepare_engine(args: &WorkerArgs) -> Result<Option<RawFd>, WorkerError> {
+    if args.engine != "wasmtime"
+        || (!nix::unistd::geteuid().is_root() && args.hardening.seccomp == harden::SeccompMode::Off)
+    {
+        return Ok(None);
+    }
+    let before = open_fds().map_err(WorkerError::WorkDir)?;
+    let test_hooks = cfg!(debug_assertions) && args.hardening.test_hooks;
+    let unstarted = crate::engine::wasmtime::WasmtimeEngine::unstarted(test_hooks).map_err(WorkerError::Engine)?;
+    let own = format!("/proc/{}/pagemap", std::process::id());
+    let mut pagemap = None;
+    for (fd, target) in open_fds().map_err(WorkerError::WorkDir)? {
+        if before.iter().any(|(old, _)| *old == fd) {
+            continue;
+        }
+        if target == own && pagemap.is_none() {
+            pagemap = Some(fd);
+        } else {
+            return Err(WorkerError::Engine(anyhow::anyhow!(
+                "the engine holds descriptor {fd} ({target}), which forked workers cannot keep"
+            )));
+        }
+    }
+    *PREPARED.lock().unwrap_or_else(|p| p.into_inner()) = Some(unstarted);
+    Ok(pagemap)
+}
+
+/// This process's open descriptors and what each refers to (`/proc/self/fd`), without the
+/// one listing them.
+fn open_fds() -> std::io::Result<Vec<(RawFd, String)>> {
+    let mut fds = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let entry = entry?;
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else { continue };
+        // The directory being read is gone by the time its own entry is looked up.
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        if target.to_string_lossy().ends_with(&format!("{}/fd", std::process::id())) {
+            continue;
+        }
+        fds.push((fd, target.to_string_lossy().into_owned()));
+    }
+    Ok(fds)
+}
+
+/// In a new worker: opens its own `/proc/self/pagemap` in place of the zygote's at `fd`
+/// (the engine's process-wide descriptor keeps its number), as Wasmtime's own fork
+/// handler does, and checks the result names this process.
+///
+/// The child is not dumpable (inherited from the zygote), so its `/proc` files belong to
+/// root: as root it opens its pagemap directly; as an unprivileged user it becomes
+/// dumpable for the one `open` and not dumpable again right after. Only a process of the
+/// same uid that may call `ptrace` could attach in that moment: not the other workers or
+/// compile processes (their seccomp filter has no `ptrace`; without the filter the engine
+/// is not made in the zygote at all), and the supervisor's own uid can trace the
+/// supervisor anyway.
+fn own_pagemap(fd: RawFd) -> std::io::Result<()> {
+    let mine = match std::fs::File::open("/proc/self/pagemap") {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            nix::sys::prctl::set_dumpable(true)?;
+            let opened = std::fs::File::open("/proc/self/pagemap");
+            nix::sys::prctl::set_dumpable(false)?;
+            opened?
+        }
+        other => other?,
+    };
+    // SAFETY: dup3 onto `fd`, the engine's pagemap descriptor inherited from the zygote;
+    // it atomically replaces what `fd` refers to and leaves `mine` to be closed.
+    if unsafe { nix::libc::dup3(mine.as_raw_fd(), fd, nix::libc::O_CLOEXEC) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    drop(mine);
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))?;
+    if target != std::path::Path::new(&format!("/proc/{}/pagemap", std::process::id())) {
+        return Err(std::io::Error::other(format!("pagemap descriptor {fd} is {}", target.display())));
+    }
+    Ok(())
 }
 
 /// Capabilities the zygote keeps for its children: switching uid and gid, and entering a

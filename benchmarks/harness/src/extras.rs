@@ -36,6 +36,12 @@ pub struct Extras {
     pub switch_exec_p50_us: u64,
     pub switch_exec_p99_us: u64,
     pub switch_samples: usize,
+    /// The same when the pool had a moment to make a spare first (the next switch does not
+    /// arrive while the last one's replacement spare is still starting).
+    pub switch_ready_p50_us: u64,
+    pub switch_ready_p99_us: u64,
+    pub switch_ready_exec_p50_us: u64,
+    pub switch_ready_exec_p99_us: u64,
     /// The zygote's resident and private memory, KiB.
     pub zygote_rss_kib: u64,
     pub zygote_private_kib: u64,
@@ -225,16 +231,25 @@ async fn tenant_switches(setup: &Setup, samples: usize, extras: &mut Extras) -> 
         }
         clients.push(client);
     }
+    // Per server: a switch with a spare ready, then one right after it (back to back).
+    let mut ready = [Recorder::default(), Recorder::default()];
     let mut recorders = [Recorder::default(), Recorder::default()];
     for i in 0..samples {
-        let path = &paths[i % paths.len()];
         for (k, client) in clients.iter_mut().enumerate() {
-            let t = Instant::now();
-            let status = client.get(path).await?;
-            anyhow::ensure!(status == 200, "tenant switch to {path}: {status}");
-            recorders[k].record(t.elapsed());
+            wait_spare(&servers[k], setup.workers, Duration::from_secs(5)).await?;
+            for (n, recorder) in [&mut ready[k], &mut recorders[k]].into_iter().enumerate() {
+                let path = &paths[(2 * i + n) % paths.len()];
+                let t = Instant::now();
+                let status = client.get(path).await?;
+                anyhow::ensure!(status == 200, "tenant switch to {path}: {status}");
+                recorder.record(t.elapsed());
+            }
         }
     }
+    extras.switch_ready_p50_us = ready[0].quantile_us(0.5);
+    extras.switch_ready_p99_us = ready[0].quantile_us(0.99);
+    extras.switch_ready_exec_p50_us = ready[1].quantile_us(0.5);
+    extras.switch_ready_exec_p99_us = ready[1].quantile_us(0.99);
     extras.switch_samples = samples;
     extras.switch_p50_us = recorders[0].quantile_us(0.5);
     extras.switch_p99_us = recorders[0].quantile_us(0.99);
@@ -362,6 +377,19 @@ impl Client {
 }
 
 /// Waits until `/ready` reports `n` live workers (polling every millisecond).
+/// Waits until the pool has every worker live and a clean spare idle.
+async fn wait_spare(server: &Server, n: usize, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let stats = get_json(server.addr, "/stats").await.unwrap_or_default();
+        if stats["pool"]["live"].as_u64() == Some(n as u64) && stats["pool"]["spares"].as_u64() >= Some(1) {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no spare within {within:?}: {}", stats["pool"]);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 async fn wait_live(server: &Server, n: usize, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {

@@ -125,3 +125,61 @@ async fn a_spare_takes_a_new_tenant_and_the_pool_replenishes_spares_from_idle_te
     assert!(a_again != a && a_again != b && a_again != c, "{a} {b} {c} -> {a_again}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_spare_taken_is_replaced_at_once_from_another_tenant_and_never_from_the_taker() -> anyhow::Result<()> {
+    // Idle time alone would make no spare for ten minutes: what happens here is the
+    // replacement of a spare that was taken.
+    let s = Supervisor::builder()
+        .workers(2)
+        .function("hello")
+        .function("echo")
+        .env("WASMBOX_SPARE_AFTER_IDLE_MS", "600000")
+        .start()?;
+    s.wait_pool_full(2, Duration::from_secs(10)).await?;
+    // Two clean workers, one kept spare: A takes the first.
+    let a = served_by(&s, "/hello").await?;
+    let stats = s.get("/stats").await?.json();
+    assert_eq!(stats["pool"]["spares"], 1, "{stats}");
+    // A again, while its worker is idle: its own worker, the spare stays.
+    assert_eq!(served_by(&s, "/hello").await?, a);
+    // B takes the spare; A's idle worker is recycled into the next spare right away.
+    let b = served_by(&s, "/echo").await?;
+    assert_ne!(a, b);
+    let stats =
+        stats_until(&s, Duration::from_secs(10), |st| st["pool"]["spares"] == 1 && st["pool"]["live"] == 2).await?;
+    assert_eq!(
+        (stats["pool"]["spares"].as_u64(), stats["pool"]["exits"]["tenant_switch"].as_u64()),
+        (Some(1), Some(1)),
+        "{stats}"
+    );
+    // B's worker was not the one recycled.
+    assert_eq!(served_by(&s, "/echo").await?, b);
+    // A finds the spare, and B's idle worker becomes the next one.
+    let a_again = served_by(&s, "/hello").await?;
+    assert!(a_again != a && a_again != b, "{a} {b} -> {a_again}");
+    let stats = stats_until(&s, Duration::from_secs(10), |st| st["pool"]["exits"]["tenant_switch"] == 2).await?;
+    assert_eq!(stats["pool"]["exits"]["tenant_switch"], 2, "{stats}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_busy_tenant_keeps_every_worker_it_took_from_the_spares() -> anyhow::Result<()> {
+    let s =
+        Supervisor::builder().workers(2).function("cpu-spin").env("WASMBOX_SPARE_AFTER_IDLE_MS", "600000").start()?;
+    s.wait_pool_full(2, Duration::from_secs(10)).await?;
+    // Two invocations at once: the second takes the spare.
+    let (one, two) = tokio::join!(s.post("/cpu-spin?arg=300", ""), s.post("/cpu-spin?arg=300", ""));
+    let (one, two) = (one?, two?);
+    assert_eq!((one.status, two.status), (StatusCode::OK, StatusCode::OK));
+    assert_ne!(one.header("x-wasmbox-worker"), two.header("x-wasmbox-worker"), "the two ran at once");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // With no other tenant to take a spare from, none is made from this one's workers.
+    let stats = s.get("/stats").await?.json();
+    assert_eq!(
+        (stats["pool"]["spares"].as_u64(), stats["pool"]["exits"]["tenant_switch"].as_u64()),
+        (Some(0), Some(0)),
+        "{stats}"
+    );
+    Ok(())
+}

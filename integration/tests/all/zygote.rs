@@ -100,3 +100,60 @@ async fn without_the_zygote_every_worker_is_started_by_exec() -> anyhow::Result<
     assert_eq!((pool["exec_spawns"].as_u64(), pool["zygote_restarts"].as_u64()), (Some(0), Some(0)), "{pool}");
     Ok(())
 }
+
+/// A module that prints the byte at 30000 of its memory as a digit and then increments it:
+/// a fresh instance prints 0 every time.
+fn remember() -> Vec<u8> {
+    wat::parse_str(
+        r#"(module
+            (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (func (export "_start")
+              (i32.store8 (i32.const 100) (i32.add (i32.const 48) (i32.load8_u (i32.const 30000))))
+              (i32.store8 (i32.const 30000) (i32.add (i32.const 1) (i32.load8_u (i32.const 30000))))
+              (i32.store (i32.const 0) (i32.const 100))
+              (i32.store (i32.const 4) (i32.const 1))
+              (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#,
+    )
+    .expect("valid wat")
+}
+
+/// The pagemap descriptors a process holds, by what they name.
+fn pagemaps(pid: i32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|target| target.display().to_string())
+        .filter(|target| target.ends_with("/pagemap"))
+        .collect()
+}
+
+/// The engine comes made from the zygote, with the descriptor through which it asks the
+/// kernel which guest pages were written. A forked worker reading the zygote's pages
+/// there would see none written and skip resetting its guest's memory: each worker holds
+/// its own, and every invocation starts from a fresh memory, also with the worker's
+/// descriptors not closed (the zygote's would then survive in it).
+#[tokio::test]
+async fn a_forked_worker_asks_about_its_own_pages_and_each_invocation_gets_fresh_memory() -> anyhow::Result<()> {
+    for close_fds in ["true", "false"] {
+        let s = Supervisor::builder()
+            .workers(1)
+            .module("remember", remember())
+            .env("WASMBOX_WORKER_CLOSE_FDS", close_fds)
+            .start()?;
+        for i in 0..4 {
+            let r = s.get("/remember").await?;
+            assert_eq!((r.status, r.text()), (StatusCode::OK, "0".to_string()), "call {i}, close_fds={close_fds}");
+        }
+        // Read as root: the workers are not dumpable. WasmEdge's engine is made in each
+        // worker and holds no pagemap.
+        if nix::unistd::geteuid().is_root() && wasmbox_integration::test_engine() == "wasmtime" {
+            let zygote = s.zygote_pid().expect("a zygote runs");
+            assert_eq!(pagemaps(zygote), [format!("/proc/{zygote}/pagemap")], "the zygote made the engine");
+            for pid in s.worker_pids() {
+                assert_eq!(pagemaps(pid), [format!("/proc/{pid}/pagemap")], "worker {pid}, close_fds={close_fds}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -178,6 +178,9 @@ pub mod fixture {
             std::fs::create_dir_all(dir).unwrap();
             let write = |name: &str, value: &str| std::fs::write(dir.join(name), value).unwrap();
             write("cgroup.procs", "");
+            if self.kind == Kind::V1Hybrid {
+                write("tasks", "");
+            }
             match self.kind {
                 Kind::V1Hybrid => match v1_controller {
                     "cpu" => {

@@ -61,7 +61,9 @@ pub struct SlotCgroup {
     version: Version,
     /// `(hierarchy, directory, namespace-view path)`.
     dirs: Vec<(Hierarchy, PathBuf, String)>,
-    procs: Vec<File>,
+    /// Opened for writing: what a new worker writes "0" into to enter the slot (see
+    /// [`place_in_child`]).
+    placement: Vec<File>,
     cpu: Option<CpuController>,
     memory: Option<MemController>,
     pids: Option<PidController>,
@@ -94,12 +96,13 @@ impl SlotCgroup {
         let open = |dir: &Path, name: &str, write: bool| -> Result<File, CgroupError> {
             let path = dir.join(name);
             OpenOptions::new()
-                .read(name != "cgroup.procs")
+                .read(name != PLACEMENT_V1 && name != PLACEMENT_V2)
                 .write(write)
                 .open(&path)
                 .map_err(CgroupError::io(if write { "cannot open for writing" } else { "cannot open" }, &path))
         };
-        let procs = dirs.iter().map(|(_, d, _)| open(d, "cgroup.procs", true)).collect::<Result<Vec<_>, _>>()?;
+        let placement_file = if v2 { PLACEMENT_V2 } else { PLACEMENT_V1 };
+        let placement = dirs.iter().map(|(_, d, _)| open(d, placement_file, true)).collect::<Result<Vec<_>, _>>()?;
 
         let cpu = dir_for("cpu").map(|d| CpuController::new(d, PathBuf::new(), v2));
         if let Some(cpu) = &cpu {
@@ -146,7 +149,7 @@ impl SlotCgroup {
             index,
             version,
             dirs,
-            procs,
+            placement,
             cpu,
             memory,
             pids,
@@ -186,9 +189,9 @@ impl SlotCgroup {
         self.dirs.iter().map(|(_, d, _)| d.as_path())
     }
 
-    /// Descriptors of the `cgroup.procs` files a new worker writes itself into.
+    /// Descriptors of the files a new worker writes itself into (see [`place_in_child`]).
     pub fn placement_fds(&self) -> Vec<RawFd> {
-        self.procs.iter().map(AsRawFd::as_raw_fd).collect()
+        self.placement.iter().map(AsRawFd::as_raw_fd).collect()
     }
 
     /// Checks a worker's own view of its cgroups (its `/proc/self/cgroup`) against this slot.
@@ -324,8 +327,14 @@ impl SlotCgroup {
     }
 }
 
-/// Runs in a forked child before exec: writes the child into each of its slot's cgroups.
-/// Writing "0" to `cgroup.procs` moves the writing process (v1 and v2).
+/// Runs in a new worker (a forked child before exec, or a child of the zygote) while it is
+/// still single-threaded: writes "0", the writer itself, into each of its slot's cgroups.
+///
+/// On v1 the file is `tasks`, which moves the writing thread: in a single-threaded process
+/// that is the whole process, and the kernel then skips the global lock every
+/// `cgroup.procs` write takes (`cgroup_threadgroup_rwsem`), whose write side waits for an
+/// RCU grace period, several milliseconds per hierarchy. On v2 `cgroup.procs` is the only
+/// way in (`cgroup.threads` needs threaded mode).
 ///
 /// # Safety
 /// Only async-signal-safe calls (`write`) on descriptors the parent keeps open.
@@ -340,6 +349,10 @@ pub fn place_in_child(fds: &[RawFd]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The v1 and v2 files a worker enters a slot's cgroup through (see [`place_in_child`]).
+const PLACEMENT_V1: &str = "tasks";
+const PLACEMENT_V2: &str = "cgroup.procs";
 
 fn reset_peak(file: &File) -> io::Result<()> {
     file.write_at(b"0\n", 0).map(|_| ())

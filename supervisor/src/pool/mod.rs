@@ -370,10 +370,14 @@ impl State {
             match fits {
                 Some(i) if i <= self.coming => {
                     let Some(waiter) = self.waiters.remove(i) else { return };
+                    let was_spare = worker.tenant.is_none();
                     self.bind(&mut worker, waiter.tenant.as_ref());
                     match waiter.tx.send(worker) {
                         Ok(()) => {
                             self.busy += 1;
+                            if was_spare {
+                                self.keep_spares(waiter.tenant.as_ref());
+                            }
                             return;
                         }
                         Err(back) => worker = back,
@@ -388,7 +392,7 @@ impl State {
         }
         worker.idle_since = Instant::now();
         self.idle.push(worker);
-        self.keep_spares();
+        self.keep_spares(None);
     }
 
     /// After a request took a worker: with waiters that no idle worker fits and no worker
@@ -400,14 +404,17 @@ impl State {
             let worker = self.idle.remove(i);
             self.recycle(worker);
         }
-        self.keep_spares();
+        self.keep_spares(None);
     }
 
     /// Keeps `spare_workers` clean workers idle or on their way (beyond what waiters will
-    /// take) by recycling the least recently used idle worker bound to a tenant, once it
-    /// has been idle for `spare_after_idle` (the pool's maintenance tick comes back for
-    /// those not idle long enough yet).
-    fn keep_spares(&mut self) {
+    /// take) by recycling the least recently used idle worker bound to a tenant that has
+    /// been idle for `spare_after_idle` (the pool's maintenance tick comes back for those
+    /// not idle long enough yet). When `taker` has just taken a spare, its replacement
+    /// starts at once from the least recently used idle worker of any other tenant: the
+    /// next new tenant then finds a spare ready instead of a process to wait for, and the
+    /// taker's own workers are never the ones recycled.
+    fn keep_spares(&mut self, taker: Option<&Tenant>) {
         if !self.isolate_tenants || self.draining {
             return;
         }
@@ -417,8 +424,11 @@ impl State {
             if idle_spares + coming_spares >= self.spare_workers {
                 return;
             }
-            let long_idle = |w: &Worker| w.tenant.is_some() && w.idle_since.elapsed() >= self.spare_after_idle;
-            let Some(i) = self.idle.iter().position(long_idle) else { return };
+            let recyclable = |w: &Worker| match &w.tenant {
+                None => false,
+                Some(tenant) => w.idle_since.elapsed() >= self.spare_after_idle || taker.is_some_and(|t| t != tenant),
+            };
+            let Some(i) = self.idle.iter().position(recyclable) else { return };
             let worker = self.idle.remove(i);
             self.recycle(worker);
         }
@@ -550,9 +560,11 @@ impl Pool {
                 return Err(AcquireError::ShuttingDown);
             }
             let tenant: Option<Tenant> = st.isolate_tenants.then(|| Arc::from(tenant));
+            let switches = st.tenant_switches;
             if let Some(worker) = st.take_idle(tenant.as_ref(), module_hash) {
                 st.busy += 1;
-                st.keep_spares();
+                let took_spare = st.tenant_switches != switches;
+                st.keep_spares(if took_spare { tenant.as_ref() } else { None });
                 drop(st);
                 return Ok(Lease::new(self.clone(), worker, asked));
             }
@@ -673,7 +685,7 @@ impl Pool {
         let tick = (self.0.config.spare_after_idle / 4).max(Duration::from_millis(50));
         loop {
             tokio::select! {
-                () = tokio::time::sleep(tick) => self.state().keep_spares(),
+                () = tokio::time::sleep(tick) => self.state().keep_spares(None),
                 () = closed_signal(&mut closed) => return,
             }
         }

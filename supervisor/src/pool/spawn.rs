@@ -106,8 +106,8 @@ impl Spawner {
         rx.await.map_err(|_| io::Error::other("spawner thread is gone"))?
     }
 
-    /// Starts the worker for `slot`; with `placement` (the slot's open `cgroup.procs`
-    /// files) it enters its cgroups between fork and exec.
+    /// Starts the worker for `slot`; with `placement` (the slot's open placement files,
+    /// see `cgroup::place_in_child`) it enters its cgroups between fork and exec.
     pub async fn spawn(
         &self,
         launch: std::sync::Arc<WorkerLaunch>,
@@ -167,7 +167,7 @@ pub(super) fn spawn_worker(launch: &WorkerLaunch, slot: Option<usize>, placement
 }
 
 /// What every child the supervisor execs does between fork and exec: enter its cgroups
-/// (`placement`, the open `cgroup.procs` files) first, set its parent-death signal, check
+/// (`placement`, the slot's open placement files) first, set its parent-death signal, check
 /// the supervisor is still its parent, and put `fd` at [`WORKER_SOCKET_FD`] (the socket of a
 /// worker, the staging directory of a compile process).
 pub(crate) fn confine_child(

@@ -53,7 +53,7 @@ impl Zygote {
     }
 
     /// Forks the worker of `slot` (running as `user`, entering the cgroups whose
-    /// `cgroup.procs` descriptors are `placement`). A zygote that does not answer is
+    /// placement descriptors are `placement`). A zygote that does not answer is
     /// replaced and asked once more.
     pub async fn fork(&self, slot: usize, user: Option<(u32, u32)>, placement: &[RawFd]) -> io::Result<Spawned> {
         let mut running = self.running.lock().await;

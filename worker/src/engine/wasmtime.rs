@@ -71,14 +71,69 @@ pub struct WasmtimeEngine {
     engine: wasmtime::Engine,
     linker: Linker<StoreState>,
     watchdog: Watchdog,
+    /// The warm-up module, when it came compiled (from the zygote).
+    warm_up: Option<WasmtimeModule>,
+}
+
+/// A serving engine and its WASI linker, created and with the warm-up module compiled,
+/// but no thread started: what the zygote makes once so that each worker it forks has its
+/// engine already (copy-on-write). [`Unstarted::start`] in the worker starts the deadline
+/// thread.
+///
+/// Creating the engine opens `/proc/self/pagemap` (the instance pool's dirty-page scan)
+/// into a process-wide descriptor. A forked worker inherits it pointing at the zygote's
+/// pages, so it must put its own pagemap in its place before it runs anything (see
+/// `zygote::own_pagemap`): Wasmtime does that in a `pthread_atfork` handler, which the
+/// zygote's raw `clone` does not run.
+pub struct Unstarted {
+    engine: wasmtime::Engine,
+    linker: Linker<StoreState>,
+    warm_up: WasmtimeModule,
+}
+
+impl Unstarted {
+    /// Starts the engine's deadline thread: from here on the process is multi-threaded.
+    pub fn start(self) -> anyhow::Result<WasmtimeEngine> {
+        let watchdog = Watchdog::start(self.engine.clone())?;
+        Ok(WasmtimeEngine { engine: self.engine, linker: self.linker, watchdog, warm_up: Some(self.warm_up) })
+    }
 }
 
 impl WasmtimeEngine {
     /// `test_hooks` adds the host function `wasmbox_test.forbidden_syscall` (the worker
     /// passes true only in debug builds started with `--test-hooks`).
     pub fn new(test_hooks: bool) -> anyhow::Result<Self> {
+        Self::with_parallel_compilation(test_hooks, true)
+    }
+
+    /// The engine of a worker that serves invocations: it compiles on the calling thread.
+    /// Its modules come compiled from the supervisor's compiler processes; it compiles only
+    /// when a passed artifact is unusable, and then one module at a time. Without a
+    /// compile thread pool a new worker has none to start (nor, under its seccomp filter,
+    /// one that could start later).
+    pub fn for_serving(test_hooks: bool) -> anyhow::Result<Self> {
+        Self::with_parallel_compilation(test_hooks, false)
+    }
+
+    fn with_parallel_compilation(test_hooks: bool, parallel: bool) -> anyhow::Result<Self> {
+        let (engine, linker) = Self::build(test_hooks, parallel)?;
+        let watchdog = Watchdog::start(engine.clone())?;
+        Ok(WasmtimeEngine { engine, linker, watchdog, warm_up: None })
+    }
+
+    /// A serving engine made ahead of time without starting a thread (the zygote's: see
+    /// [`Unstarted`]), with the warm-up module compiled.
+    pub fn unstarted(test_hooks: bool) -> anyhow::Result<Unstarted> {
+        let (engine, linker) = Self::build(test_hooks, false)?;
+        let module = wasmtime::Module::new(&engine, warm_up_module())?;
+        let warm_up = linker.instantiate_pre(&module)?;
+        Ok(Unstarted { engine, linker, warm_up: WasmtimeModule { pre: warm_up } })
+    }
+
+    fn build(test_hooks: bool, parallel: bool) -> anyhow::Result<(wasmtime::Engine, Linker<StoreState>)> {
         let mut config = Config::new();
         config
+            .parallel_compilation(parallel)
             .epoch_interruption(true)
             .cranelift_opt_level(wasmtime::OptLevel::Speed)
             // One linear memory (threads are not compiled in): the cap then means what it says.
@@ -98,8 +153,7 @@ impl WasmtimeEngine {
         if test_hooks {
             linker.func_wrap("wasmbox_test", "forbidden_syscall", || -> i64 { crate::harden::forbidden_syscall() })?;
         }
-        let watchdog = Watchdog::start(engine.clone())?;
-        Ok(WasmtimeEngine { engine, linker, watchdog })
+        Ok((engine, linker))
     }
 
     fn link(&self, module: &wasmtime::Module, kind: ModuleKind) -> Result<WasmtimeModule, EngineError> {
@@ -145,9 +199,14 @@ impl Engine for WasmtimeEngine {
     }
 
     fn warm_up(&self) -> Result<(), EngineError> {
-        // Compiling starts Cranelift's thread pool and a WASI write starts wasmtime-wasi's
-        // runtime; both read the CPU count from the cgroup files, by absolute paths.
-        let module = self.compile(&warm_up_module(), ModuleKind::Command)?;
+        // A WASI write starts wasmtime-wasi's runtime, which reads the CPU count from the
+        // cgroup files by absolute paths (so does Cranelift's thread pool in an engine
+        // that compiles in parallel, started by the compile here); the first run also
+        // sets up this thread's trap handling and the instance pool's slot.
+        let module = match &self.warm_up {
+            Some(module) => module.clone(),
+            None => self.compile(&warm_up_module(), ModuleKind::Command)?,
+        };
         let argv = ["warm-up".to_string()];
         let request = RunRequest::bare(&argv, 1 << 20, std::time::Duration::from_secs(10), 16);
         match self.run(&module, request).outcome {
