@@ -205,6 +205,23 @@ pub struct Hello {
     /// [`HARDENING_LAYERS`]); the supervisor refuses a worker missing one it asked for.
     #[serde(default)]
     pub hardening: Vec<String>,
+    /// Who stops a command at its deadline: the engine, or the supervisor by killing the
+    /// worker (an engine whose native code cannot be interrupted).
+    #[serde(default)]
+    pub deadlines: Deadlines,
+}
+
+/// Who enforces an invocation's deadline.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Deadlines {
+    /// The engine interrupts the guest and the worker answers `DeadlineExceeded`; the
+    /// supervisor kills the worker only after the kill grace (its backstop).
+    #[default]
+    Engine,
+    /// The guest runs as plain native code: the supervisor kills the worker at the
+    /// deadline itself, with no grace. Session steps are still stopped by the engine.
+    Process,
 }
 
 /// Names of the worker hardening layers, as reported in [`Hello::hardening`].
@@ -363,6 +380,9 @@ pub enum ModuleSource {
     Artifact,
     /// Compiled from the `.wasm` bytes (and written to the cache directory).
     Compiled,
+    /// Parsed from the `.wasm` bytes and run by the engine's interpreter, while its native
+    /// artifact is compiled in the background (WasmEdge).
+    Interpreted,
 }
 
 impl ModuleSource {
@@ -372,6 +392,7 @@ impl ModuleSource {
             ModuleSource::Memory => "memory",
             ModuleSource::Artifact => "artifact",
             ModuleSource::Compiled => "compiled",
+            ModuleSource::Interpreted => "interpreted",
         }
     }
 }

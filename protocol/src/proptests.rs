@@ -203,9 +203,19 @@ fn outcome() -> BoxedStrategy<Outcome> {
 fn from_worker() -> BoxedStrategy<FromWorker> {
     let hardening =
         vec(prop_oneof![prop::sample::select(HARDENING_LAYERS.to_vec()).prop_map(str::to_string), text()], 0..8);
-    let hello = (any::<u32>(), text(), text(), text(), any::<u32>(), text(), hardening).prop_map(
-        |(protocol, worker_version, engine, engine_version, pid, cgroup, hardening)| {
-            FromWorker::Hello(Hello { protocol, worker_version, engine, engine_version, pid, cgroup, hardening })
+    let deadlines = prop_oneof![Just(Deadlines::Engine), Just(Deadlines::Process)];
+    let hello = (any::<u32>(), text(), text(), text(), any::<u32>(), text(), hardening, deadlines).prop_map(
+        |(protocol, worker_version, engine, engine_version, pid, cgroup, hardening, deadlines)| {
+            FromWorker::Hello(Hello {
+                protocol,
+                worker_version,
+                engine,
+                engine_version,
+                pid,
+                cgroup,
+                hardening,
+                deadlines,
+            })
         },
     );
     let source = prop_oneof![

@@ -69,7 +69,7 @@ fn worker(config: &Config) -> Result<(Command, &'static str), String> {
     let binary = crate::worker_binary(config).map_err(|e| e.to_string())?;
     let engine = config.engine().map_err(|e| e.to_string())?.name();
     let mut cmd = Command::new(binary);
-    cmd.arg("--engine").arg(engine);
+    cmd.arg("--engine").arg(engine).args(config.engine_args());
     cmd.arg("--cache-dir").arg(config.resolved_cache_dir());
     cmd.arg(format!("--max-module-bytes={}", config.max_module_bytes));
     Ok((cmd, engine))

@@ -66,6 +66,8 @@ pub struct CompilerConfig {
     pub log_json: bool,
     /// Hardening flags (as for workers) without the user.
     pub hardening_args: Vec<String>,
+    /// Engine flags (`Config::engine_args`).
+    pub engine_args: Vec<String>,
     /// The uid and gid of each compiler slot (`None`: the supervisor's own).
     pub users: Vec<Option<(u32, u32)>>,
     /// The cgroup of each compiler slot (empty without cgroups).
@@ -111,6 +113,7 @@ impl CompilerConfig {
             log_filter: crate::worker_log_filter(),
             log_json: config.log_format == crate::config::LogFormat::Json,
             hardening_args,
+            engine_args: config.engine_args(),
             users: (0..slots).map(|i| hardening.user.as_ref().map(|u| u.compiler(i))).collect(),
             cgroups,
             timeout: Duration::from_millis(config.compile_timeout_ms),
@@ -333,6 +336,46 @@ impl Compiler {
             return Ok((Some(found), false));
         }
         self.prepare(tenant, module, kind).await
+    }
+
+    /// Whether invocations run a module's first calls in the engine's interpreter rather
+    /// than wait for its native code (WasmEdge, whose LLVM compile takes about a second).
+    pub fn interprets_first(&self) -> bool {
+        self.config.engine == "wasmedge"
+    }
+
+    /// Like [`Compiler::artifact`], but a module that has no artifact yet is compiled in
+    /// the background (once) and `None` returned at once: the worker interprets it
+    /// meanwhile, and invocations after the compile get the artifact.
+    pub async fn artifact_or_later(
+        self: &Arc<Self>,
+        tenant: &str,
+        module: &ModuleRef,
+        kind: Kind,
+    ) -> Result<(Option<Arc<Artifact>>, bool), CompileError> {
+        if self.unsupported.load(Ordering::Relaxed) {
+            return Ok((None, false));
+        }
+        let key = kind.key(&module.sha256);
+        if let Some(found) = self.recorded(tenant, &key) {
+            return Ok((Some(found), false));
+        }
+        if let Some(message) = lock(&self.invalid).get(&key) {
+            return Err(CompileError::Invalid(message.clone()));
+        }
+        let compiling = lock(&self.inflight).contains_key(&(tenant.to_owned(), key.clone()));
+        if !compiling {
+            if let Some(found) = self.stored(tenant, module, kind).await {
+                return Ok((Some(found), false));
+            }
+            let (this, tenant, module) = (self.clone(), tenant.to_owned(), module.clone());
+            tokio::spawn(async move {
+                // Failures are counted and logged by the compile; an invalid module is
+                // remembered and refused from then on.
+                let _ = this.prepare(&tenant, &module, kind).await;
+            });
+        }
+        Ok((None, false))
     }
 
     /// Like [`Compiler::artifact`] but always checks the module (an engine without
@@ -650,7 +693,7 @@ impl Launch {
         if self.config.log_json {
             cmd.arg("--log-json");
         }
-        cmd.args(&self.config.hardening_args);
+        cmd.args(&self.config.engine_args).args(&self.config.hardening_args);
         if let Some((uid, gid)) = self.user {
             cmd.arg(format!("--user={uid}:{gid}"));
         }

@@ -125,9 +125,17 @@ pub struct Config {
     #[arg(long, env = "WASMBOX_DRAIN_TIMEOUT_MS", default_value_t = 20_000)]
     pub drain_timeout_ms: u64,
 
-    /// How long past its deadline a function may run before its worker is SIGKILLed.
+    /// How long past its deadline a function may run before its worker is SIGKILLed
+    /// (on engines that stop functions themselves; see WASMBOX_WASMEDGE_INTERRUPTIBLE).
     #[arg(long, env = "WASMBOX_KILL_GRACE_MS", default_value_t = 1000)]
     pub kill_grace_ms: u64,
+
+    /// WasmEdge: compile functions with interruption checks so WasmEdge stops them at
+    /// their deadline (504 with worker_killed false), at 3-4x the cost of loops. By default
+    /// they are plain native code and the worker is killed at the deadline (worker_killed
+    /// true) and replaced from the zygote. Session steps are always interruptible.
+    #[arg(long, env = "WASMBOX_WASMEDGE_INTERRUPTIBLE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub wasmedge_interruptible: bool,
 
     /// Longest a worker may spend compiling a module before it is killed.
     #[arg(long, env = "WASMBOX_COMPILE_TIMEOUT_MS", default_value_t = 60_000)]
@@ -460,6 +468,13 @@ impl Config {
             (Some(e), _) | (None, Some(e)) => Ok(e),
             (None, None) => Ok(EngineKind::Wasmtime),
         }
+    }
+
+    /// Engine flags of `wasmbox-worker`, for workers and compile processes alike (the
+    /// two must compile and run functions the same way).
+    pub fn engine_args(&self) -> Vec<String> {
+        let wasmedge = matches!(self.engine(), Ok(EngineKind::Wasmedge));
+        if wasmedge && self.wasmedge_interruptible { vec!["--wasmedge-interruptible".into()] } else { Vec::new() }
     }
 
     /// Session state directory, resolved from the flag or the per-user default.

@@ -217,6 +217,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             max_module_bytes: config.max_module_bytes,
             log_filter: worker_log_filter(),
             log_json: config.log_format == config::LogFormat::Json,
+            engine_args: config.engine_args(),
             hardening_args: hardening.worker_args(),
             hardening_layers: hardening.expected_layers(),
             users,

@@ -66,6 +66,8 @@ pub struct Prepared<M> {
 struct Entry<M> {
     module: Prepared<M>,
     last_used: u64,
+    /// Run by the engine's interpreter: a native artifact passed later takes its place.
+    interpreted: bool,
 }
 
 pub struct ModuleCache<E: Engine> {
@@ -80,6 +82,8 @@ pub struct ModuleCache<E: Engine> {
     /// Modules that failed to compile, so a broken module is not recompiled per request.
     invalid: HashMap<String, String>,
     clock: u64,
+    /// The last `get` found the module in memory (whatever its source says).
+    last_hit: bool,
 }
 
 impl<E: Engine> ModuleCache<E> {
@@ -138,6 +142,7 @@ impl<E: Engine> ModuleCache<E> {
             entries: HashMap::new(),
             invalid: HashMap::new(),
             clock: 0,
+            last_hit: false,
         })
     }
 
@@ -180,9 +185,15 @@ impl<E: Engine> ModuleCache<E> {
         }
         let key = wasmbox_protocol::module_key(&module.sha256, kind == ModuleKind::Session);
         self.clock += 1;
+        self.last_hit = false;
         if let Some(entry) = self.entries.get_mut(&key) {
             entry.last_used = self.clock;
-            return Ok((entry.module.clone(), ModuleSource::Memory));
+            if !entry.interpreted || artifact.is_none() {
+                self.last_hit = true;
+                let source = if entry.interpreted { ModuleSource::Interpreted } else { ModuleSource::Memory };
+                return Ok((entry.module.clone(), source));
+            }
+            // The trusted compiler's artifact is ready: load it in the interpreted one's place.
         }
         if let Some(message) = self.invalid.get(&key) {
             return Err(PrepareError::Invalid(message.clone()));
@@ -198,17 +209,22 @@ impl<E: Engine> ModuleCache<E> {
             }
             Err(e) => return Err(e),
         };
-        self.insert(key, compiled.clone());
+        self.insert(key, compiled.clone(), source == ModuleSource::Interpreted);
         Ok((compiled, source))
     }
 
-    fn insert(&mut self, hash: String, module: Prepared<E::Module>) {
-        if self.entries.len() >= self.capacity {
+    /// Whether the last [`ModuleCache::get`] found its module in memory, loading nothing.
+    pub fn last_hit(&self) -> bool {
+        self.last_hit
+    }
+
+    fn insert(&mut self, hash: String, module: Prepared<E::Module>, interpreted: bool) {
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(&hash) {
             if let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| k.clone()) {
                 self.entries.remove(&oldest);
             }
         }
-        self.entries.insert(hash, Entry { module, last_used: self.clock });
+        self.entries.insert(hash, Entry { module, last_used: self.clock, interpreted });
     }
 
     fn load_or_compile(
@@ -316,7 +332,7 @@ impl<E: Engine> ModuleCache<E> {
             }
         }
         match self.engine.compile(wasm, kind) {
-            Ok(m) => Ok((m, ModuleSource::Compiled)),
+            Ok(m) => Ok((m, self.engine.memory_source())),
             Err(e) => Err(PrepareError::Invalid(match e {
                 EngineError::InvalidModule(message) => message,
                 other => other.to_string(),
@@ -338,7 +354,7 @@ impl<E: Engine> ModuleCache<E> {
         else {
             return Err(EngineError::Unsupported("artifacts without a cache directory"));
         };
-        let result = self.engine.precompile(wasm, &tmp).and_then(|()| {
+        let result = self.engine.precompile(wasm, kind, &tmp).and_then(|()| {
             nix::fcntl::renameat(tmp.dir, tmp.name, target.dir, target.name)
                 .map_err(|e| EngineError::Io { path: path.clone(), source: e.into() })
         });

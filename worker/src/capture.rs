@@ -93,6 +93,12 @@ impl Capture {
         Ok(())
     }
 
+    /// Counts `bytes` written and discarded before what is appended next (a tail capture
+    /// given only the end of a longer output).
+    pub fn skipped(&self, bytes: u64) {
+        self.lock().dropped += bytes;
+    }
+
     /// Takes what was captured, leaving the capture empty.
     pub fn take(&self) -> Captured {
         let mut buf = self.lock();

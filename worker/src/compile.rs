@@ -154,7 +154,7 @@ fn compile_into<E: Engine>(
     let artifact = ArtifactFile { dir, name: &file, path: &path };
     // Loading what was written checks it for the kind (a command needs `_start`), as the
     // worker will.
-    match engine.precompile(&form, &artifact).and_then(|()| engine.load_artifact(&artifact, kind)) {
+    match engine.precompile(&form, kind, &artifact).and_then(|()| engine.load_artifact(&artifact, kind)) {
         Ok(_) => CompileReport::Compiled { engine: name, version, file },
         Err(EngineError::InvalidModule(message)) => CompileReport::Invalid { message },
         Err(e) => CompileReport::Failed { message: format!("{e:#}") },

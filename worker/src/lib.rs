@@ -41,6 +41,11 @@ pub struct WorkerArgs {
     /// Largest module file the worker will read.
     #[arg(long, default_value_t = 256 << 20)]
     pub max_module_bytes: u64,
+    /// WasmEdge: compile commands with interruption checks, so WasmEdge stops them at their
+    /// deadline (3-4x slower loops); by default they are plain native code and the
+    /// supervisor kills the worker at the deadline.
+    #[arg(long)]
+    pub wasmedge_interruptible: bool,
     /// Log filter for the worker's own diagnostics (tracing syntax).
     #[arg(long, default_value = "warn")]
     pub log: String,
@@ -102,6 +107,17 @@ pub struct WorkerArgs {
     pub supervisor_pid: Option<nix::unistd::Pid>,
 }
 
+impl WorkerArgs {
+    /// Who stops WasmEdge commands at their deadline (`--wasmedge-interruptible`).
+    pub fn wasmedge_deadlines(&self) -> wasmbox_protocol::Deadlines {
+        if self.wasmedge_interruptible {
+            wasmbox_protocol::Deadlines::Engine
+        } else {
+            wasmbox_protocol::Deadlines::Process
+        }
+    }
+}
+
 /// Where a worker finds its socket.
 pub const DEFAULT_SOCKET_FD: RawFd = 3;
 
@@ -158,7 +174,12 @@ pub fn run(args: WorkerArgs, mut applied: harden::Applied) -> Result<(), WorkerE
         }
         #[cfg(feature = "wasmedge")]
         "wasmedge" => {
-            let engine = engine::wasmedge::WasmEdgeEngine::new().map_err(WorkerError::Engine)?;
+            let engine = match zygote::take_prepared_wasmedge() {
+                Some(engine) => engine,
+                None => {
+                    engine::wasmedge::WasmEdgeEngine::new(args.wasmedge_deadlines()).map_err(WorkerError::Engine)?
+                }
+            };
             serve_on(engine, socket, &args, supervisor, applied)
         }
         other => Err(WorkerError::UnknownEngine(other.into())),
@@ -184,7 +205,7 @@ pub fn run_one_shot(args: &WorkerArgs) -> anyhow::Result<u8> {
     match args.engine.as_str() {
         "wasmtime" => oneshot::run(engine::wasmtime::WasmtimeEngine::new(false)?, &job),
         #[cfg(feature = "wasmedge")]
-        "wasmedge" => oneshot::run(engine::wasmedge::WasmEdgeEngine::new()?, &job),
+        "wasmedge" => oneshot::run(engine::wasmedge::WasmEdgeEngine::new(args.wasmedge_deadlines())?, &job),
         other => Err(WorkerError::UnknownEngine(other.into()).into()),
     }
 }
@@ -195,7 +216,7 @@ pub fn run_compile(args: &WorkerArgs) -> anyhow::Result<u8> {
     match args.engine.as_str() {
         "wasmtime" => compile::run(engine::wasmtime::WasmtimeEngine::new(false)?, args),
         #[cfg(feature = "wasmedge")]
-        "wasmedge" => compile::run(engine::wasmedge::WasmEdgeEngine::new()?, args),
+        "wasmedge" => compile::run(engine::wasmedge::WasmEdgeEngine::new(args.wasmedge_deadlines())?, args),
         other => Err(WorkerError::UnknownEngine(other.into()).into()),
     }
 }
@@ -222,7 +243,8 @@ pub fn run_compile_artifact(args: WorkerArgs, mut applied: harden::Applied) -> R
         }
         #[cfg(feature = "wasmedge")]
         "wasmedge" => {
-            let engine = engine::wasmedge::WasmEdgeEngine::new().map_err(WorkerError::Engine)?;
+            let engine =
+                engine::wasmedge::WasmEdgeEngine::new(args.wasmedge_deadlines()).map_err(WorkerError::Engine)?;
             compile::artifact(engine, &args, supervisor, applied)
         }
         other => Err(WorkerError::UnknownEngine(other.into())),

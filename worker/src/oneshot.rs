@@ -51,6 +51,15 @@ pub fn run<E: Engine>(engine: E, job: &OneShot) -> anyhow::Result<u8> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", job.module.display()))?;
     let mut stdin = Vec::new();
     std::io::stdin().read_to_end(&mut stdin)?;
+    if cache.engine().deadlines() == wasmbox_protocol::Deadlines::Process {
+        // The engine does not stop commands: this process ends at the deadline instead.
+        let timeout = job.timeout;
+        std::thread::Builder::new().name("deadline".into()).spawn(move || {
+            std::thread::sleep(timeout);
+            eprintln!("wasmbox-worker: {:?}", Outcome::DeadlineExceeded);
+            std::process::exit(i32::from(FAILED));
+        })?;
+    }
     let mut argv = vec![program_name(&job.module)];
     argv.extend(job.args.iter().cloned());
     let result = cache.engine().run(

@@ -38,6 +38,7 @@ pub fn serve<E: Engine>(
         pid: std::process::id(),
         cgroup,
         hardening,
+        deadlines: cache.engine().deadlines(),
     });
     write_frame(&mut writer, &hello, &[])?;
     loop {
@@ -100,7 +101,8 @@ fn invoke<E: Engine, R: Read, W: Write>(
             return Ok((result_header(&run, None, prepare_us), run, None));
         }
     };
-    if source != ModuleSource::Memory {
+    // Loading took its time (and the compile allowance's memory): say it is done.
+    if !cache.last_hit() {
         write_frame(writer, &FromWorker::Started, &[])?;
         if invocation.confirm_start {
             match read_frame::<_, ToWorker>(reader, 0)? {

@@ -56,6 +56,7 @@ pub fn serve(
         pid: std::process::id(),
         cgroup: args.initial_cgroup.clone(),
         hardening: vec!["zygote".into()],
+        deadlines: Default::default(),
     });
     write_frame(&mut writer, &hello, &[])?;
     loop {
@@ -205,6 +206,18 @@ fn child(
 /// The engine the zygote made before its first fork (see [`prepare_engine`]).
 static PREPARED: std::sync::Mutex<Option<crate::engine::wasmtime::Unstarted>> = std::sync::Mutex::new(None);
 
+/// The WasmEdge engine the zygote made (contexts only: WasmEdge starts no thread until
+/// a function is invoked asynchronously).
+#[cfg(feature = "wasmedge")]
+static PREPARED_WASMEDGE: std::sync::Mutex<Option<crate::engine::wasmedge::WasmEdgeEngine>> =
+    std::sync::Mutex::new(None);
+
+/// In a WasmEdge worker the zygote forked: the engine it inherited (once).
+#[cfg(feature = "wasmedge")]
+pub fn take_prepared_wasmedge() -> Option<crate::engine::wasmedge::WasmEdgeEngine> {
+    PREPARED_WASMEDGE.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
 /// In a worker the zygote forked: the engine it inherited, to start (once).
 pub fn take_prepared_engine() -> Option<crate::engine::wasmtime::Unstarted> {
     PREPARED.lock().unwrap_or_else(|p| p.into_inner()).take()
@@ -220,6 +233,25 @@ pub fn take_prepared_engine() -> Option<crate::engine::wasmtime::Unstarted> {
 /// dumpable for a moment to open its own pagemap (see [`own_pagemap`]), and only the
 /// filter keeps the other workers of that same uid from attaching to it then.
 fn prepare_engine(args: &WorkerArgs) -> Result<Option<RawFd>, WorkerError> {
+    #[cfg(feature = "wasmedge")]
+    if args.engine == "wasmedge" {
+        let before = open_fds().map_err(WorkerError::WorkDir)?;
+        let engine =
+            crate::engine::wasmedge::WasmEdgeEngine::new(args.wasmedge_deadlines()).map_err(WorkerError::Engine)?;
+        if let Some((fd, target)) = open_fds().map_err(WorkerError::WorkDir)?.into_iter().find(|n| !before.contains(n))
+        {
+            return Err(WorkerError::Engine(anyhow::anyhow!(
+                "the engine holds descriptor {fd} ({target}), which forked workers cannot keep"
+            )));
+        }
+        // Forking needs a single-threaded zygote.
+        let threads = std::fs::read_dir("/proc/self/task").map_err(WorkerError::WorkDir)?.count();
+        if threads != 1 {
+            return Err(WorkerError::Engine(anyhow::anyhow!("the engine started {} threads", threads - 1)));
+        }
+        *PREPARED_WASMEDGE.lock().unwrap_or_else(|p| p.into_inner()) = Some(engine);
+        return Ok(None);
+    }
     if args.engine != "wasmtime"
         || (!nix::unistd::geteuid().is_root() && args.hardening.seccomp == harden::SeccompMode::Off)
     {

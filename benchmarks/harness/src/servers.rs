@@ -144,7 +144,9 @@ pub async fn in_process(
                 start_thread(i, &rx, &cache_dir, || wasmbox_worker::engine::wasmtime::WasmtimeEngine::new(false))?
             }
             #[cfg(feature = "wasmedge")]
-            "wasmedge" => start_thread(i, &rx, &cache_dir, wasmbox_worker::engine::wasmedge::WasmEdgeEngine::new)?,
+            "wasmedge" => start_thread(i, &rx, &cache_dir, || {
+                wasmbox_worker::engine::wasmedge::WasmEdgeEngine::new(wasmbox_protocol::Deadlines::Process)
+            })?,
             other => anyhow::bail!("engine {other:?} is not in this build (WasmEdge: --features wasmedge)"),
         }
     }

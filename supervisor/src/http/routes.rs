@@ -381,7 +381,7 @@ pub(super) async fn open_files(
     let mut function = function;
     for attempt in 0..2 {
         match function.open_files() {
-            Ok(files) => match app.compiler.artifact(function.tenant(), &function.module, kind).await {
+            Ok(files) => match artifact(app, &function, kind).await {
                 Ok((file, compiled)) => return Ok(Opened { function, files, artifact: Artifact { file, compiled } }),
                 // Replaced since the registry hashed it: once more with the new one.
                 Err(crate::compiler::CompileError::Changed) if attempt == 0 => {
@@ -406,6 +406,20 @@ pub(super) async fn open_files(
         }
     }
     Err(ApiError::Internal("cannot open the function's module or preopened directories".into()))
+}
+
+/// The trusted compiler's artifact of `function`'s module, compiled now, or (an engine
+/// that interprets first) later while the worker interprets it.
+async fn artifact(
+    app: &App,
+    function: &Function,
+    kind: crate::compiler::Kind,
+) -> Result<(Option<Arc<crate::compiler::Artifact>>, bool), crate::compiler::CompileError> {
+    if app.compiler.interprets_first() {
+        app.compiler.artifact_or_later(function.tenant(), &function.module, kind).await
+    } else {
+        app.compiler.artifact(function.tenant(), &function.module, kind).await
+    }
 }
 
 /// What a caller hears about a config the server refused: which function, not why (the

@@ -120,6 +120,7 @@ mod tests {
             pid: 1,
             cgroup: "0::/\n".into(),
             hardening: vec!["pdeathsig".into()],
+            deadlines: Default::default(),
         })
     }
 

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use nix::sys::signal::Signal;
 use tokio::sync::{Notify, oneshot, watch};
-use wasmbox_protocol::{FrameError, FromWorker, Hello, Invocation, InvocationResult, PROTOCOL_VERSION, ToWorker};
+use wasmbox_protocol::{
+    Deadlines, FrameError, FromWorker, Hello, Invocation, InvocationResult, PROTOCOL_VERSION, ToWorker,
+};
 
 use self::connection::Connection;
 use self::spawn::{Process, Spawned, Spawner, WorkerLaunch};
@@ -271,6 +273,8 @@ pub struct Worker {
     tenant: Option<Tenant>,
     /// When it last became idle.
     idle_since: Instant,
+    /// Who stops its commands at their deadline (its hello).
+    deadlines: Deadlines,
 }
 
 /// A tenant's name, shared by the workers bound to it and the requests waiting for one.
@@ -901,6 +905,7 @@ impl Pool {
             invocations: 0,
             tenant: None,
             idle_since: Instant::now(),
+            deadlines: hello.deadlines,
         };
         Ok((child, worker, hello))
     }
@@ -1000,7 +1005,8 @@ impl Lease {
             Ok(mut done) => {
                 // Only a module the worker prepared is in its cache now: one that failed to
                 // compile or load is not, and must not make later calls look warm or cold.
-                if done.result.module_source.is_some() {
+                // One it interprets stays cold: its artifact is passed once there is one.
+                if done.result.module_source.is_some_and(|s| s != wasmbox_protocol::ModuleSource::Interpreted) {
                     worker.note_module(&hash, config.launch.module_cache_entries);
                 }
                 worker.invocations += 1;
@@ -1101,7 +1107,14 @@ async fn exchange(
         + if invocation.session.is_some() { config.compile_timeout } else { Duration::ZERO };
     let compile_allowance =
         if worker.modules.contains(&invocation.module_key()) { Duration::ZERO } else { config.compile_timeout };
-    let mut hard_deadline = tokio::time::Instant::now() + compile_allowance + timeout + config.kill_grace;
+    // A worker whose engine cannot stop a command is killed at the deadline itself: that
+    // kill is how the deadline is kept, not a backstop that waits for the engine.
+    let grace = if worker.deadlines == Deadlines::Process && invocation.session.is_none() {
+        Duration::ZERO
+    } else {
+        config.kill_grace
+    };
+    let mut hard_deadline = tokio::time::Instant::now() + compile_allowance + timeout + grace;
     let broken = |e: FrameError| match e {
         FrameError::Io(_) | FrameError::Truncated => Exchange::Lost(e.to_string()),
         other => Exchange::Protocol(format!("protocol violation: {other}")),
@@ -1126,7 +1139,7 @@ async fn exchange(
                         .map_err(|e| Exchange::Protocol(format!("cannot apply the invocation's memory limit: {e}")))?;
                     worker.conn.send(&ToWorker::Proceed).await.map_err(broken)?;
                 }
-                hard_deadline = tokio::time::Instant::now() + timeout + config.kill_grace;
+                hard_deadline = tokio::time::Instant::now() + timeout + grace;
             }
             Ok(Ok((FromWorker::Result(result), mut payload))) => {
                 let (out, err, snap) = (result.stdout_len, result.stderr_len, result.snapshot_len);
@@ -1201,6 +1214,7 @@ mod tests {
                 max_module_bytes: 1 << 20,
                 log_filter: "warn".into(),
                 log_json: false,
+                engine_args: Vec::new(),
                 hardening_args: Vec::new(),
                 hardening_layers: Vec::new(),
                 users: Vec::new(),
@@ -1254,6 +1268,7 @@ mod tests {
             invocations: 0,
             tenant: None,
             idle_since: Instant::now(),
+            deadlines: Deadlines::Engine,
         };
         let fake = tokio::spawn(async move {
             let started = wasmbox_protocol::encode_head(&FromWorker::Started, 0);

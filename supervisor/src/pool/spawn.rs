@@ -30,6 +30,8 @@ pub struct WorkerLaunch {
     /// Whether workers log JSON lines (LOG_FORMAT=json) or text, as the supervisor does:
     /// they share its stderr.
     pub log_json: bool,
+    /// Engine flags (`Config::engine_args`).
+    pub engine_args: Vec<String>,
     /// Hardening flags for `wasmbox-worker` (see `crate::hardening`).
     pub hardening_args: Vec<String>,
     /// Layers a worker's hello must report.
@@ -145,7 +147,7 @@ pub(super) fn spawn_worker(launch: &WorkerLaunch, slot: Option<usize>, placement
     if let Some(dir) = &launch.cache_dir {
         cmd.arg("--cache-dir").arg(dir);
     }
-    cmd.args(&launch.hardening_args);
+    cmd.args(&launch.engine_args).args(&launch.hardening_args);
     if let Some((uid, gid)) = slot.and_then(|slot| launch.users.get(slot)) {
         cmd.arg(format!("--user={uid}:{gid}"));
     }

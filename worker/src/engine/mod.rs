@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use wasmbox_protocol::{Outcome, Preopen};
+use wasmbox_protocol::{Deadlines, ModuleSource, Outcome, Preopen};
 
 pub use crate::harden::PathPolicy;
 
@@ -165,6 +165,19 @@ pub trait Engine {
     /// Validates and compiles a module held in memory.
     fn compile(&self, wasm: &[u8], kind: ModuleKind) -> Result<Self::Module, EngineError>;
 
+    /// Who stops a command at its deadline (see [`Deadlines`]). An engine that answers
+    /// `Process` does not stop commands itself: whoever runs it must.
+    fn deadlines(&self) -> Deadlines {
+        Deadlines::Engine
+    }
+
+    /// What a module compiled in memory by [`Engine::compile`] runs as: native code
+    /// (`Compiled`), or the engine's interpreter (`Interpreted`), which a native artifact
+    /// passed later replaces.
+    fn memory_source(&self) -> ModuleSource {
+        ModuleSource::Compiled
+    }
+
     /// How the engine reaches files once the worker is locked down; the seccomp filter
     /// allows just that. Engines that take descriptors keep the default.
     fn path_policy(&self) -> PathPolicy {
@@ -183,9 +196,10 @@ pub trait Engine {
         None
     }
 
-    /// Compiles `wasm` into a native artifact written at `artifact` (a new file).
-    fn precompile(&self, wasm: &[u8], artifact: &ArtifactFile<'_>) -> Result<(), EngineError> {
-        let _ = (wasm, artifact);
+    /// Compiles `wasm` into a native artifact written at `artifact` (a new file), for
+    /// running as `kind`.
+    fn precompile(&self, wasm: &[u8], kind: ModuleKind, artifact: &ArtifactFile<'_>) -> Result<(), EngineError> {
+        let _ = (wasm, kind, artifact);
         Err(EngineError::Unsupported("precompiling"))
     }
 

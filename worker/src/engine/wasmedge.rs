@@ -5,28 +5,35 @@
 //! - validation and linking at compile time: a module whose imports WASI does not provide,
 //!   or (a command) without a `_start: () -> ()`, is an invalid module, never a run-time
 //!   surprise;
-//! - AOT: where libwasmedge has its LLVM compiler, each module is compiled once into
-//!   WasmEdge's native format in the artifact directory (interruptible code, so deadlines
-//!   work), else the interpreter runs it;
-//! - per invocation a fresh store, executor and WASI instance: argv, env, preopens (through
-//!   the supervisor's descriptors, `/proc/self/fd/N/.`), stdin from a memfd, stdout and
-//!   stderr through pipes drained into the same [`Capture`]s as Wasmtime's;
+//! - native code only from the trusted compiler: tenant bytes are parsed by a loader in
+//!   interpreter mode, so an AOT section a tenant put into its own module is never loaded;
+//!   only artifact files (which the supervisor's compile processes wrote) go through the
+//!   loader in AOT mode. Where libwasmedge has no LLVM compiler the interpreter runs all;
+//! - deadlines: commands are compiled as plain native code, which cannot be interrupted,
+//!   and run on the serving thread; the supervisor kills the worker at the deadline
+//!   ([`Deadlines::Process`]). With `--wasmedge-interruptible` they are compiled with
+//!   interruption checks and stopped by WasmEdge's asynchronous invocation (wait, then
+//!   cancel) instead. Session steps are always compiled interruptible and stopped that way,
+//!   as their snapshot work follows the guest;
+//! - per worker, made once: loaders, validator, a store, and one executor per memory cap
+//!   in use. Per invocation only what must be fresh: a WASI instance (argv, env, preopens
+//!   through the supervisor's descriptors as `/proc/self/fd/N/.`) and the module instance.
+//!   Stdin is a memfd holding the body; stdout and stderr are memfds whose size is sealed
+//!   at the capture's bound, read back when the guest is done: no pipe, no thread;
 //! - linear memory capped at Memory-Request (the executor's maximum page count);
-//! - the deadline through WasmEdge's asynchronous invocation: wait for it, then cancel.
-//!   A function the engine cannot interrupt (inside a host call) is left to the
-//!   supervisor's hard kill;
 //! - session steps: the same fresh instance, driven by [`session::drive`] through the
 //!   memory and globals the rewritten module exports.
 
+use std::cell::RefCell;
 use std::ffi::{CStr, CString};
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::rc::Rc;
 use std::time::Instant;
 
-use wasmbox_protocol::Outcome;
 use wasmbox_protocol::snapshot::GlobalValue;
+use wasmbox_protocol::{Deadlines, ModuleSource, Outcome};
 use wasmedge_sys::ffi;
 
 use super::{ArtifactFile, Engine, EngineError, ModuleKind, PathPolicy, RunRequest, RunResult, bounded};
@@ -62,6 +69,7 @@ pub struct WasmEdgeModule {
     ast: Rc<Owned<ffi::WasmEdge_ASTModuleContext>>,
     /// Pages of the module's own linear memory at instantiation (its minimum).
     min_pages: u64,
+    kind: ModuleKind,
     /// The artifact the supervisor passed, kept open as long as the module: libwasmedge
     /// knows it by its `/proc/self/fd/N` path.
     _artifact: Option<Rc<std::fs::File>>,
@@ -69,14 +77,92 @@ pub struct WasmEdgeModule {
 
 /// WasmEdge behind the [`Engine`] trait.
 pub struct WasmEdgeEngine {
+    /// Parses tenant bytes, in interpreter mode: an AOT section inside them is ignored.
     loader: Owned<ffi::WasmEdge_LoaderContext>,
+    /// Loads the trusted compiler's artifacts, in AOT mode (where there is a compiler).
+    aot_loader: Option<Owned<ffi::WasmEdge_LoaderContext>>,
     validator: Owned<ffi::WasmEdge_ValidatorContext>,
     /// A WASI instance with nothing in it: the reference for which imports WASI provides.
     wasi_reference: Owned<ffi::WasmEdge_ModuleInstanceContext>,
-    /// The AOT compiler, where libwasmedge has one.
-    compiler: Option<Owned<ffi::WasmEdge_CompilerContext>>,
+    /// libwasmedge has its LLVM compiler (a compiler context is made per compile).
+    has_compiler: bool,
+    deadlines: Deadlines,
     version: String,
-    drain: std::sync::Mutex<OutputDrain>,
+    /// The store and executors invocations run in, made on first use (in the worker, not
+    /// in the zygote it was forked from).
+    runtime: RefCell<Runtime>,
+}
+
+// SAFETY: the engine's contexts are owned by it alone and used by one thread at a time;
+// libwasmedge's contexts are not tied to the thread that made them. The engine is moved to
+// another thread only as a whole (the zygote makes it, each forked worker's one thread
+// serves with it); `Rc`s inside modules never leave the thread that made them (modules are
+// not `Send`).
+unsafe impl Send for WasmEdgeEngine {}
+
+/// Executors kept, one per memory cap (WasmEdge fixes the page limit per executor).
+const MAX_EXECUTORS: usize = 8;
+
+/// What invocations reuse: one store, and an executor per memory cap, least recently used
+/// first out.
+#[derive(Default)]
+struct Runtime {
+    store: Option<Owned<ffi::WasmEdge_StoreContext>>,
+    executors: Vec<(u64, Owned<ffi::WasmEdge_ExecutorContext>)>,
+}
+
+impl Runtime {
+    /// The store and an executor whose memories grow to at most `max_pages`.
+    fn get(
+        &mut self,
+        max_pages: u64,
+    ) -> Result<(*mut ffi::WasmEdge_StoreContext, *mut ffi::WasmEdge_ExecutorContext), String> {
+        if self.store.is_none() {
+            // SAFETY: a fresh store, owned by the `Owned`.
+            self.store = Some(Owned::new(unsafe { ffi::WasmEdge_StoreCreate() }, ffi::WasmEdge_StoreDelete, "store")?);
+        }
+        let store = self.store.as_ref().map(|s| s.ptr).unwrap_or(std::ptr::null_mut());
+        if let Some(i) = self.executors.iter().position(|(pages, _)| *pages == max_pages) {
+            // Most recently used last.
+            let entry = self.executors.remove(i);
+            let executor = entry.1.ptr;
+            self.executors.push(entry);
+            return Ok((store, executor));
+        }
+        if self.executors.len() >= MAX_EXECUTORS {
+            self.executors.remove(0);
+        }
+        let conf = configuration(Some(max_pages), ffi::WasmEdge_RunMode_Interpreter)?;
+        // SAFETY: the executor copies the configuration; both are owned by `Owned`s.
+        let executor = Owned::new(
+            unsafe { ffi::WasmEdge_ExecutorCreate(conf.ptr, std::ptr::null_mut()) },
+            ffi::WasmEdge_ExecutorDelete,
+            "executor",
+        )?;
+        let ptr = executor.ptr;
+        self.executors.push((max_pages, executor));
+        Ok((store, ptr))
+    }
+}
+
+/// The configuration every context of this engine is made from: one linear memory (as
+/// with Wasmtime, so the cap covers all of the guest's), no threads, the given page cap
+/// and run mode.
+fn configuration(
+    max_pages: Option<u64>,
+    mode: ffi::WasmEdge_RunMode,
+) -> Result<Owned<ffi::WasmEdge_ConfigureContext>, String> {
+    // SAFETY: a fresh configuration, owned by the `Owned`, set up before anything reads it.
+    unsafe {
+        let conf = Owned::new(ffi::WasmEdge_ConfigureCreate(), ffi::WasmEdge_ConfigureDelete, "configuration")?;
+        ffi::WasmEdge_ConfigureRemoveProposal(conf.ptr, ffi::WasmEdge_Proposal_MultiMemories);
+        ffi::WasmEdge_ConfigureRemoveProposal(conf.ptr, ffi::WasmEdge_Proposal_Threads);
+        if let Some(pages) = max_pages {
+            ffi::WasmEdge_ConfigureSetMaxMemoryPage(conf.ptr, pages);
+        }
+        ffi::WasmEdge_ConfigureSetRunMode(conf.ptr, mode);
+        Ok(conf)
+    }
 }
 
 /// Set when WasmEdge refuses to grow a linear memory past its page limit: WasmEdge reports
@@ -189,36 +275,45 @@ const SOCKET_CALLS_WITH_V2: [&str; 11] = [
 ];
 
 impl WasmEdgeEngine {
-    pub fn new() -> anyhow::Result<Self> {
-        // SAFETY: creating and configuring fresh contexts; each is owned by an `Owned`.
+    /// An engine whose commands are stopped at their deadline as `deadlines` says: by the
+    /// supervisor killing the worker (`Process`: plain native code, the fast choice), or by
+    /// WasmEdge itself (`Engine`: code compiled with interruption checks).
+    pub fn new(deadlines: Deadlines) -> anyhow::Result<Self> {
+        // WasmEdge's own log goes through this callback (its default sink is stdout, which
+        // is /dev/null in a worker); warnings and errors, which carry the two facts
+        // WasmEdge gives no other way (a refused memory.grow, an artifact it would not run
+        // natively).
+        // SAFETY: installs a callback that only reads the message it is given.
         unsafe {
-            // WasmEdge's own log goes through this callback (its default sink is stdout,
-            // which is /dev/null in a worker); warnings and errors, which carry the two
-            // facts WasmEdge gives no other way (a refused memory.grow, an artifact it
-            // would not run natively).
             ffi::WasmEdge_LogSetCallback(Some(on_log));
             ffi::WasmEdge_LogSetLevel(ffi::WasmEdge_LogLevel_Warn);
-            let conf = Owned::new(ffi::WasmEdge_ConfigureCreate(), ffi::WasmEdge_ConfigureDelete, "configuration")
-                .map_err(anyhow::Error::msg)?;
-            // One linear memory, as with Wasmtime: the cap then covers all of the guest's.
-            ffi::WasmEdge_ConfigureRemoveProposal(conf.ptr, ffi::WasmEdge_Proposal_MultiMemories);
-            ffi::WasmEdge_ConfigureRemoveProposal(conf.ptr, ffi::WasmEdge_Proposal_Threads);
-            ffi::WasmEdge_ConfigureCompilerSetInterruptible(conf.ptr, true);
-            ffi::WasmEdge_ConfigureCompilerSetOptimizationLevel(conf.ptr, ffi::WasmEdge_CompilerOptimizationLevel_O2);
-            ffi::WasmEdge_ConfigureCompilerSetOutputFormat(conf.ptr, ffi::WasmEdge_CompilerOutputFormat_Native);
-            let compiler =
-                Owned::new(ffi::WasmEdge_CompilerCreate(conf.ptr), ffi::WasmEdge_CompilerDelete, "compiler").ok();
-            if compiler.is_some() {
-                // Only a loader in AOT mode runs a native artifact natively: in any other
-                // mode WasmEdge takes the Wasm embedded in it and interprets that.
-                ffi::WasmEdge_ConfigureSetRunMode(conf.ptr, ffi::WasmEdge_RunMode_AOT);
+        }
+        let interp = configuration(None, ffi::WasmEdge_RunMode_Interpreter).map_err(anyhow::Error::msg)?;
+        // SAFETY: each context copies the configuration it is made from and is owned by an
+        // `Owned`; the probing compiler is deleted at once.
+        unsafe {
+            let compiler = ffi::WasmEdge_CompilerCreate(interp.ptr);
+            let has_compiler = !compiler.is_null();
+            if has_compiler {
+                ffi::WasmEdge_CompilerDelete(compiler);
             } else {
                 tracing::warn!("libwasmedge has no AOT compiler: functions run in WasmEdge's interpreter");
             }
-            let loader = Owned::new(ffi::WasmEdge_LoaderCreate(conf.ptr), ffi::WasmEdge_LoaderDelete, "loader")
+            let loader = Owned::new(ffi::WasmEdge_LoaderCreate(interp.ptr), ffi::WasmEdge_LoaderDelete, "loader")
                 .map_err(anyhow::Error::msg)?;
+            let aot_loader = if has_compiler {
+                // Only a loader in AOT mode runs a native artifact natively: in any other
+                // mode WasmEdge takes the Wasm embedded in it and interprets that.
+                let aot = configuration(None, ffi::WasmEdge_RunMode_AOT).map_err(anyhow::Error::msg)?;
+                Some(
+                    Owned::new(ffi::WasmEdge_LoaderCreate(aot.ptr), ffi::WasmEdge_LoaderDelete, "AOT loader")
+                        .map_err(anyhow::Error::msg)?,
+                )
+            } else {
+                None
+            };
             let validator =
-                Owned::new(ffi::WasmEdge_ValidatorCreate(conf.ptr), ffi::WasmEdge_ValidatorDelete, "validator")
+                Owned::new(ffi::WasmEdge_ValidatorCreate(interp.ptr), ffi::WasmEdge_ValidatorDelete, "validator")
                     .map_err(anyhow::Error::msg)?;
             let wasi_reference = Owned::new(
                 ffi::WasmEdge_ModuleInstanceCreateWASI(std::ptr::null(), 0, std::ptr::null(), 0, std::ptr::null(), 0),
@@ -227,11 +322,29 @@ impl WasmEdgeEngine {
             )
             .map_err(anyhow::Error::msg)?;
             let version = CStr::from_ptr(ffi::WasmEdge_VersionGet()).to_string_lossy().into_owned();
-            let version = if compiler.is_some() { format!("{version}-aot") } else { format!("{version}-interp") };
-            // The contexts above copied the configuration; `conf` is freed here.
-            let drain = std::sync::Mutex::new(OutputDrain::start()?);
-            Ok(WasmEdgeEngine { loader, validator, wasi_reference, compiler, version, drain })
+            // Artifacts are keyed by this: plain and interruptible commands never mix.
+            let version = match (has_compiler, deadlines) {
+                (false, _) => format!("{version}-interp"),
+                (true, Deadlines::Process) => format!("{version}-aot"),
+                (true, Deadlines::Engine) => format!("{version}-aot-interruptible"),
+            };
+            Ok(WasmEdgeEngine {
+                loader,
+                aot_loader,
+                validator,
+                wasi_reference,
+                has_compiler,
+                deadlines,
+                version,
+                runtime: RefCell::new(Runtime::default()),
+            })
         }
+    }
+
+    /// Whether a run of `kind` is stopped by WasmEdge (asynchronous invocation, cancelled
+    /// at the deadline) rather than by the supervisor's kill.
+    fn engine_stops(&self, kind: ModuleKind) -> bool {
+        kind == ModuleKind::Session || self.deadlines == Deadlines::Engine
     }
 
     /// Validates a parsed module and checks that every import is one WASI provides with the
@@ -310,7 +423,7 @@ impl WasmEdgeEngine {
                 Some(_) => return Err(invalid("export `_start` is not a function () -> ()".into())),
                 None => return Err(invalid("module has no `_start` export (not a WASI command module)".into())),
             }
-            Ok(WasmEdgeModule { ast: Rc::new(ast), min_pages, _artifact: None })
+            Ok(WasmEdgeModule { ast: Rc::new(ast), min_pages, kind, _artifact: None })
         }
     }
 
@@ -339,6 +452,15 @@ impl Engine for WasmEdgeEngine {
         self.version.clone()
     }
 
+    fn deadlines(&self) -> Deadlines {
+        self.deadlines
+    }
+
+    fn memory_source(&self) -> ModuleSource {
+        // Tenant bytes are only ever interpreted; native code comes from artifacts.
+        ModuleSource::Interpreted
+    }
+
     fn compile(&self, wasm: &[u8], kind: ModuleKind) -> Result<WasmEdgeModule, EngineError> {
         if wasm.len() > u32::MAX as usize {
             return Err(EngineError::InvalidModule("module larger than 4 GiB".into()));
@@ -348,7 +470,7 @@ impl Engine for WasmEdgeEngine {
     }
 
     fn artifact_extension(&self) -> Option<&'static str> {
-        self.compiler.as_ref().map(|_| "so")
+        self.has_compiler.then_some("so")
     }
 
     fn path_policy(&self) -> PathPolicy {
@@ -357,21 +479,33 @@ impl Engine for WasmEdgeEngine {
         PathPolicy::Ambient
     }
 
-    fn precompile(&self, wasm: &[u8], artifact: &ArtifactFile<'_>) -> Result<(), EngineError> {
+    fn precompile(&self, wasm: &[u8], kind: ModuleKind, artifact: &ArtifactFile<'_>) -> Result<(), EngineError> {
         let artifact = artifact.path;
-        let Some(compiler) = &self.compiler else { return Err(EngineError::Unsupported("precompiling")) };
-        // Validate first: the compiler's own errors are less precise. The kind is not known
-        // here: `_start` is checked when the artifact is loaded (as with Wasmtime).
+        if !self.has_compiler {
+            return Err(EngineError::Unsupported("precompiling"));
+        }
+        // Validate first: the compiler's own errors are less precise. `_start` is checked
+        // when the artifact is loaded (as with Wasmtime).
         self.compile(wasm, ModuleKind::Session)?;
         let out = c_path(artifact)?;
-        // SAFETY: the compiler reads `wasm` and writes the native library at `out`.
+        let failed = |m: String| EngineError::Io { path: artifact.into(), source: std::io::Error::other(m) };
+        let conf = configuration(None, ffi::WasmEdge_RunMode_AOT).map_err(failed)?;
+        // SAFETY: a compiler made from a configuration owned here, used for one compile
+        // (reading `wasm`, writing the native library at `out`) and deleted.
         let res = unsafe {
+            // Interruption checks cost 3-4x on loops; only code WasmEdge must be able to
+            // stop carries them.
+            ffi::WasmEdge_ConfigureCompilerSetInterruptible(conf.ptr, self.engine_stops(kind));
+            ffi::WasmEdge_ConfigureCompilerSetOptimizationLevel(conf.ptr, ffi::WasmEdge_CompilerOptimizationLevel_O2);
+            ffi::WasmEdge_ConfigureCompilerSetOutputFormat(conf.ptr, ffi::WasmEdge_CompilerOutputFormat_Native);
+            let compiler = Owned::new(ffi::WasmEdge_CompilerCreate(conf.ptr), ffi::WasmEdge_CompilerDelete, "compiler")
+                .map_err(failed)?;
             ffi::WasmEdge_CompilerCompileFromBuffer(compiler.ptr, wasm.as_ptr(), wasm.len() as u64, out.as_ptr())
         };
         if !ok(res) {
             // The module validated above: this is the compiler or the file system failing,
             // and the cache falls back to compiling in memory.
-            return Err(EngineError::Io { path: artifact.into(), source: std::io::Error::other(message(res)) });
+            return Err(failed(message(res)));
         }
         Ok(())
     }
@@ -399,11 +533,12 @@ impl Engine for WasmEdgeEngine {
         let artifact = artifact.path;
         let path = c_path(artifact)?;
         let mut ast = std::ptr::null_mut();
+        let Some(loader) = &self.aot_loader else { return Err(EngineError::Unsupported("loading artifacts")) };
         AOT_FELL_BACK.store(false, std::sync::atomic::Ordering::Relaxed);
         // SAFETY: loading trusts the file to be native code produced by this engine version:
         // the module cache passes only artifacts from its own directory, owned by this uid
         // and not writable by others; WasmEdge checks the version recorded in the file.
-        let res = unsafe { ffi::WasmEdge_LoaderParseFromFile(self.loader.ptr, &mut ast, path.as_ptr()) };
+        let res = unsafe { ffi::WasmEdge_LoaderParseFromFile(loader.ptr, &mut ast, path.as_ptr()) };
         if !ok(res) {
             return Err(EngineError::StaleArtifact { path: artifact.into(), reason: message(res) });
         }
@@ -444,82 +579,43 @@ impl Engine for WasmEdgeEngine {
     }
 }
 
-/// Copies the guest's stdout and stderr pipes into their captures. One thread does it for
-/// the engine's lifetime (WasmEdge's WASI writes to descriptors, so someone must read the
-/// other ends while the guest runs), taking one invocation's pipes at a time: no thread is
-/// started per invocation. A strict capture that overflows makes it close that pipe, so
-/// the guest's next write fails (EPIPE) as with Wasmtime.
-struct OutputDrain {
-    jobs: std::sync::mpsc::Sender<[(OwnedFd, Capture); 2]>,
-    finished: std::sync::mpsc::Receiver<()>,
+/// A memfd the guest's stdout or stderr is written to. Its size is fixed, sealed, at the
+/// first page boundary past `bound`: writes stop there (the kernel refuses to grow it; a
+/// write that crosses the end is cut at it), so the file offset passes `bound` exactly
+/// when the guest wrote more than `bound` bytes, and the memory it can take is bounded.
+struct OutputFile {
+    file: std::fs::File,
+    size: u64,
 }
 
-impl OutputDrain {
-    fn start() -> std::io::Result<Self> {
-        let (jobs, job_rx) = std::sync::mpsc::channel::<[(OwnedFd, Capture); 2]>();
-        let (done, finished) = std::sync::mpsc::channel();
-        std::thread::Builder::new().name("wasmedge-output".into()).spawn(move || {
-            for pipes in job_rx {
-                drain_until_closed(pipes);
-                if done.send(()).is_err() {
-                    return;
-                }
-            }
-        })?;
-        Ok(OutputDrain { jobs, finished })
+impl OutputFile {
+    fn new(bound: u64) -> std::io::Result<Self> {
+        use nix::sys::memfd::{MFdFlags, memfd_create};
+        let fd = memfd_create(c"wasmbox-output", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
+        let file = std::fs::File::from(fd);
+        // Page-aligned, so every write the kernel splits into pages ends at or before it.
+        let size = bound.saturating_add(1).div_ceil(4096).saturating_mul(4096);
+        file.set_len(size)?;
+        let seals =
+            nix::fcntl::SealFlag::F_SEAL_GROW | nix::fcntl::SealFlag::F_SEAL_SHRINK | nix::fcntl::SealFlag::F_SEAL_SEAL;
+        nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_ADD_SEALS(seals))?;
+        Ok(OutputFile { file, size })
     }
 
-    /// Hands over one invocation's read ends; [`OutputDrain::wait`] returns once both saw
-    /// end of file (every write end closed) or were closed for overflowing.
-    fn begin(&self, stdout: (OwnedFd, Capture), stderr: (OwnedFd, Capture)) -> Result<(), String> {
-        self.jobs.send([stdout, stderr]).map_err(|_| "the output thread is gone".to_string())
+    /// Copies what the guest wrote into `capture`: all of it (a strict capture refuses
+    /// what passes its limit), or for a tail capture only its last `keep` bytes.
+    fn drain_into(&self, capture: &Capture, keep: Option<u64>) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let written = nix::unistd::lseek(&self.file, 0, nix::unistd::Whence::SeekCur)?;
+        let end = u64::try_from(written).unwrap_or(0).min(self.size);
+        let start = keep.map_or(0, |keep| end.saturating_sub(keep));
+        capture.skipped(start);
+        let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+        self.file.read_exact_at(&mut buf, start)?;
+        // A strict capture marks itself overflowed past its limit.
+        let _ = capture.append(&buf);
+        Ok(())
     }
-
-    fn wait(&self) {
-        // An error means the thread is gone, and the pipes with it: nothing left to wait for.
-        let _ = self.finished.recv();
-    }
-}
-
-/// Reads both pipes until each reaches end of file or overflows its capture.
-fn drain_until_closed(pipes: [(OwnedFd, Capture); 2]) {
-    use nix::poll::{PollFd, PollFlags, ppoll};
-    let mut open: Vec<(std::fs::File, Capture)> =
-        pipes.into_iter().map(|(fd, capture)| (std::fs::File::from(fd), capture)).collect();
-    let mut buf = vec![0u8; 64 * 1024];
-    while !open.is_empty() {
-        let mut ready = vec![false; open.len()];
-        {
-            let mut fds: Vec<PollFd<'_>> =
-                open.iter().map(|(f, _)| PollFd::new(f.as_fd(), PollFlags::POLLIN)).collect();
-            match ppoll(&mut fds, None, None) {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return,
-            }
-            for (i, fd) in fds.iter().enumerate() {
-                ready[i] = fd.revents().is_some_and(|r| !r.is_empty());
-            }
-        }
-        let mut i = 0;
-        open.retain_mut(|(file, capture)| {
-            let this = i;
-            i += 1;
-            if !ready[this] {
-                return true;
-            }
-            match file.read(&mut buf) {
-                Ok(0) => false,
-                Ok(n) => capture.append(&buf[..n]).is_ok(),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
-                Err(_) => false,
-            }
-        });
-    }
-}
-
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
 }
 
 /// Stdin as a memfd holding the request body, positioned at its start.
@@ -541,6 +637,9 @@ struct Guest {
     /// The memory cap, in pages (as the executor enforces it) and in bytes.
     max_pages: u64,
     memory_limit_bytes: u64,
+    /// WasmEdge stops the guest at its deadline (asynchronous invocation, cancelled); else
+    /// it runs on this thread until it ends or the supervisor kills the worker.
+    engine_stops: bool,
     /// `Instant::now() + request.timeout`, taken before instantiation.
     deadline: Instant,
 }
@@ -575,24 +674,30 @@ impl Guest {
         if global.is_null() { Err(format!("no export {name}")) } else { Ok(global) }
     }
 
-    /// Runs `func` (a `() -> ()` function of the instance) until it returns or `deadline`
-    /// passes. `Ok` when it returned; otherwise what ended it: `Exited` for a `proc_exit`
-    /// (whatever the code), the deadline, the memory cap (`memory_export` names the memory
-    /// whose size tells it) or a trap.
-    fn invoke(
+    /// Runs `func` on this thread to its end: the deadline is the supervisor's kill.
+    fn invoke_here(&self, func: *const ffi::WasmEdge_FunctionInstanceContext) -> (bool, ffi::WasmEdge_Result) {
+        // SAFETY: the executor and `func` are live (see `Guest`) and `func` takes no
+        // parameters and returns nothing.
+        let res =
+            unsafe { ffi::WasmEdge_ExecutorInvoke(self.executor, func, std::ptr::null(), 0, std::ptr::null_mut(), 0) };
+        (true, res)
+    }
+
+    /// Runs `func` on WasmEdge's asynchronous worker thread, cancelled at `deadline`; the
+    /// flag says whether it ended by itself. (WasmEdge offers cancellation only this way,
+    /// and starts a thread per call.)
+    fn invoke_async(
         &self,
         func: *const ffi::WasmEdge_FunctionInstanceContext,
         deadline: Instant,
-        memory_export: &str,
-    ) -> Result<(), Outcome> {
-        GROW_REFUSED.store(false, std::sync::atomic::Ordering::Relaxed);
+    ) -> Result<(bool, ffi::WasmEdge_Result), Outcome> {
         let millis = u64::try_from(deadline.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000))
             .unwrap_or(u64::MAX);
         // SAFETY: the executor and `func` are live (see `Guest`) and `func` takes no
         // parameters. The asynchronous job is owned by `job` and joined (`AsyncGet` waits for
         // the execution to end) before it is deleted and before this returns, so WasmEdge's
         // worker thread never touches the instance afterwards.
-        let (finished, res) = unsafe {
+        unsafe {
             let job = Owned::new(
                 ffi::WasmEdge_ExecutorAsyncInvoke(self.executor, func, std::ptr::null(), 0),
                 ffi::WasmEdge_AsyncDelete,
@@ -605,8 +710,23 @@ impl Guest {
             }
             // Waits for the execution to end (at once after a cancel at the next
             // interruption check).
-            (finished, ffi::WasmEdge_AsyncGet(job.ptr, std::ptr::null_mut(), 0))
-        };
+            Ok((finished, ffi::WasmEdge_AsyncGet(job.ptr, std::ptr::null_mut(), 0)))
+        }
+    }
+
+    /// Runs `func` (a `() -> ()` function of the instance) until it returns or `deadline`
+    /// passes. `Ok` when it returned; otherwise what ended it: `Exited` for a `proc_exit`
+    /// (whatever the code), the deadline, the memory cap (`memory_export` names the memory
+    /// whose size tells it) or a trap.
+    fn invoke(
+        &self,
+        func: *const ffi::WasmEdge_FunctionInstanceContext,
+        deadline: Instant,
+        memory_export: &str,
+    ) -> Result<(), Outcome> {
+        GROW_REFUSED.store(false, std::sync::atomic::Ordering::Relaxed);
+        let (finished, res) =
+            if self.engine_stops { self.invoke_async(func, deadline)? } else { self.invoke_here(func) };
         if ok(res) {
             if code(res) == TERMINATED {
                 // SAFETY: the WASI instance is live (see `Guest`).
@@ -699,28 +819,22 @@ impl WasmEdgeEngine {
         let (arg_ptrs, env_ptrs, preopen_ptrs) = (ptrs(&args), ptrs(&envs), ptrs(&preopens));
 
         let stdin = stdin_file(&request.stdin).map_err(|e| format!("stdin: {e}"))?;
-        let (out_read, out_write) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
-        let (err_read, err_write) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
-        let drain = self.drain.lock().unwrap_or_else(|p| p.into_inner());
-        drain.begin((out_read, stdout.clone()), (err_read, stderr.clone()))?;
+        let out_file = OutputFile::new(request.max_output_bytes).map_err(|e| format!("stdout: {e}"))?;
+        // Stderr keeps only its tail, but the guest may write as much as stdout may hold.
+        let err_file = OutputFile::new(request.max_output_bytes.max(64 << 10)).map_err(|e| format!("stderr: {e}"))?;
+        let mut runtime = self.runtime.borrow_mut();
+        let (store, executor) = runtime.get(max_pages)?;
+        let engine_stops = self.engine_stops(module.kind);
 
-        // SAFETY: every context below is created here, owned by an `Owned` dropped at the end
-        // of this block in reverse order (instances before the store and executor), and used
-        // only on this thread except by WasmEdge's own async worker, which is joined (waited
-        // for) before anything is dropped. The WASI instance borrows the three descriptors
-        // passed to it; they outlive it and are closed after it. `body` gets the contexts
-        // only through a `&Guest` that does not outlive its call.
+        // SAFETY: the store and executor are live for the engine's lifetime; the WASI and
+        // module instances are created here, owned by `Owned`s dropped at the end of this
+        // block in reverse order (the module instance before the WASI one it imports from;
+        // deleting the WASI instance unregisters it from the store). They are used only on
+        // this thread except by WasmEdge's own async worker, which is joined before anything
+        // is dropped. The WASI instance borrows the three descriptors passed to it; they
+        // outlive it. `body` gets the contexts only through a `&Guest` that does not outlive
+        // its call.
         let outcome = (|| unsafe {
-            let conf = Owned::new(ffi::WasmEdge_ConfigureCreate(), ffi::WasmEdge_ConfigureDelete, "configuration")?;
-            ffi::WasmEdge_ConfigureRemoveProposal(conf.ptr, ffi::WasmEdge_Proposal_MultiMemories);
-            ffi::WasmEdge_ConfigureRemoveProposal(conf.ptr, ffi::WasmEdge_Proposal_Threads);
-            ffi::WasmEdge_ConfigureSetMaxMemoryPage(conf.ptr, max_pages);
-            let store = Owned::new(ffi::WasmEdge_StoreCreate(), ffi::WasmEdge_StoreDelete, "store")?;
-            let executor = Owned::new(
-                ffi::WasmEdge_ExecutorCreate(conf.ptr, std::ptr::null_mut()),
-                ffi::WasmEdge_ExecutorDelete,
-                "executor",
-            )?;
             let wasi = Owned::new(
                 ffi::WasmEdge_ModuleInstanceCreateWASIWithFds(
                     arg_ptrs.as_ptr(),
@@ -730,40 +844,40 @@ impl WasmEdgeEngine {
                     preopen_ptrs.as_ptr(),
                     preopen_ptrs.len() as u32,
                     stdin.as_raw_fd(),
-                    out_write.as_raw_fd(),
-                    err_write.as_raw_fd(),
+                    out_file.file.as_raw_fd(),
+                    err_file.file.as_raw_fd(),
                 ),
                 ffi::WasmEdge_ModuleInstanceDelete,
                 "WASI module",
             )?;
-            let res = ffi::WasmEdge_ExecutorRegisterImport(executor.ptr, store.ptr, wasi.ptr);
+            let res = ffi::WasmEdge_ExecutorRegisterImport(executor, store, wasi.ptr);
             if !ok(res) {
                 return Err(format!("registering WASI: {}", message(res)));
             }
             let deadline = Instant::now() + request.timeout;
             let mut instance = std::ptr::null_mut();
-            let res = ffi::WasmEdge_ExecutorInstantiate(executor.ptr, &mut instance, store.ptr, module.ast.ptr);
+            let res = ffi::WasmEdge_ExecutorInstantiate(executor, &mut instance, store, module.ast.ptr);
             let outcome = if !ok(res) {
                 Outcome::Trapped { message: message(res) }
             } else {
                 let instance = Owned::new(instance, ffi::WasmEdge_ModuleInstanceDelete, "instance")?;
                 body(&Guest {
-                    executor: executor.ptr,
+                    executor,
                     wasi: wasi.ptr,
                     instance: instance.ptr,
                     max_pages,
                     memory_limit_bytes: request.memory_limit_bytes,
+                    engine_stops,
                     deadline,
                 })?
             };
             drop(wasi);
             Ok(outcome)
         })();
-        // WASI borrowed the three descriptors (it never closes them): with the instance gone,
-        // closing the write ends here lets the output thread see end of file, also when
-        // setting up the instance failed.
-        drop((stdin, out_write, err_write));
-        drain.wait();
+        drop(runtime);
+        out_file.drain_into(stdout, None).map_err(|e| format!("reading stdout: {e}"))?;
+        let tail = wasmbox_protocol::STDERR_TAIL_BYTES as u64;
+        err_file.drain_into(stderr, Some(tail)).map_err(|e| format!("reading stderr: {e}"))?;
         outcome
     }
 }
@@ -887,7 +1001,7 @@ mod tests {
 
     #[test]
     fn unknown_imports_and_missing_start_are_invalid_modules() {
-        let engine = WasmEdgeEngine::new().expect("libwasmedge");
+        let engine = WasmEdgeEngine::new(Deadlines::Process).expect("libwasmedge");
         let command = |wat: &str| engine.compile(&wat::parse_str(wat).unwrap(), ModuleKind::Command);
         let unknown = command(r#"(module (import "env" "launch" (func)) (func (export "_start")))"#);
         assert!(matches!(unknown, Err(EngineError::InvalidModule(m)) if m.contains("env::launch")));
@@ -899,7 +1013,7 @@ mod tests {
 
     #[test]
     fn a_module_without_start_is_a_session_module_but_not_a_command() {
-        let engine = WasmEdgeEngine::new().expect("libwasmedge");
+        let engine = WasmEdgeEngine::new(Deadlines::Process).expect("libwasmedge");
         let reactor = wat::parse_str(
             r#"(module (memory (export "__wasmbox_memory") 2) (func (export "_initialize")) (func (export "handle")))"#,
         )
@@ -951,7 +1065,7 @@ mod tests {
 
     #[test]
     fn session_state_survives_snapshots_and_steps_end_as_with_wasmtime() {
-        let engine = WasmEdgeEngine::new().expect("libwasmedge");
+        let engine = WasmEdgeEngine::new(Deadlines::Process).expect("libwasmedge");
         let instrumented = session::instrument::instrument(&wat::parse_str(SESSION).unwrap()).unwrap();
         let module = engine.compile(&instrumented.wasm, ModuleKind::Session).unwrap();
         let layout = &instrumented.layout;

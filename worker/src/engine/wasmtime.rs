@@ -215,7 +215,7 @@ impl Engine for WasmtimeEngine {
         }
     }
 
-    fn precompile(&self, wasm: &[u8], artifact: &ArtifactFile<'_>) -> Result<(), EngineError> {
+    fn precompile(&self, wasm: &[u8], _kind: ModuleKind, artifact: &ArtifactFile<'_>) -> Result<(), EngineError> {
         let bytes =
             self.engine.precompile_module(wasm).map_err(|e| EngineError::InvalidModule(bounded(format!("{e:#}"))))?;
         artifact
