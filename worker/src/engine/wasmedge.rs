@@ -999,6 +999,72 @@ mod tests {
     use std::time::Duration;
     use wasmbox_protocol::SessionOp;
 
+    /// A command that exits with `code`.
+    fn exits_with(code: u32) -> Vec<u8> {
+        wat::parse_str(format!(
+            r#"(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+                (memory (export "memory") 1)
+                (func (export "_start") (call $exit (i32.const {code}))))"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn native_code_a_tenant_puts_into_its_module_is_never_run() {
+        let engine = WasmEdgeEngine::new(Deadlines::Process).expect("libwasmedge");
+        if !engine.has_compiler {
+            return;
+        }
+        // WasmEdge's "universal" format: the module with its native code in a custom
+        // section named `wasmedge`. Made here for a module exiting 3...
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("universal.wasm");
+        let three = exits_with(3);
+        let conf = configuration(None, ffi::WasmEdge_RunMode_AOT).unwrap();
+        let path = CString::new(out.to_str().unwrap()).unwrap();
+        // SAFETY: a compiler made, used once and deleted here, writing to `path`.
+        let res = unsafe {
+            ffi::WasmEdge_ConfigureCompilerSetOutputFormat(conf.ptr, ffi::WasmEdge_CompilerOutputFormat_Wasm);
+            let compiler = Owned::new(ffi::WasmEdge_CompilerCreate(conf.ptr), ffi::WasmEdge_CompilerDelete, "c").unwrap();
+            ffi::WasmEdge_CompilerCompileFromBuffer(compiler.ptr, three.as_ptr(), three.len() as u64, path.as_ptr())
+        };
+        assert!(ok(res), "{}", message(res));
+        let universal = std::fs::read(&out).unwrap();
+        let mut native = None;
+        for payload in wasmparser::Parser::new(0).parse_all(&universal) {
+            if let Ok(wasmparser::Payload::CustomSection(section)) = payload {
+                if section.name() == "wasmedge" {
+                    native = Some(section.data().to_vec());
+                }
+            }
+        }
+        let native = native.expect("a universal module carries a `wasmedge` section");
+        // ...then put into a module that exits 4. A tenant can upload either.
+        let leb = |mut n: usize, out: &mut Vec<u8>| loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            out.push(if n == 0 { byte } else { byte | 0x80 });
+            if n == 0 {
+                break;
+            }
+        };
+        let mut content = Vec::new();
+        leb("wasmedge".len(), &mut content);
+        content.extend_from_slice(b"wasmedge");
+        content.extend_from_slice(&native);
+        let mut spliced = exits_with(4);
+        spliced.push(0);
+        leb(content.len(), &mut spliced);
+        spliced.extend_from_slice(&content);
+        for (wasm, code) in [(universal.clone(), 3), (spliced, 4)] {
+            let module = engine.compile(&wasm, ModuleKind::Command).expect("a valid module");
+            let argv = vec!["m".to_string()];
+            let run = engine.run(&module, RunRequest::bare(&argv, 1 << 20, Duration::from_secs(5), 1024));
+            // The module's own Wasm ran, interpreted: never the native code it carries.
+            assert_eq!(run.outcome, Outcome::Exited { code });
+        }
+    }
+
     #[test]
     fn unknown_imports_and_missing_start_are_invalid_modules() {
         let engine = WasmEdgeEngine::new(Deadlines::Process).expect("libwasmedge");
