@@ -77,6 +77,19 @@ pub fn test_engine() -> String {
     std::env::var("WASMBOX_TEST_ENGINE").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| "wasmtime".into())
 }
 
+/// Whether `engine` stops a command at its deadline itself (the worker serves on), or the
+/// supervisor kills the worker then (WasmEdge's plain native code, its default).
+pub fn engine_stops_commands(engine: &str) -> bool {
+    engine != "wasmedge"
+}
+
+/// The module source the first call of a never-compiled module reports on `engine`:
+/// WasmEdge interprets it while the trusted compiler builds its artifact; other engines
+/// wait for the compile.
+pub fn first_call_source(engine: &str) -> &'static str {
+    if engine == "wasmedge" { "interpreted" } else { "compiled" }
+}
+
 /// The `wasmbox` command with a clean environment: the built worker, the test engine, the
 /// shared artifact cache (each can be overridden with `.env`).
 pub fn wasmbox_command() -> Command {
@@ -426,6 +439,20 @@ impl Client {
         self.request(Method::GET, path, &[], Bytes::new()).await
     }
 
+    /// Calls `path` until it runs native code, not the interpreter (a module whose first
+    /// calls WasmEdge interprets while its artifact compiles), within 60 s; the reply that did.
+    pub async fn until_native(&self, path: &str) -> Result<Reply> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let r = self.get(path).await?;
+            if r.header("x-wasmbox-module-source") != Some("interpreted") {
+                return Ok(r);
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "{path} still interpreted after 60 s");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> Result<Reply> {
         self.request(Method::POST, path, &[], body.into()).await
     }
@@ -434,6 +461,11 @@ impl Client {
 impl Supervisor {
     pub fn client(&self) -> Client {
         Client { addr: self.addr }
+    }
+
+    /// [`Client::until_native`] on this supervisor.
+    pub async fn until_native(&self, path: &str) -> Result<Reply> {
+        self.client().until_native(path).await
     }
 
     /// A supervisor with two workers, on the engine `WASMBOX_TEST_ENGINE` names if the

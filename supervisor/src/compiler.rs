@@ -227,6 +227,9 @@ pub struct CompilerStats {
     pub compiles: u64,
     pub failures: u64,
     pub refused_artifacts: u64,
+    /// Compiles started in the background (their modules interpreted meanwhile) and not
+    /// finished yet.
+    pub compiling_in_background: u64,
 }
 
 type Tenants = HashMap<String, HashMap<String, Arc<Artifact>>>;
@@ -251,6 +254,16 @@ pub struct Compiler {
     compiles: AtomicU64,
     failures: AtomicU64,
     refused: AtomicU64,
+    background: Arc<AtomicU64>,
+}
+
+/// Counts a background compile until it ends, however it ends.
+struct Running(Arc<AtomicU64>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Verified artifacts remembered.
@@ -301,6 +314,7 @@ impl Compiler {
             compiles: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            background: Arc::new(AtomicU64::new(0)),
             config,
             spawner,
         })
@@ -317,6 +331,7 @@ impl Compiler {
             compiles: self.compiles.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             refused_artifacts: self.refused.load(Ordering::Relaxed),
+            compiling_in_background: self.background.load(Ordering::Relaxed),
         }
     }
 
@@ -369,10 +384,13 @@ impl Compiler {
                 return Ok((Some(found), false));
             }
             let (this, tenant, module) = (self.clone(), tenant.to_owned(), module.clone());
+            self.background.fetch_add(1, Ordering::Relaxed);
+            let running = Running(self.background.clone());
             tokio::spawn(async move {
-                // Failures are counted and logged by the compile; an invalid module is
-                // remembered and refused from then on.
-                let _ = this.prepare(&tenant, &module, kind).await;
+                let _running = running;
+                // The store was just looked in. Failures are counted and logged by the
+                // compile; an invalid module is remembered and refused from then on.
+                let _ = this.prepare_from(&tenant, &module, kind, false).await;
             });
         }
         Ok((None, false))
@@ -386,6 +404,17 @@ impl Compiler {
         module: &ModuleRef,
         kind: Kind,
     ) -> Result<(Option<Arc<Artifact>>, bool), CompileError> {
+        self.prepare_from(tenant, module, kind, true).await
+    }
+
+    /// [`Compiler::prepare`], looking in the store first or not (a caller that just did).
+    async fn prepare_from(
+        &self,
+        tenant: &str,
+        module: &ModuleRef,
+        kind: Kind,
+        look_in_store: bool,
+    ) -> Result<(Option<Arc<Artifact>>, bool), CompileError> {
         let key = kind.key(&module.sha256);
         if let Some(message) = lock(&self.invalid).get(&key) {
             return Err(CompileError::Invalid(message.clone()));
@@ -395,7 +424,7 @@ impl Compiler {
             let _one = gate.gate.lock().await;
             match self.recorded(tenant, &key) {
                 Some(found) => Ok((Some(found), false)),
-                None => match self.stored(tenant, module, kind).await {
+                None => match if look_in_store { self.stored(tenant, module, kind).await } else { None } {
                     Some(found) => Ok((Some(found), false)),
                     None => self.compile(tenant, module, kind).await,
                 },

@@ -361,12 +361,35 @@ fn prepared_programs(mode: SeccompMode, paths: PathPolicy) -> Result<Vec<BpfProg
     type Prepared = Vec<((SeccompMode, PathPolicy), Vec<BpfProgram>)>;
     static PREPARED: std::sync::Mutex<Prepared> = std::sync::Mutex::new(Vec::new());
     let mut prepared = PREPARED.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, programs)) = prepared.iter().find(|(key, _)| *key == (mode, paths)) {
-        return Ok(programs.clone());
-    }
-    let programs = seccomp_programs(mode, paths)?;
-    prepared.push(((mode, paths), programs.clone()));
+    let mut programs = match prepared.iter().find(|(key, _)| *key == (mode, paths)) {
+        Some((_, programs)) => programs.clone(),
+        None => {
+            let programs = allow_list_programs(mode, paths)?;
+            prepared.push(((mode, paths), programs.clone()));
+            programs
+        }
+    };
+    // Before the main filter, which forbids installing filters.
+    programs.insert(programs.len() - 1, own_signals_program(mode)?);
     Ok(programs)
+}
+
+/// A filter that kills the process on `tgkill` to any other process: the one rule that
+/// names this process, so it is built by each process for itself.
+fn own_signals_program(mode: SeccompMode) -> Result<BpfProgram, String> {
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())?;
+    let action = if mode == SeccompMode::Log { SeccompAction::Log } else { SeccompAction::KillProcess };
+    let pid = u64::from(std::process::id());
+    let other = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::Ne, pid).map_err(|e| e.to_string())?;
+    let rule = SeccompRule::new(vec![other]).map_err(|e| e.to_string())?;
+    let filter = SeccompFilter::new(
+        [(nix::libc::SYS_tgkill, vec![rule])].into_iter().collect(),
+        SeccompAction::Allow,
+        action,
+        arch,
+    )
+    .map_err(|e| e.to_string())?;
+    filter.try_into().map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
 /// Builds the workers' seccomp filters for `mode` ahead of time (see [`prepared_programs`]).
@@ -379,7 +402,15 @@ pub fn prepare_seccomp(mode: SeccompMode) -> Result<(), String> {
     Ok(())
 }
 
+/// The workers' seccomp filters for `mode` and `paths`, in the order they are installed.
 pub fn seccomp_programs(mode: SeccompMode, paths: PathPolicy) -> Result<Vec<BpfProgram>, String> {
+    let mut programs = allow_list_programs(mode, paths)?;
+    programs.insert(programs.len() - 1, own_signals_program(mode)?);
+    Ok(programs)
+}
+
+/// The filters that name no process: the allow-list and the `clone3` fallback.
+fn allow_list_programs(mode: SeccompMode, paths: PathPolicy) -> Result<Vec<BpfProgram>, String> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())?;
     let mismatch = match mode {
         SeccompMode::Log => SeccompAction::Log,
@@ -433,9 +464,10 @@ pub fn seccomp_programs(mode: SeccompMode, paths: PathPolicy) -> Result<Vec<BpfP
     // but there is no reason to allow one.
     let thread = libc::CLONE_THREAD as u64;
     rules.insert(libc::SYS_clone, vec![one(arg(0, SeccompCmpOp::MaskedEq(thread), thread)?)?]);
-    // Signals only to this process's own threads (abort, runtime wakeups).
-    let pid = u64::from(std::process::id());
-    rules.insert(libc::SYS_tgkill, vec![one(arg(0, SeccompCmpOp::Eq, pid)?)?]);
+    // Signals to this process's own threads only (abort, runtime wakeups): allowed here,
+    // and limited to this process by [`own_signals_program`], which is built in each
+    // process (this filter is built once in the zygote, whose pid is not its workers').
+    rules.insert(libc::SYS_tgkill, Vec::new());
     // Reading limits (thread stack size), never setting them.
     rules.insert(libc::SYS_prlimit64, vec![one(arg(2, SeccompCmpOp::Eq, 0)?)?]);
     // Unix socket pairs (async runtime wakeups); no other socket can be created.

@@ -213,8 +213,11 @@ async fn a_function_stuck_in_a_host_call_is_killed_by_the_supervisor() -> anyhow
         assert_eq!(reply.status, 504, "{}", reply.text());
         assert_eq!(reply.kind(), "deadline_exceeded");
         assert_eq!(reply.json()["worker_killed"], true, "{}", reply.text());
-        // Deadline 200 ms + grace 300 ms, and nowhere near the guest's 60 s sleep.
-        assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(5), "{cgroups}: {took:?}");
+        // Deadline 200 ms + grace 300 ms (none where the kill is how deadlines are kept),
+        // and nowhere near the guest's 60 s sleep.
+        let engine_stops = wasmbox_integration::engine_stops_commands(&wasmbox_integration::test_engine());
+        let least = Duration::from_millis(if engine_stops { 450 } else { 190 });
+        assert!(took >= least && took < Duration::from_secs(5), "{cgroups}: {took:?}");
         s.wait_pool_full(1, Duration::from_secs(10)).await?;
         assert_ne!(s.worker_pids(), vec![before], "{cgroups}: worker replaced");
         assert_eq!(s.post("/hello", "").await?.status, 200);

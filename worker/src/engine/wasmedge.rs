@@ -23,6 +23,19 @@
 //! - linear memory capped at Memory-Request (the executor's maximum page count);
 //! - session steps: the same fresh instance, driven by [`session::drive`] through the
 //!   memory and globals the rewritten module exports.
+//!
+//! Why the C API (`wasmedge_sys::ffi`) and not wasmedge-sdk 0.17's safe types, part by part:
+//! - configuration, loader, validator, module inspection: the SDK's `Config` and `Module`
+//!   keep their contexts private, so nothing made from them can reach the executor below;
+//!   and `ExternalInstanceType` panics on a tag import or export;
+//! - store and executor: neither SDK nor sys type exposes its context, which the
+//!   asynchronous invocation (the only cancellation WasmEdge has) needs; the SDK's own
+//!   timeout interrupts with a signal and `siglongjmp` through WasmEdge's C++ frames;
+//! - WASI: there is no wrapper for a WASI instance over chosen descriptors
+//!   (`WasmEdge_ModuleInstanceCreateWASIWithFds`);
+//! - memory and globals: reached from the instance above, a raw context;
+//! - log level and callback: not wrapped (the SDK only turns logging on or off);
+//! - the compiler: one call, kept beside the loader with the same configuration.
 
 use std::cell::RefCell;
 use std::ffi::{CStr, CString};
@@ -1025,7 +1038,8 @@ mod tests {
         // SAFETY: a compiler made, used once and deleted here, writing to `path`.
         let res = unsafe {
             ffi::WasmEdge_ConfigureCompilerSetOutputFormat(conf.ptr, ffi::WasmEdge_CompilerOutputFormat_Wasm);
-            let compiler = Owned::new(ffi::WasmEdge_CompilerCreate(conf.ptr), ffi::WasmEdge_CompilerDelete, "c").unwrap();
+            let compiler =
+                Owned::new(ffi::WasmEdge_CompilerCreate(conf.ptr), ffi::WasmEdge_CompilerDelete, "c").unwrap();
             ffi::WasmEdge_CompilerCompileFromBuffer(compiler.ptr, three.as_ptr(), three.len() as u64, path.as_ptr())
         };
         assert!(ok(res), "{}", message(res));
