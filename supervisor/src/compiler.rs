@@ -343,14 +343,19 @@ impl Compiler {
         module: &ModuleRef,
         kind: Kind,
     ) -> Result<(Option<Arc<Artifact>>, bool), CompileError> {
+        match self.known(tenant, module, kind) {
+            Some(known) => Ok((known, false)),
+            None => self.prepare(tenant, module, kind).await,
+        }
+    }
+
+    /// What is known without looking at the store: `Some(None)` when the engine keeps no
+    /// artifacts, `Some(artifact)` when one is recorded.
+    fn known(&self, tenant: &str, module: &ModuleRef, kind: Kind) -> Option<Option<Arc<Artifact>>> {
         if self.unsupported.load(Ordering::Relaxed) {
-            return Ok((None, false));
+            return Some(None);
         }
-        let key = kind.key(&module.sha256);
-        if let Some(found) = self.recorded(tenant, &key) {
-            return Ok((Some(found), false));
-        }
-        self.prepare(tenant, module, kind).await
+        self.recorded(tenant, &kind.key(&module.sha256)).map(Some)
     }
 
     /// Whether invocations run a module's first calls in the engine's interpreter rather
@@ -368,13 +373,10 @@ impl Compiler {
         module: &ModuleRef,
         kind: Kind,
     ) -> Result<(Option<Arc<Artifact>>, bool), CompileError> {
-        if self.unsupported.load(Ordering::Relaxed) {
-            return Ok((None, false));
+        if let Some(known) = self.known(tenant, module, kind) {
+            return Ok((known, false));
         }
         let key = kind.key(&module.sha256);
-        if let Some(found) = self.recorded(tenant, &key) {
-            return Ok((Some(found), false));
-        }
         if let Some(message) = lock(&self.invalid).get(&key) {
             return Err(CompileError::Invalid(message.clone()));
         }
