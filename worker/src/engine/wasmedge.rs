@@ -34,8 +34,10 @@
 //! - WASI: there is no wrapper for a WASI instance over chosen descriptors
 //!   (`WasmEdge_ModuleInstanceCreateWASIWithFds`);
 //! - memory and globals: reached from the instance above, a raw context;
-//! - log level and callback: not wrapped (the SDK only turns logging on or off);
-//! - the compiler: one call, kept beside the loader with the same configuration.
+//! - log level and callback: not wrapped (the SDK only turns logging on or off).
+//!
+//! The ahead-of-time compile is the one operation that stands alone, and it uses the SDK
+//! (`wasmedge_sdk::Compiler` with a `ConfigBuilder` configuration).
 
 use std::cell::RefCell;
 use std::ffi::{CStr, CString};
@@ -267,9 +269,14 @@ fn same_types(a: &[ffi::WasmEdge_ValType], b: &[ffi::WasmEdge_ValType]) -> bool 
 /// root is private to the supervisor's user). A relative path is therefore given through
 /// /proc/self/cwd: the same directory, reached without walking its parents.
 fn c_path(path: &Path) -> Result<CString, EngineError> {
-    let path = if path.is_relative() { Path::new("/proc/self/cwd").join(path) } else { path.to_path_buf() };
+    let path = reachable(path);
     CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| EngineError::Io { path: path.clone(), source: std::io::Error::other("NUL in path") })
+}
+
+/// `path` as WasmEdge should be given it (see [`c_path`]).
+fn reachable(path: &Path) -> std::path::PathBuf {
+    if path.is_relative() { Path::new("/proc/self/cwd").join(path) } else { path.to_path_buf() }
 }
 
 /// The WASI socket calls WasmEdge has in two versions (`lib/executor/instantiate/import.cpp`).
@@ -500,26 +507,33 @@ impl Engine for WasmEdgeEngine {
         // Validate first: the compiler's own errors are less precise. `_start` is checked
         // when the artifact is loaded (as with Wasmtime).
         self.compile(wasm, ModuleKind::Session)?;
-        let out = c_path(artifact)?;
+        let out = reachable(artifact);
         let failed = |m: String| EngineError::Io { path: artifact.into(), source: std::io::Error::other(m) };
-        let conf = configuration(None, ffi::WasmEdge_RunMode_AOT).map_err(failed)?;
-        // SAFETY: a compiler made from a configuration owned here, used for one compile
-        // (reading `wasm`, writing the native library at `out`) and deleted.
-        let res = unsafe {
-            // Interruption checks cost 3-4x on loops; only code WasmEdge must be able to
-            // stop carries them.
-            ffi::WasmEdge_ConfigureCompilerSetInterruptible(conf.ptr, self.engine_stops(kind));
-            ffi::WasmEdge_ConfigureCompilerSetOptimizationLevel(conf.ptr, ffi::WasmEdge_CompilerOptimizationLevel_O2);
-            ffi::WasmEdge_ConfigureCompilerSetOutputFormat(conf.ptr, ffi::WasmEdge_CompilerOutputFormat_Native);
-            let compiler = Owned::new(ffi::WasmEdge_CompilerCreate(conf.ptr), ffi::WasmEdge_CompilerDelete, "compiler")
-                .map_err(failed)?;
-            ffi::WasmEdge_CompilerCompileFromBuffer(compiler.ptr, wasm.as_ptr(), wasm.len() as u64, out.as_ptr())
+        // WasmEdge's safe API covers this whole operation: the configuration (the same
+        // proposals as `configuration`) and the compile. It names its output `<stem>.so`.
+        let (Some(dir), Some(stem)) = (out.parent(), out.file_stem().and_then(|s| s.to_str())) else {
+            return Err(failed("an artifact path needs a directory and a name".into()));
         };
-        if !ok(res) {
-            // The module validated above: this is the compiler or the file system failing,
-            // and the cache falls back to compiling in memory.
-            return Err(failed(message(res)));
+        if out.extension().and_then(|e| e.to_str()) != Some("so") {
+            return Err(failed("WasmEdge artifacts end in .so".into()));
         }
+        use wasmedge_sdk::config::{CommonConfigOptions, CompilerConfigOptions, ConfigBuilder};
+        use wasmedge_sdk::{CompilerOptimizationLevel, CompilerOutputFormat};
+        let config = ConfigBuilder::new(CommonConfigOptions::default().multi_memories(false).threads(false))
+            .with_compiler_config(
+                CompilerConfigOptions::new()
+                    // Interruption checks cost 3-4x on loops; only code WasmEdge must be able
+                    // to stop carries them.
+                    .interruptible(self.engine_stops(kind))
+                    .optimization_level(CompilerOptimizationLevel::O2)
+                    .out_format(CompilerOutputFormat::Native),
+            )
+            .build()
+            .map_err(|e| failed(e.to_string()))?;
+        let compiler = wasmedge_sdk::Compiler::new(Some(&config)).map_err(|e| failed(e.to_string()))?;
+        // The module validated above: a failure here is the compiler or the file system,
+        // and the cache falls back to compiling in memory.
+        compiler.compile_from_bytes(wasm, stem, dir).map_err(|e| failed(bounded(e.to_string())))?;
         Ok(())
     }
 
