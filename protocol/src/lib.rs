@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 pub mod snapshot;
 
 /// Bumped whenever a message changes shape. Supervisor and worker must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// First bytes of every frame; a stream that loses sync fails fast on the next frame.
 pub const MAGIC: [u8; 4] = *b"WBX\x01";
@@ -263,8 +263,6 @@ pub struct Invocation {
     pub memory_limit_bytes: u64,
     /// Wall-clock deadline for the guest, from the moment it starts.
     pub timeout_ms: u64,
-    /// CPU share in millicores (1000 = one CPU); enforced by the worker's cgroup.
-    pub cpu_quota_millis: u64,
     /// Cap on captured stdout and on retained stderr, each.
     pub max_output_bytes: u64,
     /// After compiling or loading the module (when it sends `Started`), wait for `Proceed`
@@ -461,7 +459,6 @@ mod tests {
             preopens: vec![Preopen { host: "/data".into(), guest: "/data".into(), read_only: true }],
             memory_limit_bytes: 64 << 20,
             timeout_ms: 1000,
-            cpu_quota_millis: 1000,
             max_output_bytes: 1 << 20,
             confirm_start: true,
             passed_fds: 2,

@@ -139,13 +139,13 @@ fn invocation() -> BoxedStrategy<Invocation> {
     });
     (
         (text(), text(), module, vec(text(), 0..4), vec((text(), text()), 0..4), vec(preopen, 0..3)),
-        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>(), any::<u32>(), any::<bool>()),
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>(), any::<u32>(), any::<bool>()),
         session(),
     )
         .prop_map(
             |(
                 (request_id, function, module, argv, env, preopens),
-                (mem, timeout, cpu, out, confirm, passed_fds, artifact),
+                (mem, timeout, out, confirm, passed_fds, artifact),
                 session,
             )| {
                 Invocation {
@@ -157,7 +157,6 @@ fn invocation() -> BoxedStrategy<Invocation> {
                     preopens,
                     memory_limit_bytes: mem,
                     timeout_ms: timeout,
-                    cpu_quota_millis: cpu,
                     max_output_bytes: out,
                     confirm_start: confirm,
                     passed_fds,

@@ -9,7 +9,6 @@ use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Parser, ValueEnum};
 
 use crate::cgroup::{CgroupMode, CgroupSettings};
-use crate::hardening::SeccompMode;
 
 /// WasmBox: a serverless runtime multiplexer for WebAssembly. Serves WASI functions over
 /// HTTP, running each invocation in a pre-forked, sandboxed worker process.
@@ -557,7 +556,6 @@ impl Config {
         }
         self.cgroup_settings()?;
         self.engine()?;
-        crate::hardening::WorkerHardening::resolve(self)?;
         if limits.default_cpu_quota < crate::cgroup::MIN_CPU_QUOTA_MILLIS {
             return Err(ConfigError(format!(
                 "WASMBOX_DEFAULT_CPU_QUOTA must be at least {} millicores",
@@ -590,7 +588,6 @@ impl Config {
 
     /// The HTTP front end's settings (`crate::http`).
     fn validate_http(&self) -> Result<(), ConfigError> {
-        use crate::http::{MAX_CONNECTIONS_CEILING, MAX_HEADER_BYTES_CEILING, MIN_HEADER_BYTES};
         if self.header_read_timeout_ms == 0 {
             return Err(ConfigError(
                 "WASMBOX_HEADER_READ_TIMEOUT_MS must be at least 1: it also bounds idle connections".into(),
@@ -627,14 +624,37 @@ impl Config {
         }
         Ok(())
     }
+}
 
-    /// How slow a client may be: body reads and response writes.
-    pub fn client_bounds(&self) -> (crate::http::io::WriteBounds, crate::http::io::WriteBounds) {
-        use crate::http::io::WriteBounds;
-        let bounds = |ms| WriteBounds { timeout: Duration::from_millis(ms), min_rate: self.min_data_rate };
-        (bounds(self.body_read_timeout_ms), bounds(self.response_write_timeout_ms))
+/// How a seccomp violation is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompMode {
+    /// Kill the worker with SIGSYS: the request gets 502 `seccomp_violation`.
+    Enforce,
+    /// Allow the syscall but have the kernel log it (audit log / dmesg).
+    Log,
+    /// No filter.
+    Off,
+}
+
+impl SeccompMode {
+    pub(crate) fn flag(self) -> &'static str {
+        match self {
+            SeccompMode::Enforce => "enforce",
+            SeccompMode::Log => "log",
+            SeccompMode::Off => "off",
+        }
     }
 }
+
+/// Smallest `WASMBOX_MAX_HEADER_BYTES`: hyper's floor for its read buffer, and what ordinary
+/// clients (cookies, bearer tokens) need.
+pub const MIN_HEADER_BYTES: usize = 8192;
+/// Largest `WASMBOX_MAX_HEADER_BYTES`: below hyper's default read buffer limit (about
+/// 400 KiB), so the configured limit is always the one that applies.
+pub const MAX_HEADER_BYTES_CEILING: usize = 256 << 10;
+/// Largest `WASMBOX_MAX_CONNECTIONS`.
+pub const MAX_CONNECTIONS_CEILING: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {

@@ -6,28 +6,7 @@
 
 use std::fmt;
 
-use crate::config::{Config, ConfigError};
-
-/// How a seccomp violation is treated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SeccompMode {
-    /// Kill the worker with SIGSYS: the request gets 502 `seccomp_violation`.
-    Enforce,
-    /// Allow the syscall but have the kernel log it (audit log / dmesg).
-    Log,
-    /// No filter.
-    Off,
-}
-
-impl SeccompMode {
-    fn flag(self) -> &'static str {
-        match self {
-            SeccompMode::Enforce => "enforce",
-            SeccompMode::Log => "log",
-            SeccompMode::Off => "off",
-        }
-    }
-}
+use crate::config::{Config, ConfigError, SeccompMode};
 
 /// The unprivileged user workers switch to.
 #[derive(Debug, Clone, PartialEq, Eq)]

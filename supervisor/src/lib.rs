@@ -1,16 +1,19 @@
 //! WasmBox supervisor: takes HTTP invocations and runs each in a pre-forked worker
 //! process from a pool. No tenant code ever runs in this process.
 
+pub mod budget;
 pub mod cgroup;
 pub mod cli;
 pub mod compiler;
 pub mod config;
 pub mod hardening;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod pool;
 pub mod readiness;
 pub mod registry;
+pub mod service;
 pub mod sessions;
 pub mod usage;
 
@@ -26,8 +29,7 @@ use tokio::net::TcpListener;
 
 use crate::cgroup::{Cgroups, Description};
 use crate::config::{Config, LimitDefaults};
-use crate::pool::spawn::WorkerLaunch;
-use crate::pool::{Pool, PoolConfig, PoolStatus};
+use crate::pool::{Pool, PoolConfig, PoolStatus, ProcessLauncher, Spawner, WorkerLaunch};
 use crate::registry::Registry;
 use crate::usage::UsageLedger;
 
@@ -98,7 +100,7 @@ pub struct App {
     /// Open client connections against `WASMBOX_MAX_CONNECTIONS` and its reserve.
     pub connections: Arc<http::Connections>,
     /// Bytes held for clients against `WASMBOX_MAX_BUFFERED_BYTES`.
-    pub buffers: Arc<http::budget::Budget>,
+    pub buffers: Arc<budget::Budget>,
     /// Serializes module uploads and deletions (the admin API).
     pub admin: tokio::sync::Mutex<()>,
     /// Stateful sessions and their durable snapshots.
@@ -158,13 +160,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     // logged) must mean a clean stop, not death by the default action.
     let signals = shutdown_signals();
     config.validate()?;
+    let hardening = hardening::WorkerHardening::resolve(&config)?;
     let worker_bin = worker_binary(&config)?;
     let registry = Registry::new(&config.functions_dir, config.max_module_bytes)
         .map_err(|source| StartError::FunctionsDir { path: config.functions_dir.clone(), source })?;
     if !registry.dir().is_dir() {
         tracing::warn!(dir = %registry.dir().display(), "functions directory does not exist yet; every function is 404 until it does");
     }
-    http::admin::remove_stale_uploads(registry.dir());
+    service::admin::remove_stale_uploads(registry.dir());
     if config.admin_token().is_some() {
         tracing::info!("module management API on at /admin/functions (bearer token from WASMBOX_ADMIN_TOKEN)");
     }
@@ -185,7 +188,6 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&cache_dir);
     }
     let registry = registry.protect(&[("cache", &cache_dir), ("state", &state_dir)]);
-    let hardening = hardening::WorkerHardening::resolve(&config)?;
     tracing::info!("worker hardening: {hardening}");
     // The supervisor's memory cgroup as the container runtime made it, before the
     // supervisor moves itself into a leaf beside its workers (cgroup v2).
@@ -205,23 +207,33 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         .map(|c| (0..config.compiler_count()).filter_map(|i| c.compiler(i).cloned()).collect())
         .unwrap_or_default();
     let compiler_config = compiler::CompilerConfig::new(&config, &hardening, worker_bin.clone(), compiler_cgroups)?;
+    let launch = WorkerLaunch {
+        binary: worker_bin,
+        engine: config.engine()?.name().into(),
+        // Workers write no artifacts: the compiler does, and passes them.
+        cache_dir: None,
+        module_cache_entries: config.worker_module_cache,
+        max_module_bytes: config.max_module_bytes,
+        log_filter: worker_log_filter(),
+        log_json: config.log_format == config::LogFormat::Json,
+        engine_args: config.engine_args(),
+        hardening_args: hardening.worker_args(),
+        hardening_layers: hardening.expected_layers(),
+        users,
+    };
+    // Every worker and compile process is forked from this one thread.
+    let spawner = match Spawner::start(tokio::runtime::Handle::current()) {
+        Ok(spawner) => spawner,
+        Err(source) => {
+            remove_cgroups(cgroups.take()).await;
+            return Err(pool::SpawnError::Spawn { binary: launch.binary.display().to_string(), source }.into());
+        }
+    };
+    let launcher = Arc::new(ProcessLauncher::new(launch.clone(), spawner.clone(), config.zygote));
     let pool_config = PoolConfig {
         size: config.worker_count(),
         queue_depth: config.queue_depth,
-        launch: WorkerLaunch {
-            binary: worker_bin,
-            engine: config.engine()?.name().into(),
-            // Workers write no artifacts: the compiler does, and passes them.
-            cache_dir: None,
-            module_cache_entries: config.worker_module_cache,
-            max_module_bytes: config.max_module_bytes,
-            log_filter: worker_log_filter(),
-            log_json: config.log_format == config::LogFormat::Json,
-            engine_args: config.engine_args(),
-            hardening_args: hardening.worker_args(),
-            hardening_layers: hardening.expected_layers(),
-            users,
-        },
+        launch,
         handshake_timeout: Duration::from_secs(30),
         kill_grace: Duration::from_millis(config.kill_grace_ms),
         compile_timeout: Duration::from_millis(config.compile_timeout_ms),
@@ -238,7 +250,6 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         isolate_tenants: config.tenancy == config::Tenancy::Isolated,
         spare_workers: config.spare_workers,
         spare_after_idle: Duration::from_millis(config.spare_after_idle_ms),
-        zygote: config.zygote,
     };
     tracing::info!(
         workers = pool_config.size,
@@ -249,14 +260,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         worker_bin = %pool_config.launch.binary.display(),
         "starting worker pool"
     );
-    let pool = match Pool::start(pool_config).await {
+    let pool = match Pool::start(pool_config, launcher).await {
         Ok(pool) => pool,
         Err(e) => {
             remove_cgroups(cgroups.take()).await;
             return Err(e.into());
         }
     };
-    let compiler = match compiler::Compiler::new(compiler_config, pool.spawner()) {
+    let compiler = match compiler::Compiler::new(compiler_config, spawner) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             pool.shutdown(Duration::from_secs(1)).await;
@@ -298,7 +309,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         metrics: metrics::Metrics::new(),
         load: Arc::new(readiness::Readiness::new(config.readiness())),
         connections: Arc::new(http::Connections::new(config.max_connections, config.reserve_connections as usize)),
-        buffers: http::budget::Budget::new(config.max_buffered_bytes),
+        buffers: budget::Budget::new(config.max_buffered_bytes),
         admin: tokio::sync::Mutex::new(()),
         sessions: Arc::new(session_store),
         draining: AtomicBool::new(false),

@@ -230,30 +230,20 @@ fn valid_limits() -> BoxedStrategy<(FunctionLimits, LimitDefaults)> {
         .boxed()
 }
 
-/// The documented behaviour of one limit, written out independently: a header given once
-/// as a positive decimal integer (blanks around it allowed) and within the tighter maximum
-/// is taken as is; absent, the function's default or else the server's applies, capped at
-/// that maximum; anything else is refused.
-fn expected_limit(
-    pairs: &[(String, Vec<u8>)],
-    header: &str,
-    fn_default: Option<u64>,
-    default: u64,
-    fn_max: Option<u64>,
-    max: u64,
-) -> Result<u64, ()> {
-    let cap = fn_max.map_or(max, |m| m.min(max));
+/// The documented syntax of one limit header, written out independently: absent, or given
+/// once as a positive decimal integer (blanks around it allowed) that fits 64 bits.
+fn expected_syntax(pairs: &[(String, Vec<u8>)], header: &str) -> Result<Option<u64>, ()> {
     let values: Vec<&[u8]> =
         pairs.iter().filter(|(n, _)| n.eq_ignore_ascii_case(header)).map(|(_, v)| v.as_slice()).collect();
     match values.as_slice() {
-        [] => Ok(fn_default.unwrap_or(default).min(cap)),
+        [] => Ok(None),
         [value] => {
             let text = std::str::from_utf8(value).map_err(drop)?.trim_matches([' ', '\t']);
             if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(());
             }
             match text.parse::<u64>() {
-                Ok(n) if n >= 1 && n <= cap => Ok(n),
+                Ok(n) if n >= 1 => Ok(Some(n)),
                 _ => Err(()),
             }
         }
@@ -261,22 +251,43 @@ fn expected_limit(
     }
 }
 
+/// The documented resolution of one limit: a value asked for within the tighter maximum
+/// is taken as is; absent, the function's default or else the server's applies, capped at
+/// that maximum; anything else is refused.
+fn expected_bound(
+    asked: Option<u64>,
+    fn_default: Option<u64>,
+    default: u64,
+    fn_max: Option<u64>,
+    max: u64,
+) -> Result<u64, ()> {
+    let cap = fn_max.map_or(max, |m| m.min(max));
+    match asked {
+        None => Ok(fn_default.unwrap_or(default).min(cap)),
+        Some(n) if n <= cap => Ok(n),
+        Some(_) => Err(()),
+    }
+}
+
+/// Every header's syntax is checked first (cpu, memory, timeout), then each value against
+/// its bounds in the same order.
 fn expected_limits(
     pairs: &[(String, Vec<u8>)],
     f: &FunctionLimits,
     s: &LimitDefaults,
 ) -> Result<InvocationLimits, &'static str> {
-    let cpu = expected_limit(pairs, CPU_QUOTA, f.cpu_quota, s.default_cpu_quota, f.max_cpu_quota, s.max_cpu_quota)
+    let cpu = expected_syntax(pairs, CPU_QUOTA).map_err(|()| CPU_QUOTA)?;
+    let memory = expected_syntax(pairs, MEMORY_REQUEST).map_err(|()| MEMORY_REQUEST)?;
+    let timeout = expected_syntax(pairs, TIMEOUT_MS).map_err(|()| TIMEOUT_MS)?;
+    let cpu = expected_bound(cpu, f.cpu_quota, s.default_cpu_quota, f.max_cpu_quota, s.max_cpu_quota)
         .map_err(|()| CPU_QUOTA)?;
     if cpu < MIN_CPU_QUOTA_MILLIS {
         return Err(CPU_QUOTA);
     }
-    let memory =
-        expected_limit(pairs, MEMORY_REQUEST, f.memory_mb, s.default_memory_mb, f.max_memory_mb, s.max_memory_mb)
-            .map_err(|()| MEMORY_REQUEST)?;
-    let timeout =
-        expected_limit(pairs, TIMEOUT_MS, f.timeout_ms, s.default_timeout_ms, f.max_timeout_ms, s.max_timeout_ms)
-            .map_err(|()| TIMEOUT_MS)?;
+    let memory = expected_bound(memory, f.memory_mb, s.default_memory_mb, f.max_memory_mb, s.max_memory_mb)
+        .map_err(|()| MEMORY_REQUEST)?;
+    let timeout = expected_bound(timeout, f.timeout_ms, s.default_timeout_ms, f.max_timeout_ms, s.max_timeout_ms)
+        .map_err(|()| TIMEOUT_MS)?;
     Ok(InvocationLimits { cpu_quota_millis: cpu, memory_mb: memory, timeout_ms: timeout })
 }
 

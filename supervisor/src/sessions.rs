@@ -42,17 +42,13 @@ pub struct Quota {
 }
 
 /// A limit a new session or a new state would pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum QuotaError {
     /// `scope` is "server" or "function".
-    Sessions {
-        scope: &'static str,
-        max: usize,
-    },
-    Bytes {
-        scope: &'static str,
-        limit: u64,
-    },
+    #[error("the {scope}'s maximum of {max} sessions is reached")]
+    Sessions { scope: &'static str, max: usize },
+    #[error("the {scope}'s {limit} bytes of session state would be passed")]
+    Bytes { scope: &'static str, limit: u64 },
 }
 
 /// Sessions and stored bytes, counted per function and in total.

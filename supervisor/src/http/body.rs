@@ -12,9 +12,9 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
 
-use super::budget::{Budget, Held};
 use super::error::ApiError;
 use super::io::WriteBounds;
+use crate::budget::{Budget, Held};
 
 /// How much budget a body of unknown length (chunked) takes at a time.
 const GRANULE: u64 = 64 << 10;

@@ -1,10 +1,17 @@
-//! Every error a client can get, and the one place that maps it to an HTTP status.
+//! Every error a client can get, the one place that maps it to an HTTP status, and the one
+//! place domain errors (the service layer's, a worker's outcome) become one of them.
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use http_body_util::Full;
 use hyper::Response;
 use serde_json::{Map, Value, json};
+use wasmbox_protocol::Outcome;
+
+use crate::limits::{InvocationLimits, LimitError};
+use crate::pool::InvokeFailure;
+use crate::registry::{FunctionName, RegistryError};
+use crate::service::{ServiceError, SessionError};
 
 /// How much of a function's stderr an error response carries.
 pub use wasmbox_protocol::STDERR_TAIL_BYTES;
@@ -298,6 +305,120 @@ impl From<crate::compiler::CompileError> for ApiError {
                 ApiError::Internal("cannot compile the module".into())
             }
         }
+    }
+}
+
+impl From<LimitError> for ApiError {
+    fn from(e: LimitError) -> Self {
+        ApiError::InvalidHeader { header: super::request::limit_header(e.limit), reason: e.reason }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::NotFound(name) => ApiError::FunctionNotFound(name.to_string()),
+            RegistryError::ModuleTooLarge { size, limit, .. } => {
+                ApiError::InvalidModule(format!("module is {size} bytes, more than the limit of {limit}"))
+            }
+            // Logged by the registry, once per version of the config.
+            RegistryError::InvalidConfig { name, .. } => ApiError::InvalidFunctionConfig(invalid_config_message(&name)),
+            RegistryError::Io { .. } => {
+                tracing::error!(error = %crate::error_chain(&e), "registry i/o failed");
+                ApiError::Internal("cannot read the function".into())
+            }
+        }
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        use crate::sessions::QuotaError;
+        match e {
+            SessionError::NotFound { function, id } => ApiError::SessionNotFound { function, id },
+            SessionError::Expired { id, idle_secs } => ApiError::SessionExpired { id, idle_secs },
+            SessionError::ModuleChanged { function, saved, current } => {
+                ApiError::SessionModuleChanged { function, saved, current }
+            }
+            SessionError::Corrupt { id, reason } => ApiError::SessionCorrupt { id, reason },
+            SessionError::StateTooLarge { limit } => ApiError::SessionStateTooLarge { limit },
+            SessionError::SnapshotInvalid(message) => ApiError::SnapshotInvalid(message),
+            SessionError::SnapshotTooLarge { limit } => ApiError::SnapshotTooLarge { limit },
+            SessionError::Quota(QuotaError::Sessions { scope, max }) => ApiError::SessionLimit { scope, max },
+            SessionError::Quota(QuotaError::Bytes { scope, limit }) => ApiError::SessionStorageFull { scope, limit },
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        use crate::pool::AcquireError;
+        match e {
+            ServiceError::ShuttingDown => ApiError::ShuttingDown,
+            ServiceError::Registry(e) => e.into(),
+            ServiceError::Limits(e) => e.into(),
+            ServiceError::Compile(e) => e.into(),
+            ServiceError::Acquire(AcquireError::QueueFull { depth }) => ApiError::QueueFull { depth },
+            ServiceError::Acquire(AcquireError::ShuttingDown) => ApiError::ShuttingDown,
+            ServiceError::InvalidConfig(name) => ApiError::InvalidFunctionConfig(invalid_config_message(&name)),
+            ServiceError::ConfigRefused(message) => ApiError::InvalidFunctionConfig(message),
+            ServiceError::Unsupported(message) => ApiError::InvalidModule(message),
+            ServiceError::Overloaded => ApiError::Overloaded { resource: "buffers" },
+            ServiceError::Session(e) => e.into(),
+            ServiceError::Internal(message) => ApiError::Internal(message),
+        }
+    }
+}
+
+/// What a caller hears about a config the server refused: which function, not why (the
+/// reason can name host paths and config values; it is in the server log).
+fn invalid_config_message(name: &FunctionName) -> String {
+    format!(
+        "function {name}'s name.toml or one of its preopened directories is not acceptable; the server log says why"
+    )
+}
+
+/// The error a worker's exchange that produced no result answers with.
+pub fn invoke_failure(failure: &InvokeFailure, limits: &InvocationLimits) -> ApiError {
+    match failure {
+        InvokeFailure::WorkerDied { detail } => ApiError::WorkerDied { detail: detail.clone() },
+        InvokeFailure::HardDeadline => {
+            ApiError::DeadlineExceeded { timeout_ms: limits.timeout_ms, worker_killed: true }
+        }
+        InvokeFailure::ShuttingDown => ApiError::ShuttingDown,
+        InvokeFailure::OomKilled { limit_bytes } => {
+            ApiError::OomKilled { memory_request_mb: limits.memory_mb, limit_bytes: *limit_bytes }
+        }
+        InvokeFailure::SeccompViolation => ApiError::SeccompViolation,
+        InvokeFailure::Limits(message) => {
+            tracing::error!(error = %message, "cannot apply cgroup limits");
+            ApiError::Internal("cannot apply the invocation's resource limits".into())
+        }
+    }
+}
+
+/// The error a guest's outcome answers with; `None`: it ran to a clean end (exit 0).
+pub fn outcome_error(outcome: &Outcome, stderr: &[u8], timeout_ms: u64) -> Option<ApiError> {
+    match outcome {
+        Outcome::Exited { code: 0 } => None,
+        Outcome::Exited { code } => Some(ApiError::NonZeroExit { code: *code, stderr: stderr_tail(stderr) }),
+        Outcome::Trapped { message } => {
+            Some(ApiError::Trapped { message: message.clone(), stderr: stderr_tail(stderr) })
+        }
+        Outcome::DeadlineExceeded => Some(ApiError::DeadlineExceeded { timeout_ms, worker_killed: false }),
+        Outcome::MemoryLimitExceeded { limit_bytes } => {
+            Some(ApiError::MemoryLimitExceeded { limit_mb: limit_bytes >> 20, stderr: stderr_tail(stderr) })
+        }
+        Outcome::OutputTooLarge { limit_bytes } => Some(ApiError::OutputTooLarge { limit: *limit_bytes }),
+        Outcome::InvalidModule { message } => Some(ApiError::InvalidModule(message.clone())),
+        Outcome::ModuleChanged => Some(ApiError::Internal("module file changed during the invocation".into())),
+        Outcome::SetupFailed { message } => {
+            // The worker's message can name host paths: for the log only.
+            tracing::error!(error = %message, "the worker could not set the invocation up");
+            Some(ApiError::Internal("the worker could not set the invocation up".into()))
+        }
+        Outcome::SnapshotInvalid { message } => Some(ApiError::SnapshotInvalid(message.clone())),
+        Outcome::SnapshotTooLarge { limit_bytes } => Some(ApiError::SessionStateTooLarge { limit: *limit_bytes }),
     }
 }
 

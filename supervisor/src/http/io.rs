@@ -43,6 +43,13 @@ impl WriteBounds {
     }
 }
 
+/// How slow a client may be: body reads and response writes (`WASMBOX_BODY_READ_TIMEOUT_MS`,
+/// `WASMBOX_RESPONSE_WRITE_TIMEOUT_MS`, `WASMBOX_MIN_DATA_RATE`).
+pub fn client_bounds(config: &crate::config::Config) -> (WriteBounds, WriteBounds) {
+    let bounds = |ms| WriteBounds { timeout: Duration::from_millis(ms), min_rate: config.min_data_rate };
+    (bounds(config.body_read_timeout_ms), bounds(config.response_write_timeout_ms))
+}
+
 /// A socket that can be closed with a reset (`SO_LINGER` 0): its unsent bytes are dropped
 /// instead of being delivered at the pace of a client that has already been cut off.
 pub trait Abort {

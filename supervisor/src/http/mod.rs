@@ -12,7 +12,7 @@
 //!   `WASMBOX_MIN_DATA_RATE`: a body that stalls or trickles is a 408 ([`body`]); a response
 //!   the client does not take closes the connection ([`io`]).
 //! - `WASMBOX_MAX_BUFFERED_BYTES`: what all clients' bodies and responses may hold in memory
-//!   together ([`budget`]).
+//!   together ([`crate::budget`]).
 //! - `WASMBOX_MAX_CONNECTIONS`: one semaphore permit per accepted connection, held until it
 //!   closes. At the limit up to `WASMBOX_RESERVE_CONNECTIONS` more are accepted, each for one
 //!   request: `/healthz`, `/ready` (503, reason `connections`) and `/metrics` answer as
@@ -25,7 +25,6 @@
 
 pub mod admin;
 pub mod body;
-pub mod budget;
 pub mod error;
 pub mod io;
 pub mod request;
@@ -47,14 +46,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::App;
 
-/// Smallest `WASMBOX_MAX_HEADER_BYTES`: hyper's floor for its read buffer, and what ordinary
-/// clients (cookies, bearer tokens) need.
-pub const MIN_HEADER_BYTES: usize = 8192;
-/// Largest `WASMBOX_MAX_HEADER_BYTES`: below hyper's default read buffer limit (about
-/// 400 KiB), so the configured limit is always the one that applies.
-pub const MAX_HEADER_BYTES_CEILING: usize = 256 << 10;
-/// Largest `WASMBOX_MAX_CONNECTIONS`.
-pub const MAX_CONNECTIONS_CEILING: usize = 1 << 20;
+pub use crate::config::{MAX_CONNECTIONS_CEILING, MAX_HEADER_BYTES_CEILING, MIN_HEADER_BYTES};
 
 /// How long accepting pauses after a resource error (EMFILE, ENFILE, ENOBUFS, ENOMEM).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -295,7 +287,7 @@ async fn connection_task<E: std::fmt::Display>(
 
 /// The accepted socket, with the response write bounds of the configuration.
 fn client_io(app: &Arc<App>, stream: TcpStream, peer: std::net::SocketAddr) -> io::ClientIo<TcpStream> {
-    let (_, write) = app.config.client_bounds();
+    let (_, write) = io::client_bounds(&app.config);
     io::ClientIo::new(stream, write, peer, app.connections.clone())
 }
 

@@ -1,12 +1,13 @@
-//! Turning request parts into validated invocation inputs: function name, argv from the
-//! query string, and per-invocation limits from the `cpu_quota`, `Memory-Request` and
-//! `Timeout-Ms` headers. Nothing here touches the filesystem.
+//! Turning request parts into a typed request ([`Parsed`]): which operation, on what, with
+//! which inputs (function name, argv from the query string, per-invocation limits from the
+//! `cpu_quota`, `Memory-Request` and `Timeout-Ms` headers). Nothing here touches the
+//! filesystem or the server's state; bodies are read later, by the operation that needs one.
 
-use http::HeaderMap;
+use http::{HeaderMap, Method};
 
 use super::error::ApiError;
-use crate::cgroup::MIN_CPU_QUOTA_MILLIS;
 use crate::config::LimitDefaults;
+use crate::limits::{Limit, Requested};
 use crate::registry::{FunctionLimits, FunctionName};
 
 /// Most `arg` parameters per request, and their total size.
@@ -18,6 +19,165 @@ pub const MAX_ARGS_BYTES: usize = 64 * 1024;
 pub const CPU_QUOTA: &str = "cpu_quota";
 pub const MEMORY_REQUEST: &str = "Memory-Request";
 pub const TIMEOUT_MS: &str = "Timeout-Ms";
+
+/// What a request asks for.
+#[derive(Debug)]
+pub enum Parsed {
+    /// `/healthz`, `/ready`, `/metrics` (served on both listeners).
+    Probe(Probe),
+    /// `GET /stats`.
+    Stats,
+    /// `POST /{function}` (body = stdin) or `GET /{function}` (no stdin).
+    Invoke(InvokeRequest),
+    /// Under `/sessions`.
+    Session(SessionRequest),
+    /// Under `/admin`; parsed further only once the caller is authorized (an anonymous
+    /// caller learns nothing of the API's routes).
+    Admin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    Healthz,
+    Ready,
+    Metrics,
+}
+
+#[derive(Debug)]
+pub struct InvokeRequest {
+    pub name: FunctionName,
+    /// argv[1..] from `?arg=`; `None`: the function's default arguments.
+    pub args: Option<Vec<String>>,
+    pub limits: Requested,
+    /// Whether the body is the guest's stdin (POST); GET runs it with none.
+    pub with_body: bool,
+}
+
+/// A session operation (`/sessions/{function}[/{id}[/snapshot]]`).
+#[derive(Debug)]
+pub enum SessionRequest {
+    Create { name: FunctionName, limits: Requested },
+    Message { name: FunctionName, id: String, limits: Requested },
+    Info { name: FunctionName, id: String },
+    Delete { name: FunctionName, id: String },
+    Export { name: FunctionName, id: String },
+    Import { name: FunctionName, id: String, limits: Requested },
+}
+
+/// A module management operation (`/admin/functions[/{name}]`).
+#[derive(Debug)]
+pub enum AdminRequest {
+    List,
+    Describe(FunctionName),
+    Upload(FunctionName),
+    Delete(FunctionName),
+}
+
+pub const SESSIONS_PREFIX: &str = "/sessions";
+pub const ADMIN_PREFIX: &str = "/admin";
+const ADMIN_FUNCTIONS: &str = "/admin/functions";
+
+/// Parses a request on the main listener.
+pub fn parse(method: &Method, path: &str, query: Option<&str>, headers: &HeaderMap) -> Result<Parsed, ApiError> {
+    if let Some(probe) = probe(method, path) {
+        return probe.map(Parsed::Probe);
+    }
+    match path {
+        "/stats" => {
+            only_get(method)?;
+            Ok(Parsed::Stats)
+        }
+        "/" => Err(ApiError::RouteNotFound("/".into())),
+        _ if path == ADMIN_PREFIX || path.starts_with("/admin/") => Ok(Parsed::Admin),
+        _ if path == SESSIONS_PREFIX || path.starts_with("/sessions/") => {
+            session(method, path, headers).map(Parsed::Session)
+        }
+        _ => {
+            let name = function_name(path)?;
+            let with_body = match *method {
+                Method::POST => true,
+                Method::GET => false,
+                ref other => {
+                    return Err(ApiError::MethodNotAllowed { method: other.to_string(), allow: "GET, POST" });
+                }
+            };
+            let args = query_args(query)?;
+            Ok(Parsed::Invoke(InvokeRequest { name, args, limits: requested_limits(headers)?, with_body }))
+        }
+    }
+}
+
+/// A probe path (`None`: not one), or why its method is refused.
+pub fn probe(method: &Method, path: &str) -> Option<Result<Probe, ApiError>> {
+    let probe = match path {
+        "/healthz" => Probe::Healthz,
+        "/ready" => Probe::Ready,
+        "/metrics" => Probe::Metrics,
+        _ => return None,
+    };
+    Some(only_get(method).map(|()| probe))
+}
+
+fn only_get(method: &Method) -> Result<(), ApiError> {
+    if method == Method::GET {
+        Ok(())
+    } else {
+        Err(ApiError::MethodNotAllowed { method: method.to_string(), allow: "GET" })
+    }
+}
+
+fn session(method: &Method, path: &str, headers: &HeaderMap) -> Result<SessionRequest, ApiError> {
+    let rest = path.strip_prefix(SESSIONS_PREFIX).unwrap_or_default();
+    let parts: Vec<&str> = rest.strip_prefix('/').map(|r| r.split('/').collect()).unwrap_or_default();
+    let name = |raw: &str| FunctionName::parse(raw).map_err(|e| ApiError::InvalidFunctionName(e.to_string()));
+    let refused = |allow| Err(ApiError::MethodNotAllowed { method: method.to_string(), allow });
+    match parts.as_slice() {
+        [function] => {
+            let name = name(function)?;
+            match *method {
+                Method::POST => Ok(SessionRequest::Create { name, limits: requested_limits(headers)? }),
+                _ => refused("POST"),
+            }
+        }
+        [function, id] => {
+            let (name, id) = (name(function)?, (*id).to_owned());
+            match *method {
+                Method::POST => Ok(SessionRequest::Message { name, id, limits: requested_limits(headers)? }),
+                Method::GET => Ok(SessionRequest::Info { name, id }),
+                Method::DELETE => Ok(SessionRequest::Delete { name, id }),
+                _ => refused("POST, GET, DELETE"),
+            }
+        }
+        [function, id, "snapshot"] => {
+            let (name, id) = (name(function)?, (*id).to_owned());
+            match *method {
+                Method::GET => Ok(SessionRequest::Export { name, id }),
+                Method::PUT => Ok(SessionRequest::Import { name, id, limits: requested_limits(headers)? }),
+                _ => refused("GET, PUT"),
+            }
+        }
+        _ => Err(ApiError::RouteNotFound(path.to_owned())),
+    }
+}
+
+/// Parses a request under [`ADMIN_PREFIX`] (its caller authorized).
+pub fn admin(method: &Method, path: &str) -> Result<AdminRequest, ApiError> {
+    let name = match path.strip_prefix(ADMIN_FUNCTIONS) {
+        Some("") | Some("/") => None,
+        Some(rest) if rest.starts_with('/') => {
+            Some(FunctionName::parse(&rest[1..]).map_err(|e| ApiError::InvalidFunctionName(e.to_string()))?)
+        }
+        _ => return Err(ApiError::RouteNotFound(path.to_owned())),
+    };
+    match (method, name) {
+        (&Method::GET, None) => Ok(AdminRequest::List),
+        (&Method::GET, Some(name)) => Ok(AdminRequest::Describe(name)),
+        (&Method::PUT, Some(name)) => Ok(AdminRequest::Upload(name)),
+        (&Method::DELETE, Some(name)) => Ok(AdminRequest::Delete(name)),
+        (other, None) => Err(ApiError::MethodNotAllowed { method: other.to_string(), allow: "GET" }),
+        (other, Some(_)) => Err(ApiError::MethodNotAllowed { method: other.to_string(), allow: "GET, PUT, DELETE" }),
+    }
+}
 
 /// The function named by a request path `/{name}`. The raw path is checked as sent:
 /// percent-encoded bytes (`%2F`, `%00`) are not decoded first, so they are simply invalid.
@@ -48,56 +208,35 @@ pub fn query_args(query: Option<&str>) -> Result<Option<Vec<String>>, ApiError> 
     Ok(if args.is_empty() { None } else { Some(args) })
 }
 
-/// Limits for one invocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InvocationLimits {
-    pub cpu_quota_millis: u64,
-    pub memory_mb: u64,
-    pub timeout_ms: u64,
+pub use crate::limits::InvocationLimits;
+
+/// The limits a request asks for in its `cpu_quota`, `Memory-Request` and `Timeout-Ms`
+/// headers (each a positive integer, given at most once).
+pub fn requested_limits(headers: &HeaderMap) -> Result<Requested, ApiError> {
+    Ok(Requested {
+        cpu_quota_millis: header_number(headers, CPU_QUOTA)?,
+        memory_mb: header_number(headers, MEMORY_REQUEST)?,
+        timeout_ms: header_number(headers, TIMEOUT_MS)?,
+    })
 }
 
-/// Resolves each limit: the header, else the function's default, else the server's; then
-/// checks it against the tighter of the function's and the server's maximum.
+/// The header a limit is asked for with.
+pub fn limit_header(limit: Limit) -> &'static str {
+    match limit {
+        Limit::CpuQuota => CPU_QUOTA,
+        Limit::Memory => MEMORY_REQUEST,
+        Limit::Timeout => TIMEOUT_MS,
+    }
+}
+
+/// The headers' limits resolved against the function's and the server's (what the
+/// invocation path does, in one call).
 pub fn limits(
     headers: &HeaderMap,
     function: &FunctionLimits,
     server: &LimitDefaults,
 ) -> Result<InvocationLimits, ApiError> {
-    let one = |header: &'static str, fn_default: Option<u64>, default: u64, fn_max: Option<u64>, max: u64| {
-        let max = fn_max.map_or(max, |m| m.min(max));
-        match header_number(headers, header)? {
-            Some(value) if value > max => {
-                Err(ApiError::InvalidHeader { header, reason: format!("{value} exceeds the maximum of {max}") })
-            }
-            Some(value) => Ok(value),
-            None => Ok(fn_default.unwrap_or(default).min(max)),
-        }
-    };
-    let cpu_quota_millis =
-        one(CPU_QUOTA, function.cpu_quota, server.default_cpu_quota, function.max_cpu_quota, server.max_cpu_quota)?;
-    if cpu_quota_millis < MIN_CPU_QUOTA_MILLIS {
-        return Err(ApiError::InvalidHeader {
-            header: CPU_QUOTA,
-            reason: format!("{cpu_quota_millis} is below the minimum of {MIN_CPU_QUOTA_MILLIS} millicores"),
-        });
-    }
-    Ok(InvocationLimits {
-        cpu_quota_millis,
-        memory_mb: one(
-            MEMORY_REQUEST,
-            function.memory_mb,
-            server.default_memory_mb,
-            function.max_memory_mb,
-            server.max_memory_mb,
-        )?,
-        timeout_ms: one(
-            TIMEOUT_MS,
-            function.timeout_ms,
-            server.default_timeout_ms,
-            function.max_timeout_ms,
-            server.max_timeout_ms,
-        )?,
-    })
+    Ok(crate::limits::resolve(requested_limits(headers)?, function, server)?)
 }
 
 /// A positive decimal integer header; absent is `None`; anything else names the header.

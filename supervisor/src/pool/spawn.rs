@@ -52,6 +52,9 @@ pub struct Spawned {
 pub enum Process {
     Exec(tokio::process::Child),
     Forked(super::zygote::Forked),
+    /// A worker simulated in the supervisor's own process (the pool's tests).
+    #[cfg(test)]
+    Simulated(super::tests::Simulated),
 }
 
 impl Process {
@@ -60,6 +63,8 @@ impl Process {
         match self {
             Process::Exec(child) => child.wait().await,
             Process::Forked(child) => child.wait().await,
+            #[cfg(test)]
+            Process::Simulated(child) => child.wait().await,
         }
     }
 
@@ -68,7 +73,88 @@ impl Process {
         match self {
             Process::Exec(child) => child.start_kill(),
             Process::Forked(child) => child.start_kill(),
+            #[cfg(test)]
+            Process::Simulated(child) => child.start_kill(),
         }
+    }
+}
+
+/// How the pool starts the worker of a slot. The pool checks what it started (handshake,
+/// cgroup, hardening, engine) the same way whoever started it.
+pub trait Launch: Send + Sync + 'static {
+    /// Starts the worker of `slot`, which enters the cgroups whose placement descriptors
+    /// are `placement` before it runs any code.
+    fn launch(&self, slot: usize, placement: Vec<RawFd>) -> BoxFuture<'_, io::Result<Spawned>>;
+
+    /// Counters for `/stats`.
+    fn counts(&self) -> LaunchCounts {
+        LaunchCounts::default()
+    }
+
+    /// Stops whatever the launcher keeps running besides the workers (at shutdown).
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// How workers were started, for operators.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LaunchCounts {
+    /// Times the zygote was started again after the first.
+    pub zygote_restarts: u64,
+    /// Workers started by exec because the zygote could not fork them.
+    pub exec_spawns: u64,
+}
+
+/// Workers forked by the zygote (`WASMBOX_ZYGOTE`), or started by exec when there is none
+/// or it cannot fork one.
+pub struct ProcessLauncher {
+    launch: std::sync::Arc<WorkerLaunch>,
+    spawner: Spawner,
+    zygote: Option<super::zygote::Zygote>,
+    exec_spawns: std::sync::atomic::AtomicU64,
+}
+
+impl ProcessLauncher {
+    pub fn new(launch: WorkerLaunch, spawner: Spawner, zygote: bool) -> Self {
+        let launch = std::sync::Arc::new(launch);
+        let zygote = zygote.then(|| super::zygote::Zygote::new(launch.clone(), spawner.clone()));
+        ProcessLauncher { launch, spawner, zygote, exec_spawns: Default::default() }
+    }
+}
+
+impl Launch for ProcessLauncher {
+    fn launch(&self, slot: usize, placement: Vec<RawFd>) -> BoxFuture<'_, io::Result<Spawned>> {
+        Box::pin(async move {
+            if let Some(zygote) = &self.zygote {
+                let user = self.launch.users.get(slot).copied();
+                match zygote.fork(slot, user, &placement).await {
+                    Ok(spawned) => return Ok(spawned),
+                    Err(e) => {
+                        tracing::warn!(slot, error = %e, "the zygote cannot fork this worker; starting it by exec");
+                        self.exec_spawns.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+            self.spawner.spawn(self.launch.clone(), slot, placement).await
+        })
+    }
+
+    fn counts(&self) -> LaunchCounts {
+        LaunchCounts {
+            zygote_restarts: self.zygote.as_ref().map_or(0, super::zygote::Zygote::restarts),
+            exec_spawns: self.exec_spawns.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(zygote) = &self.zygote {
+                zygote.stop().await;
+            }
+        })
     }
 }
 

@@ -1,0 +1,399 @@
+//! The pool over simulated workers: a [`Launch`] whose workers are tasks in this process
+//! speaking the worker protocol on a socketpair, each told what to do by the function it is
+//! asked to run. Dispatch, queueing, tenancy, replacement and the exchange's deadlines are
+//! the pool's real code.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wasmbox_protocol::{
+    Deadlines, FromWorker, Hello, Invocation, InvocationResult, ModuleRef, ModuleSource, Outcome, PREFIX_LEN,
+    PROTOCOL_VERSION, ToWorker, decode_header, encode_head, parse_prefix,
+};
+
+use super::connection::Connection;
+use super::lease::{Exchange, exchange};
+use super::spawn::{BoxFuture, Launch, Process, Spawned, WorkerLaunch};
+use super::state::{Life, Worker};
+use super::{AcquireError, InvokeFailure, Job, Limits, Pool, PoolConfig, SpawnError, WorkerId};
+
+/// A simulated worker process: a task whose return value is its exit code.
+pub struct Simulated {
+    task: tokio::task::JoinHandle<i32>,
+    status: Option<ExitStatus>,
+}
+
+impl Simulated {
+    pub(super) async fn wait(&mut self) -> io::Result<ExitStatus> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        let status = match (&mut self.task).await {
+            Ok(code) => ExitStatus::from_raw(code << 8),
+            Err(_) => ExitStatus::from_raw(9),
+        };
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    pub(super) fn start_kill(&mut self) -> io::Result<()> {
+        self.task.abort();
+        Ok(())
+    }
+}
+
+/// Starts simulated workers that greet with `protocol`.
+struct Simulator {
+    protocol: u32,
+    started: AtomicU32,
+}
+
+impl Simulator {
+    fn new() -> Arc<Self> {
+        Arc::new(Simulator { protocol: PROTOCOL_VERSION, started: AtomicU32::new(0) })
+    }
+}
+
+impl Launch for Simulator {
+    fn launch(&self, _slot: usize, _placement: Vec<RawFd>) -> BoxFuture<'_, io::Result<Spawned>> {
+        Box::pin(async move {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+            ours.set_nonblocking(true)?;
+            theirs.set_nonblocking(true)?;
+            let theirs = tokio::net::UnixStream::from_std(theirs)?;
+            let pid = 1000 + self.started.fetch_add(1, Ordering::Relaxed);
+            let task = tokio::spawn(simulated_worker(theirs, pid, self.protocol));
+            Ok(Spawned { child: Process::Simulated(Simulated { task, status: None }), socket: ours })
+        })
+    }
+}
+
+/// The worker side: hello, then per invocation what its function name says:
+/// `ok` echoes stdin with exit 0, `crash` exits 1 without answering, `hang` never answers.
+async fn simulated_worker(mut stream: tokio::net::UnixStream, pid: u32, protocol: u32) -> i32 {
+    let hello = FromWorker::Hello(Hello {
+        protocol,
+        worker_version: "test".into(),
+        engine: "wasmtime".into(),
+        engine_version: "test".into(),
+        pid,
+        cgroup: String::new(),
+        hardening: Vec::new(),
+        deadlines: Deadlines::Engine,
+    });
+    if stream.write_all(&encode_head(&hello, 0)).await.is_err() {
+        return 2;
+    }
+    loop {
+        let mut prefix = [0u8; PREFIX_LEN];
+        if stream.read_exact(&mut prefix).await.is_err() {
+            return 0;
+        }
+        let Ok(lengths) = parse_prefix(&prefix, 1 << 20) else { return 3 };
+        let mut header = vec![0u8; lengths.header];
+        let mut payload = vec![0u8; lengths.payload];
+        if stream.read_exact(&mut header).await.is_err() || stream.read_exact(&mut payload).await.is_err() {
+            return 4;
+        }
+        let invocation = match decode_header::<ToWorker>(&header) {
+            Ok(ToWorker::Invoke(invocation)) => invocation,
+            Ok(ToWorker::Shutdown) => return 0,
+            _ => return 5,
+        };
+        match invocation.function.as_str() {
+            "crash" => return 1,
+            "hang" => std::future::pending::<()>().await,
+            _ => {}
+        }
+        let result = FromWorker::Result(InvocationResult {
+            outcome: Outcome::Exited { code: 0 },
+            stdout_len: payload.len() as u64,
+            stderr_len: 0,
+            stderr_dropped: 0,
+            module_source: Some(ModuleSource::Compiled),
+            prepare_us: 0,
+            exec_us: 1,
+            snapshot_len: 0,
+            session: None,
+        });
+        let mut frame = encode_head(&result, payload.len());
+        frame.extend_from_slice(&payload);
+        if stream.write_all(&frame).await.is_err() {
+            return 6;
+        }
+    }
+}
+
+fn config(size: usize) -> PoolConfig {
+    PoolConfig {
+        size,
+        queue_depth: 1,
+        launch: WorkerLaunch {
+            binary: "wasmbox-worker".into(),
+            engine: "wasmtime".into(),
+            cache_dir: None,
+            module_cache_entries: 4,
+            max_module_bytes: 1 << 20,
+            log_filter: "warn".into(),
+            log_json: false,
+            engine_args: Vec::new(),
+            hardening_args: Vec::new(),
+            hardening_layers: Vec::new(),
+            users: Vec::new(),
+        },
+        handshake_timeout: Duration::from_secs(5),
+        kill_grace: Duration::from_millis(100),
+        compile_timeout: Duration::from_millis(200),
+        max_reply_bytes: 1 << 20,
+        cgroups: Vec::new(),
+        compile_memory_bytes: 0,
+        max_invocations: None,
+        isolate_tenants: false,
+        spare_workers: 0,
+        spare_after_idle: Duration::from_secs(60),
+    }
+}
+
+fn invocation(function: &str, hash: &str, timeout_ms: u64) -> Invocation {
+    Invocation {
+        request_id: "r".into(),
+        function: function.into(),
+        module: ModuleRef { path: "/f.wasm".into(), sha256: hash.into() },
+        argv: vec![function.into()],
+        env: Vec::new(),
+        preopens: Vec::new(),
+        memory_limit_bytes: 1 << 20,
+        timeout_ms,
+        max_output_bytes: 1024,
+        confirm_start: false,
+        passed_fds: 0,
+        artifact: false,
+        session: None,
+    }
+}
+
+fn job(function: &str, hash: &str, timeout_ms: u64, stdin: &'static [u8]) -> Job {
+    Job {
+        invocation: invocation(function, hash, timeout_ms),
+        limits: Limits { cpu_quota_millis: 1000, memory_request_bytes: 1 << 20 },
+        payload: vec![Bytes::from_static(stdin)],
+        files: Vec::new(),
+        artifact: None,
+    }
+}
+
+async fn start(config: PoolConfig) -> Pool {
+    tokio::time::timeout(Duration::from_secs(10), Pool::start(config, Simulator::new()))
+        .await
+        .expect("the pool started in time")
+        .expect("the pool started")
+}
+
+/// Waits (bounded) until `check` holds of the pool's status.
+async fn until(pool: &Pool, what: &str, check: impl Fn(&super::PoolStatus) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check(&pool.status()) {
+        assert!(Instant::now() < deadline, "{what}: {:?}", pool.status());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+const A: &str = "aaaa";
+const B: &str = "bbbb";
+
+#[tokio::test]
+async fn an_invocation_runs_and_its_worker_is_reused() {
+    let pool = start(config(1)).await;
+    let lease = pool.acquire("t", A).await.unwrap();
+    let first = lease.worker_id().unwrap();
+    let done = lease.invoke(job("ok", A, 1000, b"stdin")).await.unwrap();
+    assert_eq!(done.result.outcome, Outcome::Exited { code: 0 });
+    assert_eq!(done.stdout, "stdin");
+    let again = pool.acquire("t", A).await.unwrap();
+    assert_eq!(again.worker_id(), Some(first), "a healthy worker goes back to the pool");
+    drop(again);
+    assert_eq!(pool.status().restarts, 0);
+    pool.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn a_worker_that_has_the_module_is_preferred() {
+    let pool = start(config(2)).await;
+    let (la, lb) = (pool.acquire("t", A).await.unwrap(), pool.acquire("t", B).await.unwrap());
+    let (wa, wb) = (la.worker_id().unwrap(), lb.worker_id().unwrap());
+    assert_ne!(wa, wb);
+    la.invoke(job("ok", A, 1000, b"")).await.unwrap();
+    lb.invoke(job("ok", B, 1000, b"")).await.unwrap();
+    // B's worker was used last, so without the preference A would get it.
+    let a = pool.acquire("t", A).await.unwrap();
+    assert_eq!(a.worker_id(), Some(wa), "A's module is warm in its worker");
+    let b = pool.acquire("t", B).await.unwrap();
+    assert_eq!(b.worker_id(), Some(wb));
+    drop((a, b));
+    pool.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn the_queue_is_bounded_and_a_waiter_gets_the_next_free_worker() {
+    let pool = start(config(1)).await;
+    let held = pool.acquire("t", A).await.unwrap();
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.acquire("t", A).await.map(|l| l.worker_id()) }
+    });
+    until(&pool, "one request queued", |s| s.queued == 1).await;
+    match pool.acquire("t", A).await {
+        Err(AcquireError::QueueFull { depth: 1 }) => {}
+        other => panic!("expected a full queue, got {:?}", other.map(|l| l.worker_id())),
+    }
+    let id = held.worker_id();
+    drop(held);
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap().unwrap();
+    assert_eq!(got, id, "the waiter got the worker given back");
+    pool.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn a_worker_that_dies_mid_invocation_is_replaced() {
+    let pool = start(config(1)).await;
+    let lease = pool.acquire("t", A).await.unwrap();
+    let first = lease.worker_id().unwrap();
+    match lease.invoke(job("crash", A, 1000, b"")).await {
+        Err(InvokeFailure::WorkerDied { detail }) => assert_eq!(detail, "exited with status 1"),
+        other => panic!("expected the worker's death, got {other:?}"),
+    }
+    until(&pool, "a replacement is up", |s| s.live == 1 && s.idle == 1).await;
+    let status = pool.status();
+    assert_eq!((status.restarts, status.exits.crash), (1, 1));
+    let next = pool.acquire("t", A).await.unwrap();
+    let second = next.worker_id().unwrap();
+    assert_eq!(second.slot, first.slot);
+    assert!(second.generation > first.generation, "{first} then {second}");
+    next.invoke(job("ok", A, 1000, b"")).await.unwrap();
+    pool.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn a_worker_past_its_hard_deadline_is_killed_and_replaced() {
+    let pool = start(config(1)).await;
+    let lease = pool.acquire("t", A).await.unwrap();
+    let ran = tokio::time::timeout(Duration::from_secs(10), lease.invoke(job("hang", A, 50, b""))).await;
+    match ran.expect("the hard deadline ended it") {
+        Err(InvokeFailure::HardDeadline) => {}
+        other => panic!("expected the hard deadline, got {other:?}"),
+    }
+    until(&pool, "a replacement is up", |s| s.live == 1 && s.idle == 1).await;
+    assert_eq!(pool.status().exits.timeout_kill, 1);
+    pool.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn workers_are_recycled_after_their_quota_of_invocations() {
+    let mut config = config(1);
+    config.max_invocations = Some(2);
+    let pool = start(config).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let lease = tokio::time::timeout(Duration::from_secs(10), pool.acquire("t", A)).await.unwrap().unwrap();
+        ids.push(lease.worker_id().unwrap());
+        lease.invoke(job("ok", A, 1000, b"")).await.unwrap();
+    }
+    assert_eq!(ids[0], ids[1]);
+    assert_ne!(ids[1], ids[2], "the third invocation ran in a fresh worker");
+    until(&pool, "the recycle is counted", |s| s.exits.recycle == 1).await;
+    pool.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn isolated_tenants_never_share_a_worker_process() {
+    let mut config = config(2);
+    config.isolate_tenants = true;
+    config.spare_workers = 1;
+    let pool = start(config).await;
+    let mut seen: Vec<(String, WorkerId)> = Vec::new();
+    for tenant in ["a", "b", "c", "a", "b"] {
+        let lease = tokio::time::timeout(Duration::from_secs(10), pool.acquire(tenant, A)).await.unwrap().unwrap();
+        let id = lease.worker_id().unwrap();
+        for (other, other_id) in &seen {
+            assert!(other == tenant || *other_id != id, "{tenant} got worker {id}, which ran {other}'s code");
+        }
+        seen.push((tenant.to_owned(), id));
+        lease.invoke(job("ok", A, 1000, b"")).await.unwrap();
+    }
+    assert!(pool.status().tenant_switches >= 3);
+    pool.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn a_draining_pool_takes_no_new_requests() {
+    let pool = start(config(1)).await;
+    pool.begin_drain();
+    assert!(matches!(pool.acquire("t", A).await.map(|l| l.worker_id()), Err(AcquireError::ShuttingDown)));
+    pool.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn a_worker_of_another_protocol_fails_the_start() {
+    let launcher = Arc::new(Simulator { protocol: PROTOCOL_VERSION + 1, started: AtomicU32::new(0) });
+    let started = tokio::time::timeout(Duration::from_secs(10), Pool::start(config(1), launcher)).await.unwrap();
+    match started {
+        Err(SpawnError::ProtocolMismatch { theirs, ours, .. }) => assert_eq!((theirs, ours), (ours + 1, ours)),
+        Err(other) => panic!("expected a protocol mismatch, got {other}"),
+        Ok(_) => panic!("a pool of workers speaking another protocol started"),
+    }
+}
+
+/// A compromised worker that answers every invocation with `Started` over and over
+/// would push its hard deadline out forever; the second one ends the exchange.
+#[tokio::test]
+async fn a_second_started_is_a_protocol_violation() {
+    let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+    let mut worker = Worker {
+        id: WorkerId { slot: 0, generation: 1 },
+        pid: 1,
+        conn: Connection::new(ours, 1 << 20),
+        life: Arc::new(Life::new()),
+        // Warm: no compile allowance, so the deadline is the invocation's own.
+        modules: VecDeque::from([A.to_owned()]),
+        invocations: 0,
+        tenant: None,
+        idle_since: Instant::now(),
+        deadlines: Deadlines::Engine,
+    };
+    let fake = tokio::spawn(async move {
+        let started = encode_head(&FromWorker::Started, 0);
+        for _ in 0..100 {
+            if theirs.write_all(&started).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let config = config(1);
+    let ran = tokio::time::timeout(
+        Duration::from_secs(3),
+        exchange(&mut worker, &config, invocation("ok", A, 200), &[], &[], None),
+    )
+    .await
+    .expect("the exchange ended instead of being extended by each started");
+    match ran {
+        Err(Exchange::Protocol(detail)) => assert!(detail.contains("second started"), "{detail}"),
+        Err(Exchange::HardDeadline) => panic!("ended by the hard deadline, not by the second started"),
+        Err(Exchange::Lost(detail)) => panic!("connection lost: {detail}"),
+        Ok(_) => panic!("a result out of nothing"),
+    }
+    fake.abort();
+}
+
+#[test]
+fn worker_id_display_is_slot_dot_generation() {
+    assert_eq!(WorkerId { slot: 3, generation: 12 }.to_string(), "3.12");
+}
