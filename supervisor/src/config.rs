@@ -372,6 +372,11 @@ impl EngineKind {
             EngineKind::Wasmedge => "wasmedge",
         }
     }
+
+    /// Whether the engine runs WebAssembly components (WASI 0.2) besides core modules.
+    pub fn runs_components(self) -> bool {
+        matches!(self, EngineKind::Wasmtime)
+    }
 }
 
 /// `WASMBOX_TENANCY`.

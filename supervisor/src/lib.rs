@@ -86,6 +86,8 @@ pub enum StartError {
 /// State shared by every request.
 pub struct App {
     pub config: Config,
+    /// The engine workers run (validated at start).
+    pub engine: config::EngineKind,
     pub limits: LimitDefaults,
     pub registry: Registry,
     pub pool: Pool,
@@ -300,6 +302,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let addr = listener.local_addr().unwrap_or(config.listen);
     let app = Arc::new(App {
+        engine: config.engine()?,
         limits: config.limits(),
         registry,
         pool: pool.clone(),

@@ -7,6 +7,7 @@ mod cgroups;
 mod chaos;
 mod cli;
 mod compiler;
+mod components;
 mod conformance;
 mod drift;
 mod engines;

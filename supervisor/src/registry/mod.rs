@@ -62,6 +62,8 @@ pub struct Function {
     pub name: FunctionName,
     pub module: ModuleRef,
     pub module_size: u64,
+    /// A WebAssembly component (the Component Model's binary layer), not a core module.
+    pub component: bool,
     pub config: FunctionConfig,
     stamps: Stamps,
 }
@@ -325,10 +327,17 @@ impl Load {
             name,
             module: ModuleRef { path: self.module_path, sha256 },
             module_size: bytes.len() as u64,
+            component: is_component(&bytes),
             config,
             stamps: self.stamps,
         })
     }
+}
+
+/// Whether `wasm` is a component: the binary's header after the magic says version 0x0d,
+/// layer 1 (a core module is version 1, layer 0).
+pub fn is_component(wasm: &[u8]) -> bool {
+    wasm.len() >= 8 && wasm[..4] == *b"\0asm" && wasm[6..8] == [1, 0]
 }
 
 /// Reads and parses one `name.toml` (a regular file, at most `MAX_CONFIG_BYTES`).

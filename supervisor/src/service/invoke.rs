@@ -224,6 +224,7 @@ struct Opened {
 /// a link put in its path) makes the registry read and check the config again, once,
 /// against the directories as they are now; it is used only if it passes.
 async fn open(app: &App, function: Arc<Function>, kind: Kind) -> Result<Opened, ServiceError> {
+    runnable(app, &function.name, function.component, kind)?;
     let mut function = function;
     for attempt in 0..2 {
         match function.open_files() {
@@ -252,6 +253,27 @@ async fn open(app: &App, function: Arc<Function>, kind: Kind) -> Result<Opened, 
         }
     }
     Err(ServiceError::Internal("cannot open the function's module or preopened directories".into()))
+}
+
+/// Whether this server can run function `name`'s module as `kind`: a component needs an
+/// engine with the Component Model, and sessions run core modules only.
+pub fn runnable(app: &App, name: &FunctionName, component: bool, kind: Kind) -> Result<(), ServiceError> {
+    if !component {
+        return Ok(());
+    }
+    if kind == Kind::Session {
+        return Err(ServiceError::Unsupported(format!(
+            "sessions run core WebAssembly modules (WASI reactors); function {name} is a WebAssembly component"
+        )));
+    }
+    if !app.engine.runs_components() {
+        return Err(ServiceError::Unsupported(format!(
+            "function {name} is a WebAssembly component (WASI 0.2, the Component Model); the {} engine runs \
+             core WebAssembly modules (WASI preview1) only: serve components with WASMBOX_ENGINE=wasmtime",
+            app.engine.name()
+        )));
+    }
+    Ok(())
 }
 
 /// The trusted compiler's artifact of `function`'s module, compiled now, or (an engine

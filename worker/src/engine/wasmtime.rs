@@ -13,6 +13,8 @@ use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use super::{ArtifactFile, Engine, EngineError, ModuleKind, RunRequest, RunResult, bounded};
+
+mod component;
 use crate::capture::Capture;
 use crate::session;
 
@@ -28,7 +30,32 @@ struct StoreState {
 struct Limits {
     memory_bytes: usize,
     memory_denied: bool,
+    /// Linear memories and core instances the store may hold: one each for a module; a
+    /// component may have a few.
+    memories: usize,
+    instances: usize,
 }
+
+impl Limits {
+    fn module(memory_bytes: usize) -> Self {
+        Limits { memory_bytes, memory_denied: false, memories: 1, instances: 1 }
+    }
+
+    fn component(memory_bytes: usize) -> Self {
+        Limits {
+            memory_bytes,
+            memory_denied: false,
+            memories: COMPONENT_MEMORIES,
+            instances: COMPONENT_CORE_INSTANCES as usize,
+        }
+    }
+}
+
+/// Linear memories, core instances and tables a component may have (the instance pool's
+/// slots: a Rust or C `wasi:cli/command` component has one memory and a handful of core
+/// instances; more is refused at instantiation).
+const COMPONENT_MEMORIES: usize = 2;
+const COMPONENT_CORE_INSTANCES: u32 = 16;
 
 /// Tables hold one pointer per element; this bounds them to a few MiB.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
@@ -47,11 +74,11 @@ impl ResourceLimiter for Limits {
     }
 
     fn instances(&self) -> usize {
-        1
+        self.instances
     }
 
     fn memories(&self) -> usize {
-        1
+        self.memories
     }
 
     fn tables(&self) -> usize {
@@ -59,17 +86,23 @@ impl ResourceLimiter for Limits {
     }
 }
 
-/// The compiled form of a module: already linked against WASI, so instantiating it per
-/// invocation does no symbol resolution.
+/// The compiled form of a module or component: already linked against WASI, so
+/// instantiating it per invocation does no symbol resolution.
 #[derive(Clone)]
-pub struct WasmtimeModule {
-    pre: InstancePre<StoreState>,
+pub struct WasmtimeModule(Form);
+
+#[derive(Clone)]
+enum Form {
+    Core(InstancePre<StoreState>),
+    Component(component::Linked),
 }
 
 /// Wasmtime behind the [`Engine`] trait.
 pub struct WasmtimeEngine {
     engine: wasmtime::Engine,
     linker: Linker<StoreState>,
+    /// WASI 0.2, for components.
+    components: wasmtime::component::Linker<component::ComponentState>,
     watchdog: Watchdog,
     /// The warm-up module, when it came compiled (from the zygote).
     warm_up: Option<WasmtimeModule>,
@@ -88,6 +121,7 @@ pub struct WasmtimeEngine {
 pub struct Unstarted {
     engine: wasmtime::Engine,
     linker: Linker<StoreState>,
+    components: wasmtime::component::Linker<component::ComponentState>,
     warm_up: WasmtimeModule,
 }
 
@@ -95,7 +129,13 @@ impl Unstarted {
     /// Starts the engine's deadline thread: from here on the process is multi-threaded.
     pub fn start(self) -> anyhow::Result<WasmtimeEngine> {
         let watchdog = Watchdog::start(self.engine.clone())?;
-        Ok(WasmtimeEngine { engine: self.engine, linker: self.linker, watchdog, warm_up: Some(self.warm_up) })
+        Ok(WasmtimeEngine {
+            engine: self.engine,
+            linker: self.linker,
+            components: self.components,
+            watchdog,
+            warm_up: Some(self.warm_up),
+        })
     }
 }
 
@@ -117,17 +157,19 @@ impl WasmtimeEngine {
 
     fn with_parallel_compilation(test_hooks: bool, parallel: bool) -> anyhow::Result<Self> {
         let (engine, linker) = Self::build(test_hooks, parallel)?;
+        let components = component::linker(&engine)?;
         let watchdog = Watchdog::start(engine.clone())?;
-        Ok(WasmtimeEngine { engine, linker, watchdog, warm_up: None })
+        Ok(WasmtimeEngine { engine, linker, components, watchdog, warm_up: None })
     }
 
     /// A serving engine made ahead of time without starting a thread (the zygote's: see
     /// [`Unstarted`]), with the warm-up module compiled.
     pub fn unstarted(test_hooks: bool) -> anyhow::Result<Unstarted> {
         let (engine, linker) = Self::build(test_hooks, false)?;
+        let components = component::linker(&engine)?;
         let module = wasmtime::Module::new(&engine, warm_up_module())?;
         let warm_up = linker.instantiate_pre(&module)?;
-        Ok(Unstarted { engine, linker, warm_up: WasmtimeModule { pre: warm_up } })
+        Ok(Unstarted { engine, linker, components, warm_up: WasmtimeModule(Form::Core(warm_up)) })
     }
 
     fn build(test_hooks: bool, parallel: bool) -> anyhow::Result<(wasmtime::Engine, Linker<StoreState>)> {
@@ -169,8 +211,55 @@ impl WasmtimeEngine {
         }
         let pre =
             self.linker.instantiate_pre(module).map_err(|e| EngineError::InvalidModule(bounded(format!("{e:#}"))))?;
-        Ok(WasmtimeModule { pre })
+        Ok(WasmtimeModule(Form::Core(pre)))
     }
+
+    fn link_component(
+        &self,
+        component: &wasmtime::component::Component,
+        kind: ModuleKind,
+    ) -> Result<WasmtimeModule, EngineError> {
+        if kind == ModuleKind::Session {
+            return Err(EngineError::InvalidModule(SESSION_COMPONENT.into()));
+        }
+        component::link(&self.components, component).map(|linked| WasmtimeModule(Form::Component(linked)))
+    }
+
+    /// Loads an artifact file of this engine: a module's, else a component's (Wasmtime
+    /// refuses the one that is not, reading only its header). An artifact that does not
+    /// load is `stale`; one that loads but does not link is an invalid module, as from bytes.
+    fn load_file(
+        &self,
+        file: std::fs::File,
+        kind: ModuleKind,
+        stale: impl Fn(String) -> EngineError,
+    ) -> Result<WasmtimeModule, EngineError> {
+        let again = file.try_clone().map_err(|e| stale(e.to_string()))?;
+        // SAFETY: see the callers: the file is native code this engine version produced,
+        // from a source the worker trusts; Wasmtime rejects another version or config.
+        match unsafe { wasmtime::Module::deserialize_open_file(&self.engine, file) } {
+            Ok(module) => self.link(&module, kind),
+            Err(as_module) => {
+                // A component's artifact is read into memory first: Wasmtime maps
+                // component artifacts only from a path, and the worker opens no paths.
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut &again, &mut bytes).map_err(|e| stale(e.to_string()))?;
+                // SAFETY: as above.
+                let component = unsafe { wasmtime::component::Component::deserialize(&self.engine, &bytes) }
+                    .map_err(|e| stale(bounded(format!("{as_module:#}; as a component: {e:#}"))))?;
+                self.link_component(&component, kind)
+            }
+        }
+    }
+}
+
+/// What a session of a component is answered with.
+const SESSION_COMPONENT: &str =
+    "sessions run core WebAssembly modules (WASI reactors); this is a WebAssembly component";
+
+/// Whether `wasm` is a component (the Component Model's binary layer) rather than a module.
+fn is_component(wasm: &[u8]) -> bool {
+    wasmparser::Parser::is_component(wasm)
 }
 
 impl Engine for WasmtimeEngine {
@@ -189,6 +278,11 @@ impl Engine for WasmtimeEngine {
     }
 
     fn compile(&self, wasm: &[u8], kind: ModuleKind) -> Result<WasmtimeModule, EngineError> {
+        if is_component(wasm) {
+            let component = wasmtime::component::Component::new(&self.engine, wasm)
+                .map_err(|e| EngineError::InvalidModule(bounded(format!("{e:#}"))))?;
+            return self.link_component(&component, kind);
+        }
         let module = wasmtime::Module::new(&self.engine, wasm)
             .map_err(|e| EngineError::InvalidModule(bounded(format!("{e:#}"))))?;
         self.link(&module, kind)
@@ -215,9 +309,16 @@ impl Engine for WasmtimeEngine {
         }
     }
 
-    fn precompile(&self, wasm: &[u8], _kind: ModuleKind, artifact: &ArtifactFile<'_>) -> Result<(), EngineError> {
-        let bytes =
-            self.engine.precompile_module(wasm).map_err(|e| EngineError::InvalidModule(bounded(format!("{e:#}"))))?;
+    fn precompile(&self, wasm: &[u8], kind: ModuleKind, artifact: &ArtifactFile<'_>) -> Result<(), EngineError> {
+        let invalid = |e: wasmtime::Error| EngineError::InvalidModule(bounded(format!("{e:#}")));
+        let bytes = if is_component(wasm) {
+            // Compiled once, linked to check what it is, then written.
+            let component = wasmtime::component::Component::new(&self.engine, wasm).map_err(invalid)?;
+            self.link_component(&component, kind)?;
+            component.serialize().map_err(invalid)?
+        } else {
+            self.engine.precompile_module(wasm).map_err(invalid)?
+        };
         artifact
             .create()
             .and_then(|mut file| std::io::Write::write_all(&mut file, &bytes))
@@ -227,29 +328,27 @@ impl Engine for WasmtimeEngine {
     fn load_artifact(&self, artifact: &ArtifactFile<'_>, kind: ModuleKind) -> Result<WasmtimeModule, EngineError> {
         let stale = |reason: String| EngineError::StaleArtifact { path: artifact.path.into(), reason };
         let file = artifact.open().map_err(|e| stale(e.to_string()))?;
-        // SAFETY: deserializing trusts the file to be native code produced by this engine.
-        // The module cache only passes artifacts from its own cache directory, written by
-        // this program under this uid and not writable by others (checked before the call);
-        // Wasmtime additionally rejects artifacts from another version or configuration.
-        let module = unsafe { wasmtime::Module::deserialize_open_file(&self.engine, file) }
-            .map_err(|e| stale(bounded(format!("{e:#}"))))?;
-        self.link(&module, kind)
+        // Deserializing trusts the file to be native code produced by this engine. The
+        // module cache only passes artifacts from its own cache directory, written by this
+        // program under this uid and not writable by others (checked before the call).
+        self.load_file(file, kind, stale)
     }
 
     fn load_passed_artifact(&self, file: std::fs::File, kind: ModuleKind) -> Result<WasmtimeModule, EngineError> {
         let stale = |reason: String| EngineError::StaleArtifact { path: "(passed by the supervisor)".into(), reason };
-        // SAFETY: deserializing trusts the file to be native code produced by this engine.
-        // The supervisor passes only artifacts its compiler process produced for this
-        // module and tenant, checked against the digest it recorded (workers cannot write
-        // them); Wasmtime additionally rejects artifacts from another version or
-        // configuration.
-        let module = unsafe { wasmtime::Module::deserialize_open_file(&self.engine, file) }
-            .map_err(|e| stale(bounded(format!("{e:#}"))))?;
-        self.link(&module, kind)
+        // Deserializing trusts the file to be native code produced by this engine. The
+        // supervisor passes only artifacts its compiler process produced for this module
+        // and tenant, checked against the digest it recorded (workers cannot write them).
+        self.load_file(file, kind, stale)
     }
 
     fn run(&self, module: &WasmtimeModule, request: RunRequest<'_>) -> RunResult {
-        super::run_captured(&request, |stdout, stderr| self.run_guest(module, &request, stdout, stderr))
+        super::run_captured(&request, |stdout, stderr| match &module.0 {
+            Form::Core(pre) => self.run_guest(pre, &request, stdout, stderr),
+            Form::Component(component::Linked::Command(command)) => {
+                self.run_command_component(command, &request, stdout, stderr)
+            }
+        })
     }
 
     fn run_session(
@@ -260,8 +359,9 @@ impl Engine for WasmtimeEngine {
         step: &session::Step<'_>,
         out: &mut session::StepOutput,
     ) -> RunResult {
-        super::run_captured(&request, |stdout, stderr| {
-            self.session_step(module, layout, &request, step, out, (stdout, stderr))
+        super::run_captured(&request, |stdout, stderr| match &module.0 {
+            Form::Core(pre) => self.session_step(pre, layout, &request, step, out, (stdout, stderr)),
+            Form::Component(_) => Outcome::InvalidModule { message: SESSION_COMPONENT.into() },
         })
     }
 }
@@ -274,18 +374,9 @@ impl WasmtimeEngine {
         stdout: &Capture,
         stderr: &Capture,
     ) -> Result<Store<StoreState>, Outcome> {
-        let mut wasi = WasiCtxBuilder::new();
-        wasi.args(request.argv)
-            .envs(request.env)
-            .stdin(MemoryInputPipe::new(request.stdin.clone()))
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .allow_blocking_current_thread(true);
-        if let Err(message) = add_preopens(&mut wasi, request) {
-            return Err(Outcome::SetupFailed { message: bounded(message) });
-        }
+        let mut wasi = wasi_builder(request, stdout, stderr)?;
         let memory_bytes = usize::try_from(request.memory_limit_bytes).unwrap_or(usize::MAX);
-        let state = StoreState { wasi: wasi.build_p1(), limits: Limits { memory_bytes, memory_denied: false } };
+        let state = StoreState { wasi: wasi.build_p1(), limits: Limits::module(memory_bytes) };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         // Deadline = one epoch tick; the watchdog ticks exactly once, at this invocation's
@@ -296,7 +387,7 @@ impl WasmtimeEngine {
 
     fn run_guest(
         &self,
-        module: &WasmtimeModule,
+        pre: &InstancePre<StoreState>,
         request: &RunRequest<'_>,
         stdout: &Capture,
         stderr: &Capture,
@@ -306,8 +397,7 @@ impl WasmtimeEngine {
             Err(outcome) => return outcome,
         };
         let guard = self.watchdog.arm(Instant::now() + request.timeout);
-        let result = module
-            .pre
+        let result = pre
             .instantiate(&mut store)
             .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start"))
             .and_then(|start| start.call(&mut store, ()));
@@ -317,6 +407,19 @@ impl WasmtimeEngine {
             Err(e) => classify(&e, &store, fired, request.memory_limit_bytes),
         }
     }
+}
+
+/// A guest's WASI state as the request gives it: argv, env, stdin, the captures, preopens.
+fn wasi_builder(request: &RunRequest<'_>, stdout: &Capture, stderr: &Capture) -> Result<WasiCtxBuilder, Outcome> {
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.args(request.argv)
+        .envs(request.env)
+        .stdin(MemoryInputPipe::new(request.stdin.clone()))
+        .stdout(stdout.clone())
+        .stderr(stderr.clone())
+        .allow_blocking_current_thread(true);
+    add_preopens(&mut wasi, request).map_err(|message| Outcome::SetupFailed { message: bounded(message) })?;
+    Ok(wasi)
 }
 
 /// A command that writes one byte to stdout:
@@ -367,6 +470,11 @@ fn warm_up_module() -> Vec<u8> {
 /// What ended a guest that did not return: its exit code, the deadline, the memory cap or
 /// a trap.
 fn classify(e: &wasmtime::Error, store: &Store<StoreState>, fired: bool, memory_limit_bytes: u64) -> Outcome {
+    classify_with(e, store.data().limits.memory_denied, fired, memory_limit_bytes)
+}
+
+/// [`classify`], given whether the store's limiter refused a memory growth.
+fn classify_with(e: &wasmtime::Error, memory_denied: bool, fired: bool, memory_limit_bytes: u64) -> Outcome {
     if let Some(exit) = e.downcast_ref::<I32Exit>() {
         return Outcome::Exited { code: exit.0 };
     }
@@ -375,7 +483,7 @@ fn classify(e: &wasmtime::Error, store: &Store<StoreState>, fired: bool, memory_
     if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
         return Outcome::DeadlineExceeded;
     }
-    if store.data().limits.memory_denied {
+    if memory_denied {
         return Outcome::MemoryLimitExceeded { limit_bytes: memory_limit_bytes };
     }
     if fired {
@@ -459,7 +567,7 @@ impl session::Instance for SessionInstance<'_> {
 impl WasmtimeEngine {
     fn session_step(
         &self,
-        module: &WasmtimeModule,
+        pre: &InstancePre<StoreState>,
         layout: &session::Layout,
         request: &RunRequest<'_>,
         step: &session::Step<'_>,
@@ -474,7 +582,7 @@ impl WasmtimeEngine {
         // Instantiation only applies data segments (a session module has no start
         // function), but it runs under the deadline all the same.
         let guard = self.watchdog.arm(deadline);
-        let instance = module.pre.instantiate(&mut store);
+        let instance = pre.instantiate(&mut store);
         let fired = guard.disarm();
         let instance = match instance {
             Ok(instance) => instance,
@@ -509,11 +617,14 @@ impl WasmtimeEngine {
 /// address space, not memory: nothing is resident until a guest touches it.
 fn instance_pool() -> wasmtime::InstanceAllocationStrategy {
     let mut pool = wasmtime::PoolingAllocationConfig::new();
-    pool.total_core_instances(1)
-        .total_memories(1)
+    pool.total_core_instances(COMPONENT_CORE_INSTANCES)
+        .total_memories(COMPONENT_MEMORIES as u32)
         .total_tables(16)
         .total_stacks(0)
-        .total_component_instances(0)
+        .total_component_instances(1)
+        .max_core_instances_per_component(COMPONENT_CORE_INSTANCES)
+        .max_memories_per_component(COMPONENT_MEMORIES as u32)
+        .max_tables_per_component(16)
         .max_memories_per_module(1)
         .max_tables_per_module(16)
         .table_elements(1 << 20)

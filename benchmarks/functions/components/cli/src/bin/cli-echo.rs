@@ -2,11 +2,22 @@
 //! also writes `stderr line` to stderr; a first argument `exit=N`, or else the environment
 //! variable `EXIT_CODE`, makes it exit with status N once everything is written. WASI 0.2's
 //! `wasi:cli/exit.exit` carries only success or failure, so a host without the unstable
-//! `exit-with-code` sees any N other than 0 as failure (status 1).
+//! `exit-with-code` sees any N other than 0 as failure (status 1). For the limit tests:
+//! `alloc=M` first allocates and touches M MiB, `spin` then loops forever.
 use std::io::Write;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(mb) = args.iter().find_map(|a| a.strip_prefix("alloc=")).and_then(|m| m.parse::<usize>().ok()) {
+        let block = vec![1u8; mb << 20];
+        println!("allocated {} MiB", std::hint::black_box(&block).len() >> 20);
+    }
+    if args.iter().any(|a| a == "spin") {
+        let mut n = 0u64;
+        loop {
+            n = std::hint::black_box(n.wrapping_add(1));
+        }
+    }
     let code = match args.first().and_then(|a| a.strip_prefix("exit=")) {
         Some(n) => Some(n.to_owned()),
         None => std::env::var("EXIT_CODE").ok(),
