@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 pub mod snapshot;
 
 /// Bumped whenever a message changes shape. Supervisor and worker must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// First bytes of every frame; a stream that loses sync fails fast on the next frame.
 pub const MAGIC: [u8; 4] = *b"WBX\x01";
@@ -188,6 +188,42 @@ pub enum FromWorker {
     Result(InvocationResult),
     /// From a zygote: the worker asked for is running, as a child of the supervisor.
     Forked { pid: u32 },
+    /// A `wasi:http` handler set its response: status and headers. Its body follows as
+    /// `ResponseBody` frames, then the `Result`.
+    ResponseHead(ResponseHead),
+    /// A piece of a `wasi:http` response body (the frame payload).
+    ResponseBody,
+}
+
+/// The head of a `wasi:http` response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: u16,
+    /// Names and values, each value's bytes as one char per byte (Latin-1), so any value
+    /// survives JSON unchanged.
+    pub headers: Vec<(String, String)>,
+}
+
+/// A request for a `wasi:http/proxy` component (`Invocation::http`); its body is the frame
+/// payload.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HttpRequest {
+    pub method: String,
+    pub scheme: String,
+    pub authority: String,
+    pub path_with_query: String,
+    /// As in [`ResponseHead::headers`].
+    pub headers: Vec<(String, String)>,
+}
+
+/// Bytes as a string of one char per byte (Latin-1), for header values in JSON.
+pub fn bytes_to_latin1(bytes: &[u8]) -> String {
+    bytes.iter().map(|&b| char::from(b)).collect()
+}
+
+/// The bytes [`bytes_to_latin1`] made; `None` for a char above U+00FF.
+pub fn latin1_to_bytes(text: &str) -> Option<Vec<u8>> {
+    text.chars().map(|c| u8::try_from(u32::from(c)).ok()).collect()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -286,6 +322,10 @@ pub struct Invocation {
     /// and the payload starts with the session's snapshot (see [`SessionCall`]).
     #[serde(default)]
     pub session: Option<SessionCall>,
+    /// A request for a `wasi:http/proxy` component instead of a command run: the payload
+    /// is the request body; the worker answers `ResponseHead`, `ResponseBody`s, `Result`.
+    #[serde(default)]
+    pub http: Option<HttpRequest>,
 }
 
 impl Invocation {
@@ -440,6 +480,8 @@ pub enum Outcome {
     SnapshotInvalid { message: String },
     /// The session's new state encodes larger than the snapshot size limit.
     SnapshotTooLarge { limit_bytes: u64 },
+    /// A `wasi:http` handler returned without setting a response.
+    NoResponse,
 }
 
 #[cfg(test)]
@@ -469,6 +511,7 @@ mod tests {
                 snapshot_len: 3,
                 max_snapshot_bytes: 1 << 20,
             }),
+            http: None,
         }
     }
 
@@ -516,6 +559,13 @@ mod tests {
         wire.extend_from_slice(&0u64.to_le_bytes());
         wire.extend_from_slice(b"{x}");
         assert!(matches!(read_frame::<_, FromWorker>(&mut wire.as_slice(), 0), Err(FrameError::Header(_))));
+    }
+
+    #[test]
+    fn latin1_carries_every_byte() {
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(latin1_to_bytes(&bytes_to_latin1(&all)).unwrap(), all);
+        assert_eq!(latin1_to_bytes("\u{100}"), None);
     }
 
     #[test]

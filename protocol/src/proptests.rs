@@ -162,6 +162,7 @@ fn invocation() -> BoxedStrategy<Invocation> {
                     passed_fds,
                     artifact,
                     session,
+                    http: None,
                 }
             },
         )

@@ -12,7 +12,7 @@ use wasmbox_protocol::{
 };
 
 use crate::cache::{ModuleCache, PrepareError};
-use crate::engine::{Engine, ModuleKind, RunRequest, RunResult};
+use crate::engine::{Engine, HttpCall, HttpEvent, ModuleKind, RunRequest, RunResult};
 use crate::fdpass::FdReader;
 use crate::session;
 
@@ -63,7 +63,7 @@ pub fn serve<E: Engine>(
     }
 }
 
-fn invoke<E: Engine, R: Read, W: Write>(
+fn invoke<E: Engine, R: Read, W: Write + Send>(
     cache: &mut ModuleCache<E>,
     invocation: &Invocation,
     stdin: Vec<u8>,
@@ -125,6 +125,23 @@ fn invoke<E: Engine, R: Read, W: Write>(
         timeout: Duration::from_millis(invocation.timeout_ms),
         max_output_bytes: invocation.max_output_bytes,
     };
+    if let Some(http) = &invocation.http {
+        // The response goes out from the engine's forwarding thread while the guest runs
+        // here; nothing else writes to the socket until it is done.
+        let writer = std::sync::Mutex::new(&mut *writer);
+        let emit = |event: HttpEvent<'_>| -> std::io::Result<()> {
+            let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+            let sent = match event {
+                HttpEvent::Head(head) => write_frame(&mut **writer, &FromWorker::ResponseHead(head), &[]),
+                HttpEvent::Body(bytes) => write_frame(&mut **writer, &FromWorker::ResponseBody, &[bytes]),
+            };
+            sent.map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        let call = HttpCall { request: http, body: stdin.clone(), emit: &emit };
+        let run = cache.engine().run_http(&module.module, request(bytes::Bytes::new()), call);
+        tracing::debug!(outcome = ?run.outcome, exec_us = micros(run.exec), "request handled");
+        return Ok((result_header(&run, Some(source), prepare_us), run, None));
+    }
     let Some(call) = &invocation.session else {
         let run = cache.engine().run(&module.module, request(stdin));
         tracing::debug!(outcome = ?run.outcome, exec_us = micros(run.exec), "invocation finished");

@@ -100,7 +100,12 @@ async fn components_are_refused_where_they_cannot_run_with_what_they_are() -> an
     let engine = test_engine();
     // Exports nothing: no world this server serves.
     let empty = wat::parse_str("(component)")?;
-    let s = Supervisor::builder().workers(1).function("cli-hello").module("nothing", empty).start()?;
+    let s = Supervisor::builder()
+        .workers(1)
+        .function("cli-hello")
+        .function("http-hello")
+        .module("nothing", empty)
+        .start()?;
     if engine == "wasmtime" {
         let r = s.get("/nothing").await?;
         assert_eq!((r.status, r.kind().as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_module"), "{}", r.text());
@@ -108,7 +113,7 @@ async fn components_are_refused_where_they_cannot_run_with_what_they_are() -> an
         assert!(message.contains("component") && message.contains("wasi:cli/run"), "{message}");
     } else {
         // An engine without the Component Model says so, and which engine has it.
-        for path in ["/cli-hello", "/nothing"] {
+        for path in ["/cli-hello", "/http-hello", "/nothing"] {
             let r = s.get(path).await?;
             assert_eq!((r.status, r.kind().as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_module"), "{path}");
             let message = r.json()["message"].as_str().unwrap_or_default().to_owned();
@@ -120,5 +125,124 @@ async fn components_are_refused_where_they_cannot_run_with_what_they_are() -> an
     let r = s.post("/sessions/cli-hello", "").await?;
     assert_eq!((r.status, r.kind().as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_module"), "{}", r.text());
     assert!(r.json()["message"].as_str().unwrap_or_default().contains("sessions run core WebAssembly modules"));
+    Ok(())
+}
+
+/// A supervisor serving the example wasi:http components.
+fn http_components() -> wasmbox_integration::Builder {
+    let mut b = Supervisor::builder().workers(2);
+    for name in [
+        "http-hello",
+        "http-echo",
+        "http-stream",
+        "http-trap",
+        "http-busy",
+        "http-alloc",
+        "http-flood",
+        "http-noresponse",
+        "http-headers",
+        "http-outgoing",
+    ] {
+        b = b.function(name);
+    }
+    b
+}
+
+#[tokio::test]
+async fn a_wasi_http_component_gets_the_request_and_its_response_comes_back() -> anyhow::Result<()> {
+    if !on_wasmtime("a_wasi_http_component_gets_the_request_and_its_response_comes_back") {
+        return Ok(());
+    }
+    let s = http_components().start()?;
+    let r = s.get("/http-hello").await?;
+    assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "hello from a component\n"), "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("text/plain"));
+    assert!(r.header("x-wasmbox-request-id").is_some());
+    // Method, the path below the mount with its query, the headers, the body.
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    let sha = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let headers = [("x-test", "value 1"), ("cpu_quota", "500"), ("timeout-ms", "5000"), ("x-wasmbox-fake", "1")];
+    let r = s.request(Method::PUT, "/http-echo/sub/path?x=1&y=%20", &headers, body.into()).await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let echo = r.json();
+    assert_eq!(echo["method"], "PUT");
+    assert_eq!(echo["path_with_query"], "/sub/path?x=1&y=%20");
+    assert_eq!(echo["body_len"], 100_000);
+    assert_eq!(echo["body_sha256"], sha);
+    let got: Vec<(String, String)> = serde_json::from_value(echo["headers"].clone())?;
+    let has = |name: &str| got.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+    assert_eq!(has("x-test"), Some("value 1"));
+    assert_eq!(has("x-forwarded-prefix"), Some("/http-echo"));
+    for control in ["cpu_quota", "timeout-ms", "x-wasmbox-fake", "connection", "content-length"] {
+        assert_eq!(has(control), None, "{control} reached the handler: {got:?}");
+    }
+    // The function's status and headers are the answer's.
+    let r = s.request(Method::DELETE, "/http-echo?status=201&header=x-made:by%20guest", &[], Bytes::new()).await?;
+    assert_eq!((r.status, r.header("x-made")), (StatusCode::CREATED, Some("by guest")), "{}", r.text());
+    assert_eq!(r.json()["path_with_query"], "/?status=201&header=x-made:by%20guest");
+    // Streamed: 50 pieces make one body.
+    let r = s.get("/http-stream?chunks=50&size=1000").await?;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body.len(), 50_000);
+    assert!(r.body.iter().all(|&b| b == b'x'));
+    // A path below a module is still not a function.
+    let s2 = Supervisor::builder().workers(1).function("hello").start()?;
+    let r = s2.get("/hello/below").await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::BAD_REQUEST, "invalid_function_name"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_wasi_http_component_fails_with_typed_errors_before_its_head_and_a_cut_after() -> anyhow::Result<()> {
+    if !on_wasmtime("a_wasi_http_component_fails_with_typed_errors_before_its_head_and_a_cut_after") {
+        return Ok(());
+    }
+    let s = http_components().env("WASMBOX_MAX_OUTPUT_BYTES", 1 << 20).start()?;
+    let r = s.get("/http-trap?when=before").await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "trap"), "{}", r.text());
+    let r = s.get("/http-noresponse").await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::BAD_GATEWAY, "no_response"), "{}", r.text());
+    let r = s.request(Method::GET, "/http-busy", &[("timeout-ms", "300")], Bytes::new()).await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"), "{}", r.text());
+    // The handler survives the refused growth (it uses try_reserve) and says so itself.
+    let r = s.request(Method::GET, "/http-alloc?mb=200", &[("memory-request", "64")], Bytes::new()).await?;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "allocating 200 MiB failed
+"
+        )
+    );
+    let r = s.request(Method::GET, "/http-alloc?mb=16", &[("memory-request", "64")], Bytes::new()).await?;
+    assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "allocated 16 MiB\n"));
+    // After the head: the body is cut, never ended as if whole.
+    let cut = s.get("/http-trap?when=after").await;
+    assert!(cut.is_err(), "a trap after the head was answered as a whole body: {:?}", cut.map(|r| r.status));
+    let flood = s.get("/http-flood").await;
+    assert!(
+        flood.is_err(),
+        "a body past WASMBOX_MAX_OUTPUT_BYTES was answered whole: {:?}",
+        flood.map(|r| r.body.len())
+    );
+    // Outgoing HTTP is refused with wasi:http's own error, not a crash.
+    let r = s.get("/http-outgoing").await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(r.text().contains("HttpRequestDenied"), "{}", r.text());
+    // A header set: a modest one comes through; one past what clients take is refused
+    // before anything is sent; a huge one cannot even be built in the guest.
+    let r = s.get("/http-headers?n=50").await?;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers.keys().filter(|k| k.as_str().starts_with("x-h-")).count(), 50);
+    let r = s.get("/http-headers?n=200").await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::BAD_GATEWAY, "invalid_response"), "{}", r.text());
+    let r = s.get("/http-headers?n=100000").await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::INTERNAL_SERVER_ERROR, "trap"), "{}", r.text());
+    assert!(r.text().contains("fields exceeds limit"), "{}", r.text());
+    // And the server serves on.
+    assert_eq!(s.get("/http-hello").await?.text(), "hello from a component\n");
     Ok(())
 }

@@ -112,6 +112,10 @@ pub enum ApiError {
     SessionModuleChanged { function: String, saved: String, current: String },
     #[error("session {id}'s stored state is unreadable: {reason}")]
     SessionCorrupt { id: String, reason: String },
+    #[error("the function's wasi:http handler returned without setting a response")]
+    NoResponse,
+    #[error("the function's response is not one the server passes on: {0}")]
+    InvalidResponse(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -153,9 +157,11 @@ impl ApiError {
             // Both memory failures are 507; the kind says which layer stopped the function:
             // the engine's linear-memory cap or the kernel's cgroup OOM killer.
             ApiError::MemoryLimitExceeded { .. } | ApiError::OomKilled { .. } => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::WorkerDied { .. } | ApiError::SeccompViolation | ApiError::CompileFailed { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            ApiError::WorkerDied { .. }
+            | ApiError::SeccompViolation
+            | ApiError::CompileFailed { .. }
+            | ApiError::NoResponse
+            | ApiError::InvalidResponse(_) => StatusCode::BAD_GATEWAY,
             ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded { .. } | ApiError::CompileTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -198,6 +204,8 @@ impl ApiError {
             ApiError::SessionStateTooLarge { .. } => "session_state_too_large",
             ApiError::SessionModuleChanged { .. } => "session_module_changed",
             ApiError::SessionCorrupt { .. } => "session_corrupt",
+            ApiError::NoResponse => "no_response",
+            ApiError::InvalidResponse(_) => "invalid_response",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -419,6 +427,7 @@ pub fn outcome_error(outcome: &Outcome, stderr: &[u8], timeout_ms: u64) -> Optio
         }
         Outcome::SnapshotInvalid { message } => Some(ApiError::SnapshotInvalid(message.clone())),
         Outcome::SnapshotTooLarge { limit_bytes } => Some(ApiError::SessionStateTooLarge { limit: *limit_bytes }),
+        Outcome::NoResponse => Some(ApiError::NoResponse),
     }
 }
 
@@ -465,6 +474,8 @@ mod tests {
             (ApiError::SessionStateTooLarge { limit: 1 }, 507, "session_state_too_large"),
             (ApiError::SessionModuleChanged { function: s(), saved: s(), current: s() }, 409, "session_module_changed"),
             (ApiError::SessionCorrupt { id: s(), reason: s() }, 500, "session_corrupt"),
+            (ApiError::NoResponse, 502, "no_response"),
+            (ApiError::InvalidResponse(s()), 502, "invalid_response"),
         ];
         for (error, status, kind) in cases {
             assert_eq!(error.status().as_u16(), status, "{error:?}");

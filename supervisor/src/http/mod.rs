@@ -25,6 +25,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod component;
 pub mod error;
 pub mod io;
 pub mod request;
@@ -246,7 +247,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                         app.connections.reserve_accepted.fetch_add(1, Ordering::Relaxed);
                         let service = service_fn(move |req| {
                             let app = service_app.clone();
-                            async move { Ok::<_, std::convert::Infallible>(routes::handle_reserve(app, req)) }
+                            async move { Ok::<_, std::convert::Infallible>(routes::boxed(routes::handle_reserve(app, req))) }
                         });
                         let conn = graceful.watch(reserve_builder.serve_connection(io, service));
                         tokio::spawn(connection_task(conn, permit, peer));
@@ -341,7 +342,7 @@ pub async fn serve_health(listener: TcpListener, app: Arc<App>, stop: impl Futur
         let service_app = app.clone();
         let service = service_fn(move |req| {
             let app = service_app.clone();
-            async move { Ok::<_, std::convert::Infallible>(routes::handle_health(app, req).await) }
+            async move { Ok::<_, std::convert::Infallible>(routes::boxed(routes::handle_health(app, req).await)) }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(client_io(&app, stream, peer)), service));
         tokio::spawn(async move {

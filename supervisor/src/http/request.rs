@@ -43,14 +43,39 @@ pub enum Probe {
     Metrics,
 }
 
+/// A request for `/{function}[/{rest}]`: a command invocation, or a request for a
+/// `wasi:http` component; which one is known once the function is.
 #[derive(Debug)]
 pub struct InvokeRequest {
     pub name: FunctionName,
-    /// argv[1..] from `?arg=`; `None`: the function's default arguments.
-    pub args: Option<Vec<String>>,
+    /// The path below the function's mount (`/{rest}`), if any.
+    pub rest: Option<String>,
     pub limits: Requested,
-    /// Whether the body is the guest's stdin (POST); GET runs it with none.
-    pub with_body: bool,
+}
+
+impl InvokeRequest {
+    /// What a command invocation takes from the request: argv[1..] from `?arg=` (`None`:
+    /// the function's default arguments), and whether the body is stdin (POST; GET runs
+    /// it with none). Anything else (a path below the function, another method) is
+    /// refused as before components existed.
+    pub fn command(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+    ) -> Result<(Option<Vec<String>>, bool), ApiError> {
+        if self.rest.is_some() {
+            return Err(ApiError::InvalidFunctionName(format!(
+                "{path}: a path below a function is served only for wasi:http components"
+            )));
+        }
+        let with_body = match *method {
+            Method::POST => true,
+            Method::GET => false,
+            ref other => return Err(ApiError::MethodNotAllowed { method: other.to_string(), allow: "GET, POST" }),
+        };
+        Ok((query_args(query)?, with_body))
+    }
 }
 
 /// A session operation (`/sessions/{function}[/{id}[/snapshot]]`).
@@ -78,7 +103,7 @@ pub const ADMIN_PREFIX: &str = "/admin";
 const ADMIN_FUNCTIONS: &str = "/admin/functions";
 
 /// Parses a request on the main listener.
-pub fn parse(method: &Method, path: &str, query: Option<&str>, headers: &HeaderMap) -> Result<Parsed, ApiError> {
+pub fn parse(method: &Method, path: &str, headers: &HeaderMap) -> Result<Parsed, ApiError> {
     if let Some(probe) = probe(method, path) {
         return probe.map(Parsed::Probe);
     }
@@ -93,16 +118,13 @@ pub fn parse(method: &Method, path: &str, query: Option<&str>, headers: &HeaderM
             session(method, path, headers).map(Parsed::Session)
         }
         _ => {
-            let name = function_name(path)?;
-            let with_body = match *method {
-                Method::POST => true,
-                Method::GET => false,
-                ref other => {
-                    return Err(ApiError::MethodNotAllowed { method: other.to_string(), allow: "GET, POST" });
-                }
+            // `/{function}` or `/{function}/{rest...}`: the name is checked as sent.
+            let (mount, rest) = match path.get(1..).and_then(|p| p.find('/')) {
+                Some(i) => (&path[..=i], Some(path[i + 1..].to_owned())),
+                None => (path, None),
             };
-            let args = query_args(query)?;
-            Ok(Parsed::Invoke(InvokeRequest { name, args, limits: requested_limits(headers)?, with_body }))
+            let name = function_name(mount)?;
+            Ok(Parsed::Invoke(InvokeRequest { name, rest, limits: requested_limits(headers)? }))
         }
     }
 }

@@ -38,12 +38,12 @@ pub struct Peer(pub SocketAddr);
 const CHARGED_RESPONSE_BYTES: usize = 16 << 10;
 
 /// Handles one request; never fails: every error becomes a typed JSON response.
-pub async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+pub async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     req.extensions_mut().insert(Peer(peer));
     let request_id = request_id(&req);
     let mut response = match route(&app, req, &request_id).await {
         Ok(response) => response,
-        Err(error) => error.to_response(),
+        Err(error) => boxed(error.to_response()),
     };
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert(HEADER_REQUEST_ID, value);
@@ -53,7 +53,7 @@ pub async fn handle(app: Arc<App>, mut req: Request<Incoming>, peer: SocketAddr)
 
 /// Counts a large response body against the budget for as long as its bytes live: hyper
 /// drops them once they are written to the socket (or the connection goes).
-async fn charge_body(app: &App, response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+async fn charge_body(app: &App, response: Response<Body>) -> Response<Body> {
     struct Charged {
         bytes: Bytes,
         _held: crate::budget::Held,
@@ -70,7 +70,20 @@ async fn charge_body(app: &App, response: Response<Full<Bytes>>) -> Response<Ful
     // One frame, already in memory: collecting it neither waits nor copies.
     let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let held = app.buffers.charge(bytes.len() as u64);
-    Response::from_parts(parts, Full::new(Bytes::from_owner(Charged { bytes, _held: held })))
+    Response::from_parts(parts, full_body(Bytes::from_owner(Charged { bytes, _held: held })))
+}
+
+/// A response body: whole (most answers) or streamed (a `wasi:http` component's).
+pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// A whole body as a [`Body`].
+pub fn full_body(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// A whole response as one with a [`Body`].
+pub fn boxed(response: Response<Full<Bytes>>) -> Response<Body> {
+    response.map(|body| body.map_err(|never| match never {}).boxed())
 }
 
 /// Handles the one request of a connection accepted beyond `WASMBOX_MAX_CONNECTIONS`: the
@@ -102,10 +115,11 @@ pub async fn handle_health(app: Arc<App>, req: Request<Incoming>) -> Response<Fu
     }
 }
 
-async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
-    let parsed = request::parse(req.method(), req.uri().path(), req.uri().query(), req.headers())?;
+async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Result<Response<Body>, ApiError> {
+    let parsed = request::parse(req.method(), req.uri().path(), req.headers())?;
+    let full = |r: Result<Response<Full<Bytes>>, ApiError>| r.map(boxed);
     match parsed {
-        Parsed::Probe(probe) => health(app, probe),
+        Parsed::Probe(probe) => full(health(app, probe)),
         Parsed::Stats => {
             let body = json!({
                 "pool": app.pool.status(),
@@ -115,10 +129,10 @@ async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Resu
                 "http": app.connections.stats(),
                 "buffers": app.buffer_stats(),
             });
-            Ok(json_response(StatusCode::OK, &body))
+            Ok(boxed(json_response(StatusCode::OK, &body)))
         }
-        Parsed::Admin => super::admin::route(app, req, request_id).await,
-        Parsed::Session(op) => super::sessions::route(app, req, op, request_id).await,
+        Parsed::Admin => full(super::admin::route(app, req, request_id).await),
+        Parsed::Session(op) => full(super::sessions::route(app, req, op, request_id).await),
         Parsed::Invoke(invocation) => invoke(app, req, invocation, request_id).await,
     }
 }
@@ -153,28 +167,32 @@ async fn invoke(
     req: Request<Incoming>,
     parsed: InvokeRequest,
     request_id: &str,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<Body>, ApiError> {
     if app.is_draining() {
         return Err(ApiError::ShuttingDown);
     }
     let started = Instant::now();
-    let InvokeRequest { name, args, limits, with_body } = parsed;
-    let (function, limits) = invoke::resolve(app, &name, limits).await?;
+    let (function, limits) = invoke::resolve(app, &parsed.name, parsed.limits).await?;
+    if function.http_handler {
+        return super::component::serve(app, req, parsed, function, limits, request_id, started).await;
+    }
+    let (args, with_body) = parsed.command(req.method(), req.uri().path(), req.uri().query())?;
+    let name = parsed.name;
     let (parts, body) = req.into_parts();
     // Held until the invocation is done: the bytes live as long.
     let stdin = if with_body { Some(read_body(app, &parts, body, app.config.max_body_bytes).await?) } else { None };
     let input = stdin.as_ref().map(|b| b.bytes.clone()).unwrap_or_default();
     let span = tracing::info_span!("invoke", request_id, function = %name);
-    let call = Call { request_id, function, limits, args, input, step: None };
+    let call = Call { request_id, function, limits, args, input, step: None, http: None };
     let ran = invoke::run(app, call).await?;
     let (response, kind) = ran_response(&ran);
     let response = with_meta(response, &ran);
     log_invocation(app, &span, &ran, kind, response.status(), started);
-    Ok(response)
+    Ok(boxed(response))
 }
 
 /// Records an invocation's metrics and writes its access log line.
-fn log_invocation(
+pub(super) fn log_invocation(
     app: &App,
     span: &tracing::Span,
     ran: &Ran,

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use wasmbox_protocol::{Deadlines, FrameError, FromWorker, Invocation, ToWorker};
 
 use super::state::Worker;
-use super::{Completed, ExitReason, InvokeFailure, Job, Pool, PoolConfig, WorkerId, describe_exit};
+use super::{Completed, ExitReason, InvokeFailure, Job, Pool, PoolConfig, ResponseSink, WorkerId, describe_exit};
 use crate::cgroup::{Checkpoint, SlotCgroup, SlotRequest};
 
 /// Gives a worker back if the waiting request went away just as it was handed one.
@@ -58,7 +58,7 @@ impl Lease {
     /// Runs one invocation (see [`Job`]). The artifact is passed when the worker does not
     /// have the module in memory yet. A worker that fails in any way is killed and replaced.
     pub async fn invoke(mut self, job: Job) -> Result<Completed, InvokeFailure> {
-        let Job { mut invocation, limits, payload, mut files, artifact } = job;
+        let Job { mut invocation, limits, payload, mut files, artifact, response } = job;
         // The pool handle is one Arc; cloning the config would copy the launch settings and
         // every slot's cgroup handle on each invocation.
         let pool = self.pool.clone();
@@ -98,7 +98,7 @@ impl Lease {
             request,
             checkpoint: cp,
         });
-        match exchange(worker, config, invocation, &payload, &files, limits).await {
+        match exchange(worker, config, invocation, &payload, &files, limits, response).await {
             Ok(mut done) => {
                 // Only a module the worker prepared is in its cache now: one that failed to
                 // compile or load is not, and must not make later calls look warm or cold.
@@ -197,6 +197,7 @@ pub(super) async fn exchange(
     payload: &[Bytes],
     files: &[OwnedFd],
     mut limits: Option<StartLimits<'_>>,
+    mut response: Option<ResponseSink>,
 ) -> Result<Completed, Exchange> {
     // A session step restores and captures a snapshot besides running the guest: host work
     // bounded by the memory size, allowed as long as a compile.
@@ -238,7 +239,29 @@ pub(super) async fn exchange(
                 }
                 hard_deadline = tokio::time::Instant::now() + timeout + grace;
             }
+            Ok(Ok((FromWorker::ResponseHead(head), _))) => {
+                let Some(sender) = response.as_mut().and_then(|r| r.head.take()) else {
+                    return Err(Exchange::Protocol("protocol violation: a response head out of place".into()));
+                };
+                let _ = sender.send(head);
+            }
+            Ok(Ok((FromWorker::ResponseBody, payload))) => {
+                let Some(sink) = response.as_ref().filter(|r| r.head.is_none()) else {
+                    return Err(Exchange::Protocol("protocol violation: a response body out of place".into()));
+                };
+                // At the client's pace, within the hard deadline; a client that left takes
+                // nothing more, and the rest is read and dropped.
+                if tokio::time::timeout_at(hard_deadline, sink.body.send(Some(payload))).await.is_err() {
+                    return Err(Exchange::HardDeadline);
+                }
+            }
             Ok(Ok((FromWorker::Result(result), mut payload))) => {
+                // A response whose body was whole says so; any other end leaves it cut.
+                if let Some(sink) = response.as_ref().filter(|r| r.head.is_none()) {
+                    if matches!(result.outcome, wasmbox_protocol::Outcome::Exited { code: 0 }) {
+                        let _ = tokio::time::timeout_at(hard_deadline, sink.body.send(None)).await;
+                    }
+                }
                 let (out, err, snap) = (result.stdout_len, result.stderr_len, result.snapshot_len);
                 if out.checked_add(err).and_then(|n| n.checked_add(snap)) != Some(payload.len() as u64) {
                     return Err(Exchange::Protocol(format!(

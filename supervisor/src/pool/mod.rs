@@ -129,6 +129,16 @@ pub struct Job {
     /// the worker does not have it in memory.
     pub files: Vec<OwnedFd>,
     pub artifact: Option<Arc<crate::compiler::Artifact>>,
+    /// Where a `wasi:http` response goes as the worker sends it (`Invocation::http`).
+    pub response: Option<ResponseSink>,
+}
+
+/// A `wasi:http` response on its way: the head once, then the body pieces and `None` once
+/// the body is whole. A body that ends without `None` was cut (the function failed after
+/// its head, or the worker died): its reader must treat it as an error.
+pub struct ResponseSink {
+    pub head: Option<oneshot::Sender<wasmbox_protocol::ResponseHead>>,
+    pub body: tokio::sync::mpsc::Sender<Option<Bytes>>,
 }
 
 /// An invocation's limits as the kernel enforces them, on the worker's cgroup.

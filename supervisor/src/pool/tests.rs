@@ -177,6 +177,7 @@ fn invocation(function: &str, hash: &str, timeout_ms: u64) -> Invocation {
         passed_fds: 0,
         artifact: false,
         session: None,
+        http: None,
     }
 }
 
@@ -187,6 +188,7 @@ fn job(function: &str, hash: &str, timeout_ms: u64, stdin: &'static [u8]) -> Job
         payload: vec![Bytes::from_static(stdin)],
         files: Vec::new(),
         artifact: None,
+        response: None,
     }
 }
 
@@ -380,7 +382,7 @@ async fn a_second_started_is_a_protocol_violation() {
     let config = config(1);
     let ran = tokio::time::timeout(
         Duration::from_secs(3),
-        exchange(&mut worker, &config, invocation("ok", A, 200), &[], &[], None),
+        exchange(&mut worker, &config, invocation("ok", A, 200), &[], &[], None, None),
     )
     .await
     .expect("the exchange ended instead of being extended by each started");

@@ -64,6 +64,9 @@ pub struct Function {
     pub module_size: u64,
     /// A WebAssembly component (the Component Model's binary layer), not a core module.
     pub component: bool,
+    /// A component that exports `wasi:http/incoming-handler` (a `wasi:http/proxy`): it
+    /// serves HTTP requests, not command invocations.
+    pub http_handler: bool,
     pub config: FunctionConfig,
     stamps: Stamps,
 }
@@ -328,6 +331,7 @@ impl Load {
             module: ModuleRef { path: self.module_path, sha256 },
             module_size: bytes.len() as u64,
             component: is_component(&bytes),
+            http_handler: is_component(&bytes) && exports_http_handler(&bytes),
             config,
             stamps: self.stamps,
         })
@@ -338,6 +342,31 @@ impl Load {
 /// layer 1 (a core module is version 1, layer 0).
 pub fn is_component(wasm: &[u8]) -> bool {
     wasm.len() >= 8 && wasm[..4] == *b"\0asm" && wasm[6..8] == [1, 0]
+}
+
+/// Whether a component exports `wasi:http/incoming-handler@0.2.*` at its top level: a walk
+/// over the sections (nested modules and components skipped), no validation; the engine
+/// validates when it compiles.
+pub fn exports_http_handler(wasm: &[u8]) -> bool {
+    use wasmparser::{Parser, Payload};
+    let mut depth = 0usize;
+    for payload in Parser::new(0).parse_all(wasm) {
+        let Ok(payload) = payload else { return false };
+        match payload {
+            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+            Payload::End(_) if depth > 0 => depth -= 1,
+            Payload::ComponentExportSection(exports) if depth == 0 => {
+                for export in exports.into_iter().flatten() {
+                    let name = export.name.name;
+                    if name.strip_prefix("wasi:http/incoming-handler@0.2.").is_some() {
+                        return true;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Reads and parses one `name.toml` (a regular file, at most `MAX_CONFIG_BYTES`).

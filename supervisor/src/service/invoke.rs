@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use wasmbox_protocol::{Invocation, ModuleSource, Outcome, SessionCall, SessionOp};
+use wasmbox_protocol::{HttpRequest, Invocation, ModuleSource, Outcome, SessionCall, SessionOp};
 
 use super::ServiceError;
 use crate::App;
 use crate::compiler::{CompileError, Kind};
 use crate::error_chain;
 use crate::limits::{InvocationLimits, Requested};
-use crate::pool::{Completed, InvokeFailure, Job, Lease};
+use crate::pool::{Completed, InvokeFailure, Job, Lease, ResponseSink};
 use crate::registry::files::PreopenError;
 use crate::registry::{Function, FunctionName, OpenError};
 
@@ -41,6 +41,9 @@ pub struct Call<'a> {
     /// The guest's stdin (a session step: the message).
     pub input: Bytes,
     pub step: Option<Step<'a>>,
+    /// A request for a `wasi:http/proxy` component (`input` is its body), and where its
+    /// response goes.
+    pub http: Option<(HttpRequest, ResponseSink)>,
 }
 
 /// A session step: what it does, and the state it starts from.
@@ -83,7 +86,16 @@ pub async fn run(app: &App, call: Call<'_>) -> Result<Ran, ServiceError> {
     if app.is_draining() {
         return Err(ServiceError::ShuttingDown);
     }
-    let Call { request_id, mut function, limits, args, input, step } = call;
+    let Call { request_id, mut function, limits, args, input, step, http } = call;
+    if let Some((request, sink)) = http {
+        // One attempt: a response may be under way when anything fails.
+        let opened = open(app, function, Kind::Command).await?;
+        let function = opened.function.clone();
+        let mut invocation = invocation(app, request_id, &function, vec![function.name.to_string()], limits, None);
+        invocation.http = Some(request);
+        let lease = acquire(app, &function, &invocation).await?;
+        return dispatch(app, lease, &function, limits, job(invocation, limits, vec![input], opened, Some(sink))).await;
+    }
     // A session step's guest gets no arguments.
     let is_step = step.is_some();
     let argv = |function: &Function| -> Vec<String> {
@@ -98,7 +110,8 @@ pub async fn run(app: &App, call: Call<'_>) -> Result<Ran, ServiceError> {
             function = opened.function.clone();
             let invocation = invocation(app, request_id, &function, argv(&function), limits, None);
             let lease = acquire(app, &function, &invocation).await?;
-            let ran = dispatch(app, lease, &function, limits, invocation, vec![input.clone()], opened).await?;
+            let job = job(invocation, limits, vec![input.clone()], opened, None);
+            let ran = dispatch(app, lease, &function, limits, job).await?;
             if attempt == 0 && ran.outcome() == Some(&Outcome::ModuleChanged) {
                 app.registry.invalidate(&function.name);
                 function = app.registry.lookup(&function.name).await?;
@@ -138,7 +151,7 @@ pub async fn run(app: &App, call: Call<'_>) -> Result<Ran, ServiceError> {
     if let Some(call) = invocation.session.as_mut() {
         call.snapshot_len = snapshot.len() as u64;
     }
-    dispatch(app, lease, &function, limits, invocation, vec![snapshot, input], opened).await
+    dispatch(app, lease, &function, limits, job(invocation, limits, vec![snapshot, input], opened, None)).await
 }
 
 /// The message a worker gets for one run: the one place an [`Invocation`] is made.
@@ -164,6 +177,7 @@ fn invocation(
         passed_fds: 0,
         artifact: false,
         session,
+        http: None,
     }
 }
 
@@ -180,13 +194,10 @@ async fn dispatch(
     lease: Lease,
     function: &Arc<Function>,
     limits: InvocationLimits,
-    invocation: Invocation,
-    payload: Vec<Bytes>,
-    opened: Opened,
+    (job, compiled): (Job, bool),
 ) -> Result<Ran, ServiceError> {
     let queue_wait = lease.queue_wait;
     let worker = lease.worker_id().map(|w| w.to_string()).unwrap_or_default();
-    let job = Job { invocation, limits: limits.for_cgroup(), payload, files: opened.files, artifact: opened.artifact };
     let mut completed = tokio::spawn(lease.invoke(job))
         .await
         .map_err(|e| ServiceError::Internal(format!("worker exchange task failed: {e}")))?;
@@ -194,7 +205,7 @@ async fn dispatch(
         Ok(done) => {
             // The compile this request waited for happened in the compiler, not the
             // worker: the module was still compiled for it.
-            if opened.compiled && done.result.module_source == Some(ModuleSource::Artifact) {
+            if compiled && done.result.module_source == Some(ModuleSource::Artifact) {
                 done.result.module_source = Some(ModuleSource::Compiled);
             }
             if let Some(used) = &done.accounting {
@@ -205,6 +216,25 @@ async fn dispatch(
         Err(_) => {}
     }
     Ok(Ran { function: function.clone(), limits, completed, worker, queue_wait })
+}
+
+/// The pool's job for a run, and whether this request had the artifact compiled.
+fn job(
+    invocation: Invocation,
+    limits: InvocationLimits,
+    payload: Vec<Bytes>,
+    opened: Opened,
+    response: Option<ResponseSink>,
+) -> (Job, bool) {
+    let job = Job {
+        invocation,
+        limits: limits.for_cgroup(),
+        payload,
+        files: opened.files,
+        artifact: opened.artifact,
+        response,
+    };
+    (job, opened.compiled)
 }
 
 /// What a run takes to its worker: the function as it is now, the descriptors it passes,

@@ -91,8 +91,15 @@ async fn step(
     input: Bytes,
     request_id: &str,
 ) -> Result<Ran, ServiceError> {
-    let call =
-        Call { request_id, function: function.clone(), limits, args: None, input, step: Some(Step { op, state }) };
+    let call = Call {
+        request_id,
+        function: function.clone(),
+        limits,
+        args: None,
+        input,
+        step: Some(Step { op, state }),
+        http: None,
+    };
     let mut ran = invoke::run(app, call).await?;
     if let Ok(completed) = ran.completed.as_mut() {
         if completed.result.outcome == Outcome::ModuleChanged {

@@ -82,6 +82,21 @@ impl<'a> RunRequest<'a> {
     }
 }
 
+/// A `wasi:http` request for a proxy component, and where its response goes.
+pub struct HttpCall<'a> {
+    pub request: &'a wasmbox_protocol::HttpRequest,
+    pub body: bytes::Bytes,
+    /// Sends the response's head and body pieces to the supervisor as they come (from
+    /// another thread than the guest's).
+    pub emit: &'a (dyn Fn(HttpEvent<'_>) -> std::io::Result<()> + Sync),
+}
+
+/// What a `wasi:http` handler produced, in order: the head, then body pieces.
+pub enum HttpEvent<'a> {
+    Head(wasmbox_protocol::ResponseHead),
+    Body(&'a [u8]),
+}
+
 /// What a run produced.
 #[derive(Debug)]
 pub struct RunResult {
@@ -219,6 +234,15 @@ pub trait Engine {
 
     /// Runs `_start` in a fresh instance with fresh WASI state.
     fn run(&self, module: &Self::Module, request: RunRequest<'_>) -> RunResult;
+
+    /// Runs a `wasi:http/proxy` component's handler for one request in a fresh instance
+    /// (stdout is unused: the response goes out through `call.emit`).
+    fn run_http(&self, module: &Self::Module, request: RunRequest<'_>, call: HttpCall<'_>) -> RunResult {
+        let _ = (module, call);
+        run_captured(&request, |_, _| Outcome::InvalidModule {
+            message: format!("the {} engine does not serve wasi:http components", self.name()),
+        })
+    }
 
     /// Runs one session step in a fresh instance with fresh WASI state (stdin is the
     /// message): [`crate::session::drive`] over the engine's [`crate::session::Instance`].

@@ -348,6 +348,18 @@ impl Engine for WasmtimeEngine {
             Form::Component(component::Linked::Command(command)) => {
                 self.run_command_component(command, &request, stdout, stderr)
             }
+            Form::Component(component::Linked::Http(_)) => Outcome::InvalidModule {
+                message: "a wasi:http/proxy component is invoked through HTTP, not as a command".into(),
+            },
+        })
+    }
+
+    fn run_http(&self, module: &WasmtimeModule, request: RunRequest<'_>, call: super::HttpCall<'_>) -> RunResult {
+        super::run_captured(&request, |stdout, stderr| match &module.0 {
+            Form::Component(component::Linked::Http(proxy)) => {
+                self.run_http_component(proxy, &request, &call, stdout, stderr)
+            }
+            _ => Outcome::InvalidModule { message: "not a wasi:http/proxy component".into() },
         })
     }
 

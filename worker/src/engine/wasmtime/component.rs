@@ -1,7 +1,10 @@
 //! WASI 0.2 components on Wasmtime. What a component is comes from its exports when it is
 //! linked: `wasi:cli/run` makes it a `wasi:cli/command`, which runs exactly like a command
-//! module (stdin, argv, env, preopens, exit code, the same limits and deadline); anything
-//! else is refused with what it exports.
+//! module (stdin, argv, env, preopens, exit code, the same limits and deadline);
+//! `wasi:http/incoming-handler` makes it a `wasi:http/proxy`, whose handler gets one HTTP
+//! request per call and streams its response out as it writes it. Anything else is refused
+//! with what it exports. Outgoing HTTP is denied (`HTTP-request-denied`): the worker has
+//! no network.
 
 use std::time::Instant;
 
@@ -10,15 +13,19 @@ use wasmtime::Store;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime_wasi::p2::bindings::sync::CommandPre;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::sync::ProxyPre;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use super::{Limits, WasmtimeEngine, classify_with};
 use crate::capture::Capture;
-use crate::engine::{EngineError, RunRequest, bounded};
+use crate::engine::{EngineError, HttpCall, HttpEvent, RunRequest, bounded};
 
 /// Per-invocation store data of a component.
 pub(super) struct ComponentState {
     ctx: WasiCtx,
     table: ResourceTable,
+    http: WasiHttpCtx,
+    hooks: DenyOutgoing,
     pub(super) limits: Limits,
 }
 
@@ -28,10 +35,39 @@ impl WasiView for ComponentState {
     }
 }
 
+impl WasiHttpView for ComponentState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+    }
+}
+
+/// Every outgoing request is refused with `HTTP-request-denied`: the worker has no network.
+struct DenyOutgoing;
+
+impl WasiHttpHooks for DenyOutgoing {
+    fn send_request(
+        &mut self,
+        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<dyn std::future::Future<Output = SendResult> + Send> {
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
+
+type SendResult = Result<
+    (
+        http::Response<wasmtime_wasi_http::WasiBody>,
+        Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ),
+    wasmtime_wasi_http::Error,
+>;
+
 /// A component linked for what it is.
 #[derive(Clone)]
 pub(super) enum Linked {
     Command(CommandPre<ComponentState>),
+    Http(ProxyPre<ComponentState>),
 }
 
 /// The WASI 0.2 linker: every `wasi:cli/command` import (`exit-with-code` of 0.2.12
@@ -39,6 +75,7 @@ pub(super) enum Linked {
 pub(super) fn linker(engine: &wasmtime::Engine) -> anyhow::Result<Linker<ComponentState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker)?;
     Ok(linker)
 }
 
@@ -62,11 +99,9 @@ pub(super) fn link(linker: &Linker<ComponentState>, component: &Component) -> Re
         return Ok(Linked::Command(command));
     }
     if exports.iter().any(|n| is_wasi_02(n, "wasi:http/incoming-handler")) {
-        return Err(invalid(
-            "a wasi:http/proxy component (it exports wasi:http/incoming-handler); this server runs WASI 0.2 \
-             components of the wasi:cli/command world"
-                .into(),
-        ));
+        let pre = linker.instantiate_pre(component).map_err(|e| invalid(format!("{e:#}")))?;
+        let proxy = ProxyPre::new(pre).map_err(|e| invalid(format!("{e:#}")))?;
+        return Ok(Linked::Http(proxy));
     }
     Err(invalid(format!(
         "a WebAssembly component that exports neither wasi:cli/run@0.2 (a wasi:cli/command) nor \
@@ -89,8 +124,13 @@ impl WasmtimeEngine {
             Err(outcome) => return outcome,
         };
         let memory_bytes = usize::try_from(request.memory_limit_bytes).unwrap_or(usize::MAX);
-        let state =
-            ComponentState { ctx: wasi.build(), table: ResourceTable::new(), limits: Limits::component(memory_bytes) };
+        let state = ComponentState {
+            ctx: wasi.build(),
+            table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            hooks: DenyOutgoing,
+            limits: Limits::component(memory_bytes),
+        };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(1);
@@ -104,6 +144,173 @@ impl WasmtimeEngine {
             Err(e) => classify_with(&e, store.data().limits.memory_denied, fired, request.memory_limit_bytes),
         }
     }
+}
+
+/// How a handler's response went out.
+enum Forwarded {
+    /// Head and whole body sent.
+    Done,
+    /// The handler returned (or dropped its outparam) without setting a response.
+    NoResponse,
+    /// It set an error code instead of a response.
+    ErrorCode(String),
+    /// The body passed the output limit; what was sent stands, the rest was not.
+    TooLarge,
+    /// The body failed while it was read.
+    BodyFailed(String),
+    /// The supervisor's socket failed.
+    Lost,
+}
+
+/// Waits for the handler's response and sends its head, then its body as it is written,
+/// at most `limit` bytes of it.
+async fn forward(
+    response: tokio::sync::oneshot::Receiver<
+        Result<
+            http::Response<wasmtime_wasi_http::p2::body::HyperOutgoingBody>,
+            wasmtime_wasi_http::p2::bindings::http::types::ErrorCode,
+        >,
+    >,
+    emit: &(dyn Fn(HttpEvent<'_>) -> std::io::Result<()> + Sync),
+    limit: u64,
+) -> Forwarded {
+    use http_body_util::BodyExt;
+    let response = match response.await {
+        Ok(Ok(response)) => response,
+        Ok(Err(code)) => return Forwarded::ErrorCode(format!("{code:?}")),
+        Err(_) => return Forwarded::NoResponse,
+    };
+    let (parts, mut body) = response.into_parts();
+    let headers = parts
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str().to_owned(), wasmbox_protocol::bytes_to_latin1(value.as_bytes())))
+        .collect();
+    let head = wasmbox_protocol::ResponseHead { status: parts.status.as_u16(), headers };
+    if emit(HttpEvent::Head(head)).is_err() {
+        return Forwarded::Lost;
+    }
+    let mut sent = 0u64;
+    while let Some(frame) = body.frame().await {
+        let data = match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => data,
+                // Trailers: not forwarded.
+                Err(_) => continue,
+            },
+            Err(e) => return Forwarded::BodyFailed(bounded(format!("{e:?}"))),
+        };
+        sent = sent.saturating_add(data.len() as u64);
+        if sent > limit {
+            return Forwarded::TooLarge;
+        }
+        for piece in data.chunks(MAX_BODY_FRAME) {
+            if emit(HttpEvent::Body(piece)).is_err() {
+                return Forwarded::Lost;
+            }
+        }
+    }
+    Forwarded::Done
+}
+
+/// Largest body piece one frame carries.
+const MAX_BODY_FRAME: usize = 64 << 10;
+
+impl WasmtimeEngine {
+    /// Runs a `wasi:http/proxy` component's handler for one request. A thread of this call
+    /// forwards the response while the guest runs on this one; the store goes (closing
+    /// whatever the guest left open) before that thread is joined.
+    pub(super) fn run_http_component(
+        &self,
+        proxy: &ProxyPre<ComponentState>,
+        request: &RunRequest<'_>,
+        call: &HttpCall<'_>,
+        stdout: &Capture,
+        stderr: &Capture,
+    ) -> Outcome {
+        let wasi = match super::wasi_builder(request, stdout, stderr) {
+            Ok(wasi) => wasi,
+            Err(outcome) => return outcome,
+        };
+        let mut wasi = wasi;
+        let memory_bytes = usize::try_from(request.memory_limit_bytes).unwrap_or(usize::MAX);
+        let state = ComponentState {
+            ctx: wasi.build(),
+            table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            hooks: DenyOutgoing,
+            limits: Limits::component(memory_bytes),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(1);
+        let incoming = match incoming_request(call) {
+            Ok(incoming) => incoming,
+            Err(message) => return Outcome::SetupFailed { message: bounded(message) },
+        };
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let resources = store
+            .data_mut()
+            .http()
+            .new_incoming_request(wasmtime_wasi_http::p2::bindings::http::types::Scheme::Http, incoming)
+            .and_then(|req| Ok((req, store.data_mut().http().new_response_outparam(sender)?)));
+        let (req, out) = match resources {
+            Ok(pair) => pair,
+            Err(e) => return Outcome::SetupFailed { message: bounded(format!("{e:#}")) },
+        };
+        let limit = request.max_output_bytes;
+        let emit = call.emit;
+        std::thread::scope(|scope| {
+            let forwarder = std::thread::Builder::new()
+                .name("wasmbox-http".into())
+                .spawn_scoped(scope, move || wasmtime_wasi::runtime::in_tokio(forward(receiver, emit, limit)));
+            let forwarder = match forwarder {
+                Ok(f) => f,
+                Err(e) => return Outcome::SetupFailed { message: format!("cannot start the response thread: {e}") },
+            };
+            let guard = self.watchdog.arm(Instant::now() + request.timeout);
+            let result = proxy
+                .instantiate(&mut store)
+                .and_then(|p| p.wasi_http_incoming_handler().call_handle(&mut store, req, out));
+            let fired = guard.disarm();
+            let memory_denied = store.data().limits.memory_denied;
+            drop(store);
+            let forwarded = forwarder.join().unwrap_or(Forwarded::Lost);
+            match (result, forwarded) {
+                (Err(e), _) => classify_with(&e, memory_denied, fired, request.memory_limit_bytes),
+                (Ok(()), Forwarded::Done) => Outcome::Exited { code: 0 },
+                (Ok(()), Forwarded::NoResponse) => Outcome::NoResponse,
+                (Ok(()), Forwarded::ErrorCode(code)) => {
+                    Outcome::Trapped { message: format!("the handler answered with wasi:http error {code}") }
+                }
+                (Ok(()), Forwarded::TooLarge) => Outcome::OutputTooLarge { limit_bytes: limit },
+                (Ok(()), Forwarded::BodyFailed(message)) => {
+                    Outcome::Trapped { message: format!("the response body failed: {message}") }
+                }
+                (Ok(()), Forwarded::Lost) => Outcome::SetupFailed { message: "the supervisor's socket failed".into() },
+            }
+        })
+    }
+}
+
+/// The request as wasmtime-wasi-http takes it.
+fn incoming_request(
+    call: &HttpCall<'_>,
+) -> Result<http::Request<http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, wasmtime_wasi_http::Error>>, String>
+{
+    use http_body_util::BodyExt;
+    let r = call.request;
+    let mut builder = http::Request::builder()
+        .method(r.method.as_str())
+        .uri(format!("{}://{}{}", r.scheme, r.authority, r.path_with_query));
+    for (name, value) in &r.headers {
+        let value = wasmbox_protocol::latin1_to_bytes(value).ok_or("a header value is not bytes")?;
+        builder = builder.header(name.as_str(), value);
+    }
+    let body = http_body_util::Full::new(call.body.clone())
+        .map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} })
+        .boxed_unsync();
+    builder.body(body).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
