@@ -246,3 +246,27 @@ async fn a_wasi_http_component_fails_with_typed_errors_before_its_head_and_a_cut
     assert_eq!(s.get("/http-hello").await?.text(), "hello from a component\n");
     Ok(())
 }
+
+/// A client that sends a component's request body slowly is cut off by the body read
+/// bounds before the handler ever runs, with the typed 408, and the worker is untouched.
+#[tokio::test]
+async fn a_slow_request_body_for_a_component_is_408_before_the_handler_runs() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !on_wasmtime("a_slow_request_body_for_a_component_is_408_before_the_handler_runs") {
+        return Ok(());
+    }
+    let s = Supervisor::builder().workers(1).function("http-echo").env("WASMBOX_BODY_READ_TIMEOUT_MS", 500).start()?;
+    assert_eq!(s.post("/http-echo", "warm").await?.status, StatusCode::OK);
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await?;
+    stream.write_all(b"POST /http-echo/x HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\nabc").await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(30), stream.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    // Nothing reached the worker: it serves the next request as the same process.
+    let before = s.worker_pids();
+    assert_eq!(s.post("/http-echo", "next").await?.status, StatusCode::OK);
+    assert_eq!(s.worker_pids(), before);
+    Ok(())
+}

@@ -431,6 +431,30 @@ mod tests {
         FunctionName::parse(s).unwrap()
     }
 
+    #[test]
+    fn components_and_their_http_handler_export_are_told_apart() {
+        let module = wat::parse_str("(module)").unwrap();
+        assert!(!is_component(&module) && !exports_http_handler(&module));
+        let handler =
+            wat::parse_str(r#"(component (instance $i) (export "wasi:http/incoming-handler@0.2.4" (instance $i)))"#)
+                .unwrap();
+        assert!(is_component(&handler) && exports_http_handler(&handler));
+        let command =
+            wat::parse_str(r#"(component (instance $i) (export "wasi:cli/run@0.2.0" (instance $i)))"#).unwrap();
+        assert!(is_component(&command) && !exports_http_handler(&command));
+        // Only the top level counts: a handler nested in a component is not its export.
+        let nested = wat::parse_str(
+            r#"(component (component (instance $i) (export "wasi:http/incoming-handler@0.2.4" (instance $i))))"#,
+        )
+        .unwrap();
+        assert!(is_component(&nested) && !exports_http_handler(&nested));
+        let later =
+            wat::parse_str(r#"(component (instance $i) (export "wasi:http/incoming-handler@0.3.0" (instance $i)))"#)
+                .unwrap();
+        assert!(!exports_http_handler(&later), "WASI 0.3 is not served");
+        assert!(!is_component(b"\0asm") && !is_component(b"junk at all"));
+    }
+
     #[tokio::test]
     async fn lookup_follows_the_directory() {
         let dir = tempfile::tempdir().unwrap();

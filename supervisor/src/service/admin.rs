@@ -39,7 +39,7 @@ pub async fn upload(app: &App, name: &FunctionName, wasm: Bytes, request_id: &st
     if !wasm.starts_with(b"\0asm") {
         return Err(CompileError::Invalid("not a WebAssembly binary (it does not start with \\0asm)".into()).into());
     }
-    super::invoke::runnable(app, name, crate::registry::is_component(&wasm), crate::compiler::Kind::Command)?;
+    super::invoke::runnable(app.engine, name, crate::registry::is_component(&wasm), crate::compiler::Kind::Command)?;
     let sha256 = sha256_hex(&wasm);
     let _one_at_a_time = app.admin.lock().await;
     let dir = app.registry.dir().to_path_buf();

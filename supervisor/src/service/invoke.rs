@@ -254,7 +254,7 @@ struct Opened {
 /// a link put in its path) makes the registry read and check the config again, once,
 /// against the directories as they are now; it is used only if it passes.
 async fn open(app: &App, function: Arc<Function>, kind: Kind) -> Result<Opened, ServiceError> {
-    runnable(app, &function.name, function.component, kind)?;
+    runnable(app.engine, &function.name, function.component, kind)?;
     let mut function = function;
     for attempt in 0..2 {
         match function.open_files() {
@@ -287,7 +287,12 @@ async fn open(app: &App, function: Arc<Function>, kind: Kind) -> Result<Opened, 
 
 /// Whether this server can run function `name`'s module as `kind`: a component needs an
 /// engine with the Component Model, and sessions run core modules only.
-pub fn runnable(app: &App, name: &FunctionName, component: bool, kind: Kind) -> Result<(), ServiceError> {
+pub fn runnable(
+    engine: crate::config::EngineKind,
+    name: &FunctionName,
+    component: bool,
+    kind: Kind,
+) -> Result<(), ServiceError> {
     if !component {
         return Ok(());
     }
@@ -296,11 +301,11 @@ pub fn runnable(app: &App, name: &FunctionName, component: bool, kind: Kind) -> 
             "sessions run core WebAssembly modules (WASI reactors); function {name} is a WebAssembly component"
         )));
     }
-    if !app.engine.runs_components() {
+    if !engine.runs_components() {
         return Err(ServiceError::Unsupported(format!(
             "function {name} is a WebAssembly component (WASI 0.2, the Component Model); the {} engine runs \
              core WebAssembly modules (WASI preview1) only: serve components with WASMBOX_ENGINE=wasmtime",
-            app.engine.name()
+            engine.name()
         )));
     }
     Ok(())
@@ -317,5 +322,33 @@ async fn artifact(
         app.compiler.artifact_or_later(function.tenant(), &function.module, kind).await
     } else {
         app.compiler.artifact(function.tenant(), &function.module, kind).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EngineKind;
+
+    fn message(e: ServiceError) -> String {
+        match e {
+            ServiceError::Unsupported(message) => message,
+            other => panic!("expected unsupported, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn components_run_only_where_the_engine_has_them_and_never_as_sessions() {
+        let name = FunctionName::parse("f").unwrap();
+        for engine in [EngineKind::Wasmtime, EngineKind::Wasmedge] {
+            for kind in [Kind::Command, Kind::Session] {
+                assert!(runnable(engine, &name, false, kind).is_ok(), "a module on {engine:?}");
+            }
+        }
+        assert!(runnable(EngineKind::Wasmtime, &name, true, Kind::Command).is_ok());
+        let session = message(runnable(EngineKind::Wasmtime, &name, true, Kind::Session).unwrap_err());
+        assert!(session.contains("sessions run core WebAssembly modules"), "{session}");
+        let wasmedge = message(runnable(EngineKind::Wasmedge, &name, true, Kind::Command).unwrap_err());
+        assert!(wasmedge.contains("the wasmedge engine") && wasmedge.contains("WASMBOX_ENGINE=wasmtime"), "{wasmedge}");
     }
 }
