@@ -71,12 +71,10 @@ pub async fn serve(
     let (body_tx, body_rx) = tokio::sync::mpsc::channel(BODY_PIECES);
     let sink = ResponseSink { head: Some(head_tx), body: body_tx };
     let span = tracing::info_span!("invoke", request_id, function = %parsed.name);
-    // The exchange goes on while the response streams: it runs as a task of its own, which
-    // also writes the access log line once the worker is done.
+    // The exchange goes on while the response streams: it runs as a task of its own.
     let done = {
         let app = app.clone();
         let request_id = request_id.to_owned();
-        let span = span.clone();
         tokio::spawn(async move {
             let call = Call {
                 request_id: &request_id,
@@ -89,16 +87,6 @@ pub async fn serve(
             };
             let ran = invoke::run(&app, call).await;
             drop(input);
-            if let Ok(ran) = &ran {
-                let (_, kind) = ran_response(ran);
-                let status = ran
-                    .completed
-                    .as_ref()
-                    .ok()
-                    .filter(|c| c.result.outcome == wasmbox_protocol::Outcome::Exited { code: 0 })
-                    .map_or(StatusCode::BAD_GATEWAY, |_| StatusCode::OK);
-                log_invocation(&app, &span, ran, kind, status, started);
-            }
             ran
         })
     };
@@ -107,6 +95,12 @@ pub async fn serve(
             // A head no client would take is refused here, before anything is sent.
             let bytes: usize = head.headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
             if head.headers.len() > MAX_RESPONSE_HEADERS || bytes > app.config.max_header_bytes {
+                let logger = app.clone();
+                tokio::spawn(async move {
+                    if let Ok(Ok(ran)) = done.await {
+                        log_invocation(&logger, &span, &ran, "invalid_response", StatusCode::BAD_GATEWAY, started);
+                    }
+                });
                 return Err(ApiError::InvalidResponse(format!(
                     "its head has {} headers of {bytes} bytes; at most {MAX_RESPONSE_HEADERS} headers and \
                      WASMBOX_MAX_HEADER_BYTES ({}) bytes",
@@ -114,12 +108,23 @@ pub async fn serve(
                     app.config.max_header_bytes
                 )));
             }
+            let status = StatusCode::from_u16(head.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            // The access log line, once the worker is done: the status the client got, and
+            // the outcome (a failure after the head is the cut it made).
+            let app = app.clone();
+            tokio::spawn(async move {
+                if let Ok(Ok(ran)) = done.await {
+                    let (_, kind) = ran_response(&ran);
+                    log_invocation(&app, &span, &ran, kind, status, started);
+                }
+            });
             Ok(streamed(head, body_rx))
         }
         // No head: the run ended before the handler set a response; its error is the answer.
         Err(_) => {
             let ran = done.await.map_err(|e| ApiError::Internal(format!("worker exchange task failed: {e}")))??;
-            let (response, _) = ran_response(&ran);
+            let (response, kind) = ran_response(&ran);
+            log_invocation(app, &span, &ran, kind, response.status(), started);
             Ok(boxed(with_meta(response, &ran)))
         }
     }
