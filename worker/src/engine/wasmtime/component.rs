@@ -111,18 +111,15 @@ pub(super) fn link(linker: &Linker<ComponentState>, component: &Component) -> Re
 }
 
 impl WasmtimeEngine {
-    /// Runs a `wasi:cli/command` component's `run` in a fresh store with fresh WASI state.
-    pub(super) fn run_command_component(
+    /// A store with fresh WASI (and `wasi:http`) state for one call of a component, its
+    /// memory limiter and its deadline armed at one epoch tick.
+    fn component_store(
         &self,
-        command: &CommandPre<ComponentState>,
         request: &RunRequest<'_>,
         stdout: &Capture,
         stderr: &Capture,
-    ) -> Outcome {
-        let mut wasi = match super::wasi_builder(request, stdout, stderr) {
-            Ok(wasi) => wasi,
-            Err(outcome) => return outcome,
-        };
+    ) -> Result<Store<ComponentState>, Outcome> {
+        let mut wasi = super::wasi_builder(request, stdout, stderr)?;
         let memory_bytes = usize::try_from(request.memory_limit_bytes).unwrap_or(usize::MAX);
         let state = ComponentState {
             ctx: wasi.build(),
@@ -134,6 +131,21 @@ impl WasmtimeEngine {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(1);
+        Ok(store)
+    }
+
+    /// Runs a `wasi:cli/command` component's `run` in a fresh store with fresh WASI state.
+    pub(super) fn run_command_component(
+        &self,
+        command: &CommandPre<ComponentState>,
+        request: &RunRequest<'_>,
+        stdout: &Capture,
+        stderr: &Capture,
+    ) -> Outcome {
+        let mut store = match self.component_store(request, stdout, stderr) {
+            Ok(store) => store,
+            Err(outcome) => return outcome,
+        };
         let guard = self.watchdog.arm(Instant::now() + request.timeout);
         let result = command.instantiate(&mut store).and_then(|c| c.wasi_cli_run().call_run(&mut store));
         let fired = guard.disarm();
@@ -228,22 +240,10 @@ impl WasmtimeEngine {
         stdout: &Capture,
         stderr: &Capture,
     ) -> Outcome {
-        let wasi = match super::wasi_builder(request, stdout, stderr) {
-            Ok(wasi) => wasi,
+        let mut store = match self.component_store(request, stdout, stderr) {
+            Ok(store) => store,
             Err(outcome) => return outcome,
         };
-        let mut wasi = wasi;
-        let memory_bytes = usize::try_from(request.memory_limit_bytes).unwrap_or(usize::MAX);
-        let state = ComponentState {
-            ctx: wasi.build(),
-            table: ResourceTable::new(),
-            http: WasiHttpCtx::new(),
-            hooks: DenyOutgoing,
-            limits: Limits::component(memory_bytes),
-        };
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(1);
         let incoming = match incoming_request(call) {
             Ok(incoming) => incoming,
             Err(message) => return Outcome::SetupFailed { message: bounded(message) },
