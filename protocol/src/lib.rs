@@ -195,6 +195,9 @@ pub enum FromWorker {
     ResponseBody,
 }
 
+/// Largest payload of one `ResponseBody` frame; a worker that sends more is broken.
+pub const MAX_RESPONSE_PIECE: usize = 64 << 10;
+
 /// The head of a `wasi:http` response.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ResponseHead {

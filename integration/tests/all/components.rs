@@ -270,3 +270,37 @@ async fn a_slow_request_body_for_a_component_is_408_before_the_handler_runs() ->
     assert_eq!(s.worker_pids(), before);
     Ok(())
 }
+
+/// A streamed response counts against WASMBOX_MAX_BUFFERED_BYTES while it is on its way
+/// (what it can hold at once), and gives it back when it is done.
+#[tokio::test]
+async fn a_streamed_response_is_charged_against_the_buffer_budget_while_it_streams() -> anyhow::Result<()> {
+    if !on_wasmtime("a_streamed_response_is_charged_against_the_buffer_budget_while_it_streams") {
+        return Ok(());
+    }
+    let s = Supervisor::builder().workers(1).function("http-stream").start()?;
+    assert_eq!(s.get("/http-stream?chunks=1&size=1").await?.status, StatusCode::OK);
+    let used = |stats: serde_json::Value| stats["buffers"]["used_bytes"].as_u64().unwrap_or(0);
+    assert_eq!(used(s.get("/stats").await?.json()), 0);
+    let client = s.client();
+    let stream = tokio::spawn(async move { client.get("/http-stream?chunks=60&size=10&delay_ms=100").await });
+    // Nine pieces of 64 KiB: the channel's eight and the one being written.
+    let charge = 9 * (64 << 10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = used(s.get("/stats").await?.json());
+        if now >= charge {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the stream was never charged (used {now})");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let r = stream.await??;
+    assert_eq!((r.status, r.body.len()), (StatusCode::OK, 600));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while used(s.get("/stats").await?.json()) != 0 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the stream's charge was not given back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}

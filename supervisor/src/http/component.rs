@@ -111,14 +111,17 @@ pub async fn serve(
             let status = StatusCode::from_u16(head.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             // The access log line, once the worker is done: the status the client got, and
             // the outcome (a failure after the head is the cut it made).
-            let app = app.clone();
+            let logger = app.clone();
             tokio::spawn(async move {
                 if let Ok(Ok(ran)) = done.await {
                     let (_, kind) = ran_response(&ran);
-                    log_invocation(&app, &span, &ran, kind, status, started);
+                    log_invocation(&logger, &span, &ran, kind, status, started);
                 }
             });
-            Ok(streamed(head, body_rx))
+            // What the stream can hold at once (the channel's pieces and the one hyper is
+            // writing) counts against the buffer budget for as long as the body lives.
+            let held = app.buffers.charge(((BODY_PIECES + 1) * wasmbox_protocol::MAX_RESPONSE_PIECE) as u64);
+            Ok(streamed(head, body_rx, held))
         }
         // No head: the run ended before the handler set a response; its error is the answer.
         Err(_) => {
@@ -170,8 +173,12 @@ fn control(name: &HeaderName) -> bool {
 
 /// The handler's response: its status and headers (minus hop-by-hop ones and any that claim
 /// to be WasmBox's), its body as it comes.
-fn streamed(head: ResponseHead, body: tokio::sync::mpsc::Receiver<Option<Bytes>>) -> Response<Body> {
-    let mut response = Response::new(Streamed { pieces: body, ended: false }.boxed());
+fn streamed(
+    head: ResponseHead,
+    body: tokio::sync::mpsc::Receiver<Option<Bytes>>,
+    held: crate::budget::Held,
+) -> Response<Body> {
+    let mut response = Response::new(Streamed { pieces: body, ended: false, _held: held }.boxed());
     *response.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = response.headers_mut();
     for (name, value) in head.headers {
@@ -194,6 +201,7 @@ fn streamed(head: ResponseHead, body: tokio::sync::mpsc::Receiver<Option<Bytes>>
 struct Streamed {
     pieces: tokio::sync::mpsc::Receiver<Option<Bytes>>,
     ended: bool,
+    _held: crate::budget::Held,
 }
 
 impl hyper::body::Body for Streamed {

@@ -201,6 +201,10 @@ pub(super) async fn exchange(
 ) -> Result<Completed, Exchange> {
     // A session step restores and captures a snapshot besides running the guest: host work
     // bounded by the memory size, allowed as long as a compile.
+    // What a wasi:http body may bring in all: the worker stops at the output limit itself;
+    // one that does not is broken.
+    let max_body = invocation.max_output_bytes;
+    let mut body_bytes = 0u64;
     let timeout = Duration::from_millis(invocation.timeout_ms)
         + if invocation.session.is_some() { config.compile_timeout } else { Duration::ZERO };
     let compile_allowance =
@@ -249,6 +253,15 @@ pub(super) async fn exchange(
                 let Some(sink) = response.as_ref().filter(|r| r.head.is_none()) else {
                     return Err(Exchange::Protocol("protocol violation: a response body out of place".into()));
                 };
+                body_bytes = body_bytes.saturating_add(payload.len() as u64);
+                if payload.len() > wasmbox_protocol::MAX_RESPONSE_PIECE || body_bytes > max_body {
+                    return Err(Exchange::Protocol(format!(
+                        "protocol violation: a response body piece of {} bytes, {body_bytes} in all (limits {} and \
+                         {max_body})",
+                        payload.len(),
+                        wasmbox_protocol::MAX_RESPONSE_PIECE
+                    )));
+                }
                 // At the client's pace, within the hard deadline; a client that left takes
                 // nothing more, and the rest is read and dropped.
                 if tokio::time::timeout_at(hard_deadline, sink.body.send(Some(payload))).await.is_err() {

@@ -111,6 +111,25 @@ async fn simulated_worker(mut stream: tokio::net::UnixStream, pid: u32, protocol
         match invocation.function.as_str() {
             "crash" => return 1,
             "hang" => std::future::pending::<()>().await,
+            // A response whose body breaks the bounds: one piece too large, or pieces past
+            // the invocation's output limit.
+            piece @ ("big-piece" | "past-limit") => {
+                let head =
+                    FromWorker::ResponseHead(wasmbox_protocol::ResponseHead { status: 200, headers: Vec::new() });
+                if stream.write_all(&encode_head(&head, 0)).await.is_err() {
+                    return 7;
+                }
+                let (size, count) =
+                    if piece == "big-piece" { (wasmbox_protocol::MAX_RESPONSE_PIECE + 1, 1) } else { (1000, 2) };
+                for _ in 0..count {
+                    let mut frame = encode_head(&FromWorker::ResponseBody, size);
+                    frame.resize(frame.len() + size, b'x');
+                    if stream.write_all(&frame).await.is_err() {
+                        return 8;
+                    }
+                }
+                std::future::pending::<()>().await
+            }
             _ => {}
         }
         let result = FromWorker::Result(InvocationResult {
@@ -331,6 +350,31 @@ async fn isolated_tenants_never_share_a_worker_process() {
         lease.invoke(job("ok", A, 1000, b"")).await.unwrap();
     }
     assert!(pool.status().tenant_switches >= 3);
+    pool.shutdown(Duration::from_millis(100)).await;
+}
+
+/// A worker's response body is bounded by the supervisor too, not only by the worker: a
+/// piece larger than a frame may carry, or more than the output limit in all, ends the
+/// exchange and the worker.
+#[tokio::test]
+async fn a_response_body_past_its_bounds_is_a_protocol_violation() {
+    let mut config = config(1);
+    config.max_reply_bytes = 1 << 20;
+    let pool = start(config).await;
+    for function in ["big-piece", "past-limit"] {
+        let lease = tokio::time::timeout(Duration::from_secs(10), pool.acquire("t", A)).await.unwrap().unwrap();
+        let (head, _head_rx) = tokio::sync::oneshot::channel();
+        let (body, mut body_rx) = tokio::sync::mpsc::channel(8);
+        let mut job = job(function, A, 5000, b"");
+        job.response = Some(super::ResponseSink { head: Some(head), body });
+        let drain = tokio::spawn(async move { while body_rx.recv().await.is_some() {} });
+        let ran = tokio::time::timeout(Duration::from_secs(10), lease.invoke(job)).await.expect("ended in time");
+        match ran {
+            Err(InvokeFailure::WorkerDied { detail }) => assert!(detail.contains("response body piece"), "{detail}"),
+            other => panic!("{function}: expected a protocol violation, got {other:?}"),
+        }
+        drain.abort();
+    }
     pool.shutdown(Duration::from_millis(100)).await;
 }
 

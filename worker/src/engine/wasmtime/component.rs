@@ -216,7 +216,7 @@ async fn forward(
         if sent > limit {
             return Forwarded::TooLarge;
         }
-        for piece in data.chunks(MAX_BODY_FRAME) {
+        for piece in data.chunks(wasmbox_protocol::MAX_RESPONSE_PIECE) {
             if emit(HttpEvent::Body(piece)).is_err() {
                 return Forwarded::Lost;
             }
@@ -224,9 +224,6 @@ async fn forward(
     }
     Forwarded::Done
 }
-
-/// Largest body piece one frame carries.
-const MAX_BODY_FRAME: usize = 64 << 10;
 
 impl WasmtimeEngine {
     /// Runs a `wasi:http/proxy` component's handler for one request. A thread of this call
