@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 pub mod snapshot;
 
 /// Bumped whenever a message changes shape. Supervisor and worker must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// First bytes of every frame; a stream that loses sync fails fast on the next frame.
 pub const MAGIC: [u8; 4] = *b"WBX\x01";
@@ -160,6 +160,13 @@ pub enum ToWorker {
     /// To a zygote (`wasmbox-worker --zygote`): fork a worker for this slot. The frame
     /// carries the new worker's socket, then the slot's `cgroup.procs` files (SCM_RIGHTS).
     Fork(ForkRequest),
+    /// A piece of a streamed `wasi:http` request body (the frame payload, at most
+    /// [`MAX_REQUEST_PIECE`] bytes). Sent only after the worker's `RequestBodyWanted`.
+    RequestBody,
+    /// The end of a streamed request body, and the last frame of the invocation the
+    /// supervisor sends: `whole` when the client sent all of it, otherwise it was cut (the
+    /// client failed, or the handler finished without reading it).
+    RequestEnd { whole: bool },
 }
 
 /// What a forked worker is, beyond the settings it shares with the zygote.
@@ -193,7 +200,13 @@ pub enum FromWorker {
     ResponseHead(ResponseHead),
     /// A piece of a `wasi:http` response body (the frame payload).
     ResponseBody,
+    /// For a request whose body is streamed (`HttpRequest::streamed`): past `Started` and
+    /// `Proceed`, the worker now reads `RequestBody` frames until `RequestEnd`.
+    RequestBodyWanted,
 }
+
+/// Largest payload of one `RequestBody` frame.
+pub const MAX_REQUEST_PIECE: usize = 64 << 10;
 
 /// Largest payload of one `ResponseBody` frame; a worker that sends more is broken.
 pub const MAX_RESPONSE_PIECE: usize = 64 << 10;
@@ -207,8 +220,9 @@ pub struct ResponseHead {
     pub headers: Vec<(String, String)>,
 }
 
-/// A request for a `wasi:http/proxy` component (`Invocation::http`); its body is the frame
-/// payload.
+/// A request for a `wasi:http/proxy` component (`Invocation::http`). Its body is the
+/// `Invoke` frame's payload, whole; or, when `streamed`, that payload is the body's first
+/// part and the rest follows as `RequestBody` frames once the worker asks for it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HttpRequest {
     pub method: String,
@@ -217,6 +231,8 @@ pub struct HttpRequest {
     pub path_with_query: String,
     /// As in [`ResponseHead::headers`].
     pub headers: Vec<(String, String)>,
+    #[serde(default)]
+    pub streamed: bool,
 }
 
 /// Bytes as a string of one char per byte (Latin-1), for header values in JSON.

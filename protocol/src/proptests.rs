@@ -181,7 +181,14 @@ fn session() -> BoxedStrategy<Option<SessionCall>> {
 }
 
 fn to_worker() -> BoxedStrategy<ToWorker> {
-    prop_oneof![invocation().prop_map(ToWorker::Invoke), Just(ToWorker::Shutdown), Just(ToWorker::Proceed)].boxed()
+    prop_oneof![
+        invocation().prop_map(ToWorker::Invoke),
+        Just(ToWorker::Shutdown),
+        Just(ToWorker::Proceed),
+        Just(ToWorker::RequestBody),
+        any::<bool>().prop_map(|whole| ToWorker::RequestEnd { whole }),
+    ]
+    .boxed()
 }
 
 fn outcome() -> BoxedStrategy<Outcome> {
@@ -252,7 +259,14 @@ fn from_worker() -> BoxedStrategy<FromWorker> {
             })
         },
     );
-    prop_oneof![hello, Just(FromWorker::Started), result].boxed()
+    prop_oneof![
+        hello,
+        Just(FromWorker::Started),
+        Just(FromWorker::RequestBodyWanted),
+        Just(FromWorker::ResponseBody),
+        result
+    ]
+    .boxed()
 }
 
 /// A stream of several frames, some valid and some not, concatenated and then possibly cut

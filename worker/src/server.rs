@@ -12,7 +12,7 @@ use wasmbox_protocol::{
 };
 
 use crate::cache::{ModuleCache, PrepareError};
-use crate::engine::{Engine, HttpCall, HttpEvent, ModuleKind, RunRequest, RunResult};
+use crate::engine::{Engine, HttpCall, HttpEvent, ModuleKind, RequestBody, RunRequest, RunResult};
 use crate::fdpass::FdReader;
 use crate::session;
 
@@ -49,13 +49,20 @@ pub fn serve<E: Engine>(
             ToWorker::Shutdown => return Ok(()),
             ToWorker::Proceed => return Err(FrameError::Unexpected("proceed outside an invocation")),
             ToWorker::Fork(_) => return Err(FrameError::Unexpected("fork is for the zygote")),
+            ToWorker::RequestBody | ToWorker::RequestEnd { .. } => {
+                return Err(FrameError::Unexpected("a request body outside an invocation"));
+            }
             ToWorker::Invoke(invocation) => {
                 let count = usize::try_from(invocation.passed_fds).unwrap_or(usize::MAX);
                 let fds = reader.take_fds(count).map_err(|e| {
                     tracing::error!(error = %e, "descriptor count mismatch");
                     FrameError::Unexpected("descriptors do not match the invocation")
                 })?;
-                let (result, run, snapshot) = invoke(&mut cache, &invocation, stdin, fds, &mut reader, &mut writer)?;
+                let Some((result, run, snapshot)) =
+                    invoke(&mut cache, &invocation, stdin, fds, &mut reader, &mut writer)?
+                else {
+                    continue; // Answered already (a streamed request).
+                };
                 let snapshot = snapshot.unwrap_or_default();
                 write_frame(&mut writer, &FromWorker::Result(result), &[&run.stdout, &run.stderr, &snapshot])?;
             }
@@ -63,14 +70,18 @@ pub fn serve<E: Engine>(
     }
 }
 
-fn invoke<E: Engine, R: Read, W: Write + Send>(
+/// What an invocation replies: the `Result` header, the run and a session's new snapshot;
+/// `None` when it has replied itself.
+type Reply = Option<(InvocationResult, RunResult, Option<Vec<u8>>)>;
+
+fn invoke<E: Engine, R: Read + Send, W: Write + Send>(
     cache: &mut ModuleCache<E>,
     invocation: &Invocation,
     stdin: Vec<u8>,
     fds: Vec<OwnedFd>,
     reader: &mut R,
     writer: &mut W,
-) -> Result<(InvocationResult, RunResult, Option<Vec<u8>>), FrameError> {
+) -> Result<Reply, FrameError> {
     let span = tracing::debug_span!("invoke", request_id = %invocation.request_id, function = %invocation.function);
     let _enter = span.enter();
     let prepare_started = Instant::now();
@@ -98,7 +109,7 @@ fn invoke<E: Engine, R: Read, W: Write + Send>(
                 other => Outcome::SetupFailed { message: other.to_string() },
             };
             let run = no_run(outcome);
-            return Ok((result_header(&run, None, prepare_us), run, None));
+            return Ok(Some((result_header(&run, None, prepare_us), run, None)));
         }
     };
     // Loading took its time (and the compile allowance's memory): say it is done.
@@ -129,23 +140,50 @@ fn invoke<E: Engine, R: Read, W: Write + Send>(
         // The response goes out from the engine's forwarding thread while the guest runs
         // here; nothing else writes to the socket until it is done.
         let writer = std::sync::Mutex::new(&mut *writer);
-        let emit = |event: HttpEvent<'_>| -> std::io::Result<()> {
+        let send = |message: &FromWorker, payload: &[&[u8]]| {
             let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+            write_frame(&mut **writer, message, payload)
+        };
+        let emit = |event: HttpEvent<'_>| -> std::io::Result<()> {
             let sent = match event {
-                HttpEvent::Head(head) => write_frame(&mut **writer, &FromWorker::ResponseHead(head), &[]),
-                HttpEvent::Body(bytes) => write_frame(&mut **writer, &FromWorker::ResponseBody, &[bytes]),
+                HttpEvent::Head(head) => send(&FromWorker::ResponseHead(head), &[]),
+                HttpEvent::Body(bytes) => send(&FromWorker::ResponseBody, &[bytes]),
             };
             sent.map_err(|e| std::io::Error::other(e.to_string()))
         };
-        let call = HttpCall { request: http, body: stdin.clone(), emit: &emit };
-        let run = cache.engine().run_http(&module.module, request(bytes::Bytes::new()), call);
-        tracing::debug!(outcome = ?run.outcome, exec_us = micros(run.exec), "request handled");
-        return Ok((result_header(&run, Some(source), prepare_us), run, None));
+        let run_http = |body| {
+            let call = HttpCall { request: http, body, emit: &emit };
+            let run = cache.engine().run_http(&module.module, request(bytes::Bytes::new()), call);
+            tracing::debug!(outcome = ?run.outcome, exec_us = micros(run.exec), "request handled");
+            run
+        };
+        if !http.streamed {
+            let run = run_http(RequestBody { first: stdin, rest: None });
+            return Ok(Some((result_header(&run, Some(source), prepare_us), run, None)));
+        }
+        // A streamed body: this worker reads its pieces on a thread of its own while the
+        // handler runs, until the supervisor's `RequestEnd`, which comes after the reply.
+        send(&FromWorker::RequestBodyWanted, &[])?;
+        let (pieces, rest) = tokio::sync::mpsc::channel(REQUEST_PIECES);
+        let rest = std::sync::Arc::new(std::sync::Mutex::new(rest));
+        return std::thread::scope(|scope| {
+            let body_reader = std::thread::Builder::new()
+                .name("wasmbox-body".into())
+                .spawn_scoped(scope, move || read_request_body(reader, pieces))
+                .map_err(FrameError::Io)?;
+            let run = run_http(RequestBody { first: stdin, rest: Some(rest.clone()) });
+            // Whatever the handler did not read is read and dropped from here on.
+            rest.lock().unwrap_or_else(|p| p.into_inner()).close();
+            let header = FromWorker::Result(result_header(&run, Some(source), prepare_us));
+            send(&header, &[&run.stdout, &run.stderr])?;
+            body_reader.join().unwrap_or(Err(FrameError::Unexpected("the request body reader failed")))?;
+            Ok(None)
+        });
     }
     let Some(call) = &invocation.session else {
         let run = cache.engine().run(&module.module, request(stdin));
         tracing::debug!(outcome = ?run.outcome, exec_us = micros(run.exec), "invocation finished");
-        return Ok((result_header(&run, Some(source), prepare_us), run, None));
+        return Ok(Some((result_header(&run, Some(source), prepare_us), run, None)));
     };
     // A session step: the payload is the snapshot, then the message.
     let snapshot_len = usize::try_from(call.snapshot_len).unwrap_or(usize::MAX);
@@ -174,7 +212,40 @@ fn invoke<E: Engine, R: Read, W: Write + Send>(
     let mut header = result_header(&run, Some(source), prepare_us);
     header.snapshot_len = snapshot.as_ref().map_or(0, |s| s.len() as u64);
     header.session = Some(out.stats);
-    Ok((header, run, snapshot))
+    Ok(Some((header, run, snapshot)))
+}
+
+/// Pieces of a streamed request body held between this worker's socket and the handler.
+const REQUEST_PIECES: usize = 4;
+
+/// Hands a streamed body's pieces to the handler until the supervisor's `RequestEnd`; once
+/// the handler is done (the channel closed), the rest is read and dropped.
+fn read_request_body<R: Read>(
+    reader: &mut R,
+    pieces: tokio::sync::mpsc::Sender<Result<bytes::Bytes, ()>>,
+) -> Result<(), FrameError> {
+    let mut pieces = Some(pieces);
+    loop {
+        match read_frame::<_, ToWorker>(reader, wasmbox_protocol::MAX_REQUEST_PIECE as u64)? {
+            Some((ToWorker::RequestBody, piece)) => {
+                if let Some(to) = &pieces {
+                    if to.blocking_send(Ok(bytes::Bytes::from(piece))).is_err() {
+                        pieces = None;
+                    }
+                }
+            }
+            Some((ToWorker::RequestEnd { whole }, _)) => {
+                if let Some(to) = pieces.filter(|_| !whole) {
+                    let _ = to.blocking_send(Err(()));
+                }
+                return Ok(());
+            }
+            Some((ToWorker::Shutdown, _)) | None => {
+                return Err(FrameError::Unexpected("stopped within a request body"));
+            }
+            Some(_) => return Err(FrameError::Unexpected("expected a piece of the request body")),
+        }
+    }
 }
 
 fn no_run(outcome: Outcome) -> RunResult {

@@ -142,6 +142,7 @@ fn http_components() -> wasmbox_integration::Builder {
         "http-noresponse",
         "http-headers",
         "http-outgoing",
+        "http-pipe",
     ] {
         b = b.function(name);
     }
@@ -302,5 +303,128 @@ async fn a_streamed_response_is_charged_against_the_buffer_budget_while_it_strea
         anyhow::ensure!(std::time::Instant::now() < deadline, "the stream's charge was not given back");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    Ok(())
+}
+
+/// Writes `data` as one chunk of a chunked body.
+async fn chunk(stream: &mut tokio::net::TcpStream, data: &[u8]) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(format!("{:x}\r\n", data.len()).as_bytes()).await?;
+    stream.write_all(data).await?;
+    stream.write_all(b"\r\n").await?;
+    Ok(())
+}
+
+/// Reads from `stream` into `seen` until it holds `needle`, within 20 s.
+async fn read_until(stream: &mut tokio::net::TcpStream, seen: &mut Vec<u8>, needle: &[u8]) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !seen.windows(needle.len()).any(|w| w == needle) {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf)).await.map_err(|_| {
+            anyhow::anyhow!("no {:?} in time; got {:?}", String::from_utf8_lossy(needle), String::from_utf8_lossy(seen))
+        })??;
+        anyhow::ensure!(
+            n > 0,
+            "closed before {:?}: {:?}",
+            String::from_utf8_lossy(needle),
+            String::from_utf8_lossy(seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    Ok(())
+}
+
+/// A request body reaches the handler as the client sends it: a handler that writes back
+/// what it reads answers each chunk before the client sends the next, and the whole body
+/// arrives intact whether its length is declared or not, past the size a request carries
+/// at once.
+#[tokio::test]
+async fn a_request_body_streams_to_the_handler_as_the_client_sends_it() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    if !on_wasmtime("a_request_body_streams_to_the_handler_as_the_client_sends_it") {
+        return Ok(());
+    }
+    let s = http_components().env("WASMBOX_MAX_BODY_BYTES", 8 << 20).start()?;
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await?;
+    stream.write_all(b"POST /http-pipe HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n").await?;
+    let mut seen = Vec::new();
+    for piece in ["first-piece", "second-piece", "third-piece"] {
+        chunk(&mut stream, piece.as_bytes()).await?;
+        // Its echo comes back while the rest of the body is still unsent.
+        read_until(&mut stream, &mut seen, piece.as_bytes()).await?;
+    }
+    assert!(seen.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&seen));
+    stream.write_all(b"0\r\n\r\n").await?;
+    // The response ends as a whole chunked body.
+    read_until(&mut stream, &mut seen, b"\r\n0\r\n\r\n").await?;
+    // Declared and undeclared lengths of a few MiB: the handler hashes what it read.
+    let body: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let sha = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let r = s.post("/http-echo", body.clone()).await?;
+    assert_eq!((r.status, r.json()["body_len"].as_u64()), (StatusCode::OK, Some(3_000_000)), "{}", r.text());
+    assert_eq!(r.json()["body_sha256"], sha);
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await?;
+    stream
+        .write_all(b"POST /http-echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await?;
+    for part in body.chunks(100_000) {
+        chunk(&mut stream, part).await?;
+    }
+    stream.write_all(b"0\r\n\r\n").await?;
+    let mut seen = Vec::new();
+    read_until(&mut stream, &mut seen, sha.as_bytes()).await?;
+    assert!(seen.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&seen));
+    assert!(String::from_utf8_lossy(&seen).contains("\"body_len\":3000000"), "{}", String::from_utf8_lossy(&seen));
+    Ok(())
+}
+
+/// A streamed request body that breaks its bounds while the handler reads it (too large,
+/// or too slow) is the typed error when the handler has not answered yet; the handler sees
+/// its body cut, and its worker serves on as the same process.
+#[tokio::test]
+async fn a_streamed_request_body_past_its_bounds_is_the_typed_error_and_the_worker_serves_on() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !on_wasmtime("a_streamed_request_body_past_its_bounds_is_the_typed_error_and_the_worker_serves_on") {
+        return Ok(());
+    }
+    let s = Supervisor::builder()
+        .workers(1)
+        .function("http-echo")
+        .env("WASMBOX_MAX_BODY_BYTES", 1 << 20)
+        .env("WASMBOX_BODY_READ_TIMEOUT_MS", 500)
+        .start()?;
+    assert_eq!(s.post("/http-echo", "warm").await?.status, StatusCode::OK);
+    let before = s.worker_pids();
+    let head = b"POST /http-echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n";
+    // Too large: chunks past WASMBOX_MAX_BODY_BYTES, with no length declared.
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await?;
+    stream.write_all(head).await?;
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        if chunk(&mut stream, &[b'a'; 100_000]).await.is_err() {
+            break; // Refused and closed while sending: the answer is already there.
+        }
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(20), stream.read_to_end(&mut seen)).await;
+    let answer = String::from_utf8_lossy(&seen);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
+    // Too slow: a first chunk (the handler is reading), then nothing.
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await?;
+    stream.write_all(head).await?;
+    chunk(&mut stream, &[b'b'; 100_000]).await?;
+    let mut seen = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(30), stream.read_to_end(&mut seen)).await??;
+    let answer = String::from_utf8_lossy(&seen);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    // The handler ran and saw its body cut; the worker is the same process and serves on.
+    let r = s.post("/http-echo", "next").await?;
+    assert_eq!((r.status, r.json()["body_len"].as_u64()), (StatusCode::OK, Some(4)), "{}", r.text());
+    assert_eq!(s.worker_pids(), before);
     Ok(())
 }

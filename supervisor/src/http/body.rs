@@ -113,6 +113,60 @@ pub async fn read(
     Ok(Body { bytes: buf.freeze(), held })
 }
 
+/// Streams `body` into `pieces` (each at most [`wasmbox_protocol::MAX_REQUEST_PIECE`]
+/// bytes, then `None` once it is whole) within `bounds`, as [`read`] does: the size limit,
+/// the idle timeout and the minimum rate, counting only the time spent waiting for the
+/// client (not for the function to take what was sent). On failure the channel closes
+/// without its end, so the function sees a body cut short, and the error is returned.
+/// A function that stops taking the body ends the read; the rest is never read.
+pub async fn stream(
+    mut body: Incoming,
+    bounds: ReadBounds,
+    pieces: tokio::sync::mpsc::Sender<Option<Bytes>>,
+    peer: Option<SocketAddr>,
+    on_timeout: impl FnOnce(),
+) -> Result<(), ApiError> {
+    let limit = bounds.limit;
+    let mut started = Instant::now();
+    let (mut last, mut total) = (started, 0u64);
+    loop {
+        let deadline = bounds.time.deadline(started, last, total);
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                on_timeout();
+                tracing::info!(
+                    peer = peer.map(|p| p.to_string()).unwrap_or_default(),
+                    received = total,
+                    "client too slow sending a streamed request body (WASMBOX_BODY_READ_TIMEOUT_MS, WASMBOX_MIN_DATA_RATE); 408, connection closed"
+                );
+                return Err(ApiError::BodyTimeout { timeout_ms: bounds.time.timeout.as_millis() as u64 });
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(ApiError::BadBody(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue }; // trailers
+        total = total.saturating_add(data.len() as u64);
+        if total > limit {
+            linger(body, bounds);
+            return Err(ApiError::BodyTooLarge { limit });
+        }
+        let waiting = Instant::now();
+        let mut rest = data;
+        while !rest.is_empty() {
+            let piece = rest.split_to(rest.len().min(wasmbox_protocol::MAX_REQUEST_PIECE));
+            if pieces.send(Some(piece)).await.is_err() {
+                return Ok(());
+            }
+        }
+        // The function's pace is not the client's: the clock restarts where it stopped.
+        started += waiting.elapsed();
+        last = Instant::now();
+    }
+    let _ = pieces.send(None).await;
+    Ok(())
+}
+
 /// Reads and discards what is left of a refused body, in the background, within
 /// [`LINGER_BYTES`] and the read bounds: nothing of it is kept.
 fn linger(mut body: Incoming, bounds: ReadBounds) {

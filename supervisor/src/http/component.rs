@@ -14,7 +14,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::{Body as _, Frame, Incoming};
 use wasmbox_protocol::{HttpRequest, ResponseHead, bytes_to_latin1, latin1_to_bytes};
 
 use super::error::ApiError;
@@ -22,7 +22,7 @@ use super::request::InvokeRequest;
 use super::routes::{Body, HEADER_WORKER, boxed, log_invocation, ran_response, read_body, with_meta};
 use crate::App;
 use crate::limits::InvocationLimits;
-use crate::pool::ResponseSink;
+use crate::pool::HttpStreams;
 use crate::registry::Function;
 use crate::service::invoke::{self, Call};
 
@@ -35,6 +35,17 @@ pub const MAX_RESPONSE_HEADERS: usize = 100;
 /// Response pieces buffered between the worker and a slow client.
 const BODY_PIECES: usize = 8;
 
+/// A request body of at most this declared length is read whole and sent with the
+/// request, saving the streaming exchange for the common small body.
+const INLINE_BODY_BYTES: u64 = wasmbox_protocol::MAX_REQUEST_PIECE as u64;
+
+/// Request pieces buffered between a client and the worker.
+const REQUEST_PIECES: usize = 4;
+
+/// What a streamed request body holds of the buffer budget while it is read: the
+/// channel's pieces and the one on its way.
+const STREAMED_BODY_HELD: u64 = (REQUEST_PIECES as u64 + 1) * wasmbox_protocol::MAX_REQUEST_PIECE as u64;
+
 /// Serves one request with `function`'s handler.
 pub async fn serve(
     app: &Arc<App>,
@@ -46,7 +57,31 @@ pub async fn serve(
     started: Instant,
 ) -> Result<Response<Body>, ApiError> {
     let (parts, body) = req.into_parts();
-    let input = read_body(app, &parts, body, app.config.max_body_bytes).await?;
+    let limit = app.config.max_body_bytes;
+    // A body known to be small (or refused for its length) is read whole and goes with
+    // the request; any other is streamed to the handler as the client sends it.
+    let declared = body.size_hint().exact();
+    let whole = body.is_end_stream() || declared.is_some_and(|n| n <= INLINE_BODY_BYTES || n > limit);
+    let (input, request_body, body_read) = if whole {
+        (read_body(app, &parts, body, limit).await?, None, None)
+    } else {
+        let held =
+            app.buffers.take(STREAMED_BODY_HELD).await.map_err(|_| ApiError::Overloaded { resource: "buffers" })?;
+        let (pieces, request_body) = tokio::sync::mpsc::channel(REQUEST_PIECES);
+        let (time, _) = super::io::client_bounds(&app.config);
+        let bounds = super::body::ReadBounds { limit, time };
+        let peer = parts.extensions.get::<super::routes::Peer>().map(|p| p.0);
+        let reader = {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let read = super::body::stream(body, bounds, pieces, peer, || app.connections.body_timed_out()).await;
+                drop(held);
+                read
+            })
+        };
+        let none = super::body::Body { bytes: Bytes::new(), held: app.buffers.none() };
+        (none, Some(request_body), Some(reader))
+    };
     let mount = format!("/{}", parsed.name);
     let mut path_with_query = parsed.rest.unwrap_or_else(|| "/".to_owned());
     if let Some(query) = parts.uri.query() {
@@ -66,10 +101,11 @@ pub async fn serve(
         authority,
         path_with_query,
         headers: forwarded_headers(&parts.headers, &mount),
+        streamed: request_body.is_some(),
     };
     let (head_tx, head_rx) = tokio::sync::oneshot::channel();
     let (body_tx, body_rx) = tokio::sync::mpsc::channel(BODY_PIECES);
-    let sink = ResponseSink { head: Some(head_tx), body: body_tx };
+    let sink = HttpStreams { request: request_body, head: Some(head_tx), body: body_tx };
     let span = tracing::info_span!("invoke", request_id, function = %parsed.name);
     // The exchange goes on while the response streams: it runs as a task of its own.
     let done = {
@@ -90,7 +126,22 @@ pub async fn serve(
             ran
         })
     };
-    match head_rx.await {
+    // A request body the client fails to send, before the head, is the answer (the
+    // handler saw it cut short); after the head, the response goes on as the handler makes it.
+    let head = tokio::select! {
+        head = head_rx => head,
+        Ok(Err(failed)) = reading(body_read) => {
+            let logger = app.clone();
+            let (kind, status) = (failed.kind(), failed.status());
+            tokio::spawn(async move {
+                if let Ok(Ok(ran)) = done.await {
+                    log_invocation(&logger, &span, &ran, kind, status, started);
+                }
+            });
+            return Err(failed);
+        }
+    };
+    match head {
         Ok(head) => {
             // A head no client would take is refused here, before anything is sent.
             let bytes: usize = head.headers.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
@@ -130,6 +181,16 @@ pub async fn serve(
             log_invocation(app, &span, &ran, kind, response.status(), started);
             Ok(boxed(with_meta(response, &ran)))
         }
+    }
+}
+
+/// Waits for a streamed request body's read to end; never ends for a body read whole.
+async fn reading(
+    read: Option<tokio::task::JoinHandle<Result<(), ApiError>>>,
+) -> Result<Result<(), ApiError>, tokio::task::JoinError> {
+    match read {
+        Some(read) => read.await,
+        None => std::future::pending().await,
     }
 }
 

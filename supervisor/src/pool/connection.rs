@@ -5,7 +5,6 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use bytes::{Bytes, BytesMut};
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-use tokio::io::AsyncReadExt;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use wasmbox_protocol::{FrameError, FromWorker, PREFIX_LEN, ToWorker, decode_header, encode_head, parse_prefix};
@@ -28,7 +27,43 @@ impl Connection {
 
     /// Sends a message without payload.
     pub async fn send(&mut self, message: &ToWorker) -> Result<(), FrameError> {
-        self.send_with_fds(message, &[], &[]).await
+        self.split().0.send(message, &[]).await
+    }
+
+    /// See [`Sender::send_with_fds`].
+    pub async fn send_with_fds(
+        &mut self,
+        message: &ToWorker,
+        payload: &[Bytes],
+        fds: &[OwnedFd],
+    ) -> Result<(), FrameError> {
+        self.split().0.send_with_fds(message, payload, fds).await
+    }
+
+    /// See [`Receiver::recv`].
+    pub async fn recv(&mut self) -> Result<(FromWorker, Bytes), FrameError> {
+        self.split().1.recv().await
+    }
+
+    /// The two directions, to send and receive at once (a streamed request body goes out
+    /// while the response comes in).
+    pub fn split(&mut self) -> (Sender<'_>, Receiver<'_>) {
+        let receiver = Receiver { stream: &self.stream, inbox: &mut self.inbox, max_payload: self.max_payload };
+        (Sender { stream: &self.stream }, receiver)
+    }
+}
+
+/// The sending direction of a [`Connection`]. A send dropped before it finished leaves a
+/// partial frame: the worker is then beyond use.
+#[derive(Clone, Copy)]
+pub struct Sender<'a> {
+    stream: &'a UnixStream,
+}
+
+impl Sender<'_> {
+    /// Sends a message with its payload.
+    pub async fn send(&self, message: &ToWorker, payload: &[Bytes]) -> Result<(), FrameError> {
+        self.send_with_fds(message, payload, &[]).await
     }
 
     /// Sends a message with descriptors attached to its first bytes (SCM_RIGHTS); the
@@ -37,7 +72,7 @@ impl Connection {
     /// into one buffer). Head and payload leave in one `sendmsg` when the socket takes them
     /// whole, so the worker wakes up once, to a complete frame.
     pub async fn send_with_fds(
-        &mut self,
+        &self,
         message: &ToWorker,
         payload: &[Bytes],
         fds: &[OwnedFd],
@@ -72,19 +107,30 @@ impl Connection {
         }
         Ok(())
     }
+}
 
+/// The receiving direction of a [`Connection`].
+pub struct Receiver<'a> {
+    stream: &'a UnixStream,
+    inbox: &'a mut BytesMut,
+    max_payload: u64,
+}
+
+impl Receiver<'_> {
     /// Receives one message. EOF at any point is `Truncated`: a worker never closes its
-    /// socket while the supervisor is waiting for a reply, unless it died.
+    /// socket while the supervisor is waiting for a reply, unless it died. Cancel-safe:
+    /// nothing is taken from the inbox until the whole frame is in it, so a receive given
+    /// up (for another event) loses nothing.
     pub async fn recv(&mut self) -> Result<(FromWorker, Bytes), FrameError> {
         self.fill(PREFIX_LEN, 0).await?;
         let prefix = <&[u8; PREFIX_LEN]>::try_from(&self.inbox[..PREFIX_LEN]).map_err(|_| FrameError::Truncated)?;
         let lengths = parse_prefix(prefix, self.max_payload)?;
         // Prefix and header are small; the payload is read straight into the buffer it
         // is handed out in (no copy), with room asked for all of it at once.
-        self.fill(PREFIX_LEN + lengths.header, lengths.payload).await?;
+        let whole = PREFIX_LEN + lengths.header + lengths.payload;
+        self.fill(whole, 0).await?;
         let _ = self.inbox.split_to(PREFIX_LEN);
         let header = self.inbox.split_to(lengths.header);
-        self.fill(lengths.payload, 0).await?;
         let payload = self.inbox.split_to(lengths.payload).freeze();
         Ok((decode_header(&header)?, payload))
     }
@@ -94,9 +140,11 @@ impl Connection {
     async fn fill(&mut self, needed: usize, more: usize) -> Result<(), FrameError> {
         while self.inbox.len() < needed {
             self.inbox.reserve(needed.saturating_add(more).max(READ_CHUNK).saturating_sub(self.inbox.len()));
-            match self.stream.read_buf(&mut self.inbox).await {
+            self.stream.readable().await.map_err(FrameError::Io)?;
+            match self.stream.try_read_buf(self.inbox) {
                 Ok(0) => return Err(FrameError::Truncated),
                 Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(FrameError::Io(e)),
             }

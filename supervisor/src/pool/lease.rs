@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use wasmbox_protocol::{Deadlines, FrameError, FromWorker, Invocation, ToWorker};
 
 use super::state::Worker;
-use super::{Completed, ExitReason, InvokeFailure, Job, Pool, PoolConfig, ResponseSink, WorkerId, describe_exit};
+use super::{Completed, ExitReason, HttpStreams, InvokeFailure, Job, Pool, PoolConfig, WorkerId, describe_exit};
 use crate::cgroup::{Checkpoint, SlotCgroup, SlotRequest};
 
 /// Gives a worker back if the waiting request went away just as it was handed one.
@@ -81,6 +81,11 @@ impl Lease {
             // A session step also holds the snapshot it restored and the one it captures.
             io_bytes: payload_len
                 .saturating_add(invocation.max_output_bytes.saturating_mul(2))
+                .saturating_add(if response.as_ref().is_some_and(|r| r.request.is_some()) {
+                    super::STREAMED_BODY_HELD
+                } else {
+                    0
+                })
                 .saturating_add(invocation.session.as_ref().map_or(0, |s| s.max_snapshot_bytes)),
         };
         let mut checkpoint = match &cgroup {
@@ -197,7 +202,7 @@ pub(super) async fn exchange(
     payload: &[Bytes],
     files: &[OwnedFd],
     mut limits: Option<StartLimits<'_>>,
-    mut response: Option<ResponseSink>,
+    mut response: Option<HttpStreams>,
 ) -> Result<Completed, Exchange> {
     // A session step restores and captures a snapshot besides running the guest: host work
     // bounded by the memory size, allowed as long as a compile.
@@ -221,15 +226,34 @@ pub(super) async fn exchange(
         FrameError::Io(_) | FrameError::Truncated => Exchange::Lost(e.to_string()),
         other => Exchange::Protocol(format!("protocol violation: {other}")),
     };
-    worker.conn.send_with_fds(&ToWorker::Invoke(invocation), payload, files).await.map_err(broken)?;
+    let streamed = invocation.http.as_ref().is_some_and(|h| h.streamed);
+    let mut request_body = response.as_mut().and_then(|r| r.request.take()).filter(|_| streamed);
+    if streamed && request_body.is_none() {
+        return Err(Exchange::Protocol("a streamed request without its body".into()));
+    }
+    let (sender, mut receiver) = worker.conn.split();
+    sender.send_with_fds(&ToWorker::Invoke(invocation), payload, files).await.map_err(broken)?;
     let mut started = false;
+    // The streamed request body goes out (once the worker asks for it) while its frames
+    // come in; `stop` ends it early when the worker has answered without reading it all.
+    let stop = tokio::sync::Notify::new();
+    let mut pump: Option<Pump<'_>> = None;
+    let mut asked = false;
     loop {
-        match tokio::time::timeout_at(hard_deadline, worker.conn.recv()).await {
+        let received = tokio::select! {
+            received = tokio::time::timeout_at(hard_deadline, receiver.recv()) => received,
+            sent = pumping(&mut pump) => {
+                sent.map_err(broken)?;
+                pump = None;
+                continue;
+            }
+        };
+        match received {
             Err(_) => return Err(Exchange::HardDeadline),
             Ok(Err(e)) => return Err(broken(e)),
             // `Started` restarts the hard deadline once; a worker that sends it again is
             // trying to run forever.
-            Ok(Ok((FromWorker::Started, _))) if started => {
+            Ok(Ok((FromWorker::Started, _))) if started || asked => {
                 return Err(Exchange::Protocol("protocol violation: a second started in one invocation".into()));
             }
             Ok(Ok((FromWorker::Started, _))) => {
@@ -239,15 +263,22 @@ pub(super) async fn exchange(
                         .cgroup
                         .tighten(&limits.request, limits.checkpoint)
                         .map_err(|e| Exchange::Protocol(format!("cannot apply the invocation's memory limit: {e}")))?;
-                    worker.conn.send(&ToWorker::Proceed).await.map_err(broken)?;
+                    sender.send(&ToWorker::Proceed, &[]).await.map_err(broken)?;
                 }
                 hard_deadline = tokio::time::Instant::now() + timeout + grace;
             }
+            Ok(Ok((FromWorker::RequestBodyWanted, _))) => {
+                let Some(pieces) = request_body.take() else {
+                    return Err(Exchange::Protocol("protocol violation: a request body asked for out of place".into()));
+                };
+                asked = true;
+                pump = Some(Box::pin(send_request_body(sender, pieces, &stop)));
+            }
             Ok(Ok((FromWorker::ResponseHead(head), _))) => {
-                let Some(sender) = response.as_mut().and_then(|r| r.head.take()) else {
+                let Some(head_sender) = response.as_mut().and_then(|r| r.head.take()) else {
                     return Err(Exchange::Protocol("protocol violation: a response head out of place".into()));
                 };
-                let _ = sender.send(head);
+                let _ = head_sender.send(head);
             }
             Ok(Ok((FromWorker::ResponseBody, payload))) => {
                 let Some(sink) = response.as_ref().filter(|r| r.head.is_none()) else {
@@ -263,9 +294,19 @@ pub(super) async fn exchange(
                     )));
                 }
                 // At the client's pace, within the hard deadline; a client that left takes
-                // nothing more, and the rest is read and dropped.
-                if tokio::time::timeout_at(hard_deadline, sink.body.send(Some(payload))).await.is_err() {
-                    return Err(Exchange::HardDeadline);
+                // nothing more, and the rest is read and dropped. The request body keeps
+                // going out meanwhile (a handler may echo as it reads).
+                let delivered = sink.body.send(Some(payload));
+                tokio::pin!(delivered);
+                loop {
+                    tokio::select! {
+                        _ = &mut delivered => break,
+                        sent = pumping(&mut pump) => {
+                            sent.map_err(broken)?;
+                            pump = None;
+                        }
+                        _ = tokio::time::sleep_until(hard_deadline) => return Err(Exchange::HardDeadline),
+                    }
                 }
             }
             Ok(Ok((FromWorker::Result(result), mut payload))) => {
@@ -273,6 +314,15 @@ pub(super) async fn exchange(
                 if let Some(sink) = response.as_ref().filter(|r| r.head.is_none()) {
                     if matches!(result.outcome, wasmbox_protocol::Outcome::Exited { code: 0 }) {
                         let _ = tokio::time::timeout_at(hard_deadline, sink.body.send(None)).await;
+                    }
+                }
+                // The worker waits for the request body's end before its next frame: what
+                // the handler did not read is cut short now.
+                if let Some(body) = pump.take() {
+                    stop.notify_one();
+                    match tokio::time::timeout_at(hard_deadline, body).await {
+                        Err(_) => return Err(Exchange::HardDeadline),
+                        Ok(sent) => sent.map_err(broken)?,
                     }
                 }
                 let (out, err, snap) = (result.stdout_len, result.stderr_len, result.snapshot_len);
@@ -294,4 +344,39 @@ pub(super) async fn exchange(
             }
         }
     }
+}
+
+/// A streamed request body going out.
+type Pump<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), FrameError>> + Send + 'a>>;
+
+/// Waits for the request body to be sent, if one is being sent; otherwise never ends.
+async fn pumping(pump: &mut Option<Pump<'_>>) -> Result<(), FrameError> {
+    match pump.as_mut() {
+        Some(body) => body.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends a streamed request body's pieces as the client sends them, then its end:
+/// `whole` when the client sent all of it, cut when the client failed or `stop` came (the
+/// worker answered without reading it all). Every frame is sent whole before `stop` is
+/// heeded, so the stream to the worker stays in step.
+async fn send_request_body(
+    sender: super::connection::Sender<'_>,
+    mut pieces: tokio::sync::mpsc::Receiver<Option<Bytes>>,
+    stop: &tokio::sync::Notify,
+) -> Result<(), FrameError> {
+    let whole = loop {
+        let piece = tokio::select! {
+            biased;
+            _ = stop.notified() => break false,
+            piece = pieces.recv() => piece,
+        };
+        match piece {
+            Some(Some(piece)) => sender.send(&ToWorker::RequestBody, &[piece]).await?,
+            Some(None) => break true,
+            None => break false,
+        }
+    };
+    sender.send(&ToWorker::RequestEnd { whole }, &[]).await
 }

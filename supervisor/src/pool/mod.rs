@@ -130,16 +130,24 @@ pub struct Job {
     pub files: Vec<OwnedFd>,
     pub artifact: Option<Arc<crate::compiler::Artifact>>,
     /// Where a `wasi:http` response goes as the worker sends it (`Invocation::http`).
-    pub response: Option<ResponseSink>,
+    pub response: Option<HttpStreams>,
 }
 
-/// A `wasi:http` response on its way: the head once, then the body pieces and `None` once
-/// the body is whole. A body that ends without `None` was cut (the function failed after
-/// its head, or the worker died): its reader must treat it as an error.
-pub struct ResponseSink {
+/// A `wasi:http` exchange's streams. The request body, when it is streamed
+/// (`HttpRequest::streamed`): pieces, then `None` once it is whole; a channel closed
+/// before that is a body the client failed to send. The response: the head once, then the
+/// body pieces and `None` once the body is whole. A body that ends without `None` was cut
+/// (the function failed after its head, or the worker died): its reader must treat it as
+/// an error.
+pub struct HttpStreams {
+    pub request: Option<tokio::sync::mpsc::Receiver<Option<Bytes>>>,
     pub head: Option<oneshot::Sender<wasmbox_protocol::ResponseHead>>,
     pub body: tokio::sync::mpsc::Sender<Option<Bytes>>,
 }
+
+/// Bytes of a streamed request body a worker may hold at once besides the guest's memory
+/// (its socket reader's pieces), counted in its cgroup's allowance.
+pub const STREAMED_BODY_HELD: u64 = 8 * wasmbox_protocol::MAX_REQUEST_PIECE as u64;
 
 /// An invocation's limits as the kernel enforces them, on the worker's cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

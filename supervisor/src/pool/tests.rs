@@ -93,22 +93,62 @@ async fn simulated_worker(mut stream: tokio::net::UnixStream, pid: u32, protocol
         return 2;
     }
     loop {
-        let mut prefix = [0u8; PREFIX_LEN];
-        if stream.read_exact(&mut prefix).await.is_err() {
-            return 0;
-        }
-        let Ok(lengths) = parse_prefix(&prefix, 1 << 20) else { return 3 };
-        let mut header = vec![0u8; lengths.header];
-        let mut payload = vec![0u8; lengths.payload];
-        if stream.read_exact(&mut header).await.is_err() || stream.read_exact(&mut payload).await.is_err() {
-            return 4;
-        }
-        let invocation = match decode_header::<ToWorker>(&header) {
-            Ok(ToWorker::Invoke(invocation)) => invocation,
-            Ok(ToWorker::Shutdown) => return 0,
+        let (message, mut payload) = match read_message(&mut stream).await {
+            Ok(Some(read)) => read,
+            Ok(None) => return 0,
+            Err(code) => return code,
+        };
+        let invocation = match message {
+            ToWorker::Invoke(invocation) => invocation,
+            ToWorker::Shutdown => return 0,
             _ => return 5,
         };
         match invocation.function.as_str() {
+            // A wasi:http handler that asks for its streamed body and echoes each piece as
+            // it comes (`stream-echo`), or answers after the first piece without reading on
+            // (`stream-early`); the stdout it reports is what it read, and it expects the
+            // body's end (whole, or cut) before its next invocation.
+            echo @ ("stream-echo" | "stream-early") => {
+                let head =
+                    FromWorker::ResponseHead(wasmbox_protocol::ResponseHead { status: 200, headers: Vec::new() });
+                let mut out = encode_head(&FromWorker::RequestBodyWanted, 0);
+                out.extend_from_slice(&encode_head(&head, 0));
+                if stream.write_all(&out).await.is_err() {
+                    return 7;
+                }
+                loop {
+                    match read_message(&mut stream).await {
+                        Ok(Some((ToWorker::RequestBody, piece))) => {
+                            let mut frame = encode_head(&FromWorker::ResponseBody, piece.len());
+                            frame.extend_from_slice(&piece);
+                            payload.extend_from_slice(&piece);
+                            if stream.write_all(&frame).await.is_err() {
+                                return 8;
+                            }
+                            if echo == "stream-early" {
+                                break;
+                            }
+                        }
+                        Ok(Some((ToWorker::RequestEnd { whole: true }, _))) if echo == "stream-echo" => break,
+                        _ => return 9,
+                    }
+                }
+                if echo == "stream-early" {
+                    let result = result_frame(&payload);
+                    if stream.write_all(&result).await.is_err() {
+                        return 6;
+                    }
+                    // What follows until the end is dropped; the end says the body was cut.
+                    loop {
+                        match read_message(&mut stream).await {
+                            Ok(Some((ToWorker::RequestBody, _))) => {}
+                            Ok(Some((ToWorker::RequestEnd { whole: false }, _))) => break,
+                            _ => return 10,
+                        }
+                    }
+                    continue;
+                }
+            }
             "crash" => return 1,
             "hang" => std::future::pending::<()>().await,
             // A response whose body breaks the bounds: one piece too large, or pieces past
@@ -132,23 +172,43 @@ async fn simulated_worker(mut stream: tokio::net::UnixStream, pid: u32, protocol
             }
             _ => {}
         }
-        let result = FromWorker::Result(InvocationResult {
-            outcome: Outcome::Exited { code: 0 },
-            stdout_len: payload.len() as u64,
-            stderr_len: 0,
-            stderr_dropped: 0,
-            module_source: Some(ModuleSource::Compiled),
-            prepare_us: 0,
-            exec_us: 1,
-            snapshot_len: 0,
-            session: None,
-        });
-        let mut frame = encode_head(&result, payload.len());
-        frame.extend_from_slice(&payload);
-        if stream.write_all(&frame).await.is_err() {
+        if stream.write_all(&result_frame(&payload)).await.is_err() {
             return 6;
         }
     }
+}
+
+/// One frame from the supervisor; `Err` is the exit code of a worker that got garbage.
+async fn read_message(stream: &mut tokio::net::UnixStream) -> Result<Option<(ToWorker, Vec<u8>)>, i32> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    if stream.read_exact(&mut prefix).await.is_err() {
+        return Ok(None);
+    }
+    let Ok(lengths) = parse_prefix(&prefix, 1 << 20) else { return Err(3) };
+    let mut header = vec![0u8; lengths.header];
+    let mut payload = vec![0u8; lengths.payload];
+    if stream.read_exact(&mut header).await.is_err() || stream.read_exact(&mut payload).await.is_err() {
+        return Err(4);
+    }
+    decode_header::<ToWorker>(&header).map(|m| Some((m, payload))).map_err(|_| 5)
+}
+
+/// A successful result whose stdout is `stdout`.
+fn result_frame(stdout: &[u8]) -> Vec<u8> {
+    let result = FromWorker::Result(InvocationResult {
+        outcome: Outcome::Exited { code: 0 },
+        stdout_len: stdout.len() as u64,
+        stderr_len: 0,
+        stderr_dropped: 0,
+        module_source: Some(ModuleSource::Compiled),
+        prepare_us: 0,
+        exec_us: 1,
+        snapshot_len: 0,
+        session: None,
+    });
+    let mut frame = encode_head(&result, stdout.len());
+    frame.extend_from_slice(stdout);
+    frame
 }
 
 fn config(size: usize) -> PoolConfig {
@@ -366,7 +426,7 @@ async fn a_response_body_past_its_bounds_is_a_protocol_violation() {
         let (head, _head_rx) = tokio::sync::oneshot::channel();
         let (body, mut body_rx) = tokio::sync::mpsc::channel(8);
         let mut job = job(function, A, 5000, b"");
-        job.response = Some(super::ResponseSink { head: Some(head), body });
+        job.response = Some(super::HttpStreams { request: None, head: Some(head), body });
         let drain = tokio::spawn(async move { while body_rx.recv().await.is_some() {} });
         let ran = tokio::time::timeout(Duration::from_secs(10), lease.invoke(job)).await.expect("ended in time");
         match ran {
@@ -442,4 +502,62 @@ async fn a_second_started_is_a_protocol_violation() {
 #[test]
 fn worker_id_display_is_slot_dot_generation() {
     assert_eq!(WorkerId { slot: 3, generation: 12 }.to_string(), "3.12");
+}
+
+/// A streamed request body goes out while the response comes in (the handler echoes each
+/// piece before the next is sent), ends whole; a handler that answers before reading it
+/// all gets the rest cut and the body's end, and its worker serves the next call in step.
+#[tokio::test]
+async fn a_streamed_request_body_flows_beside_the_response_and_ends_in_step() {
+    let pool = start(config(1)).await;
+    for function in ["stream-echo", "stream-early"] {
+        let lease = tokio::time::timeout(Duration::from_secs(10), pool.acquire("t", A)).await.unwrap().unwrap();
+        let pid = lease.worker_pid();
+        let (head, head_rx) = tokio::sync::oneshot::channel();
+        let (body, mut body_rx) = tokio::sync::mpsc::channel(8);
+        let (pieces, request) = tokio::sync::mpsc::channel(2);
+        let mut job = job(function, A, 5000, b"");
+        job.invocation.http = Some(wasmbox_protocol::HttpRequest {
+            method: "POST".into(),
+            scheme: "http".into(),
+            authority: "x".into(),
+            path_with_query: "/".into(),
+            headers: Vec::new(),
+            streamed: true,
+        });
+        job.response = Some(super::HttpStreams { request: Some(request), head: Some(head), body });
+        let ran = tokio::spawn(lease.invoke(job));
+        tokio::time::timeout(Duration::from_secs(10), head_rx).await.unwrap().unwrap();
+        // Each piece comes back before the next is sent: the two directions are concurrent.
+        let mut echoed = Vec::new();
+        for piece in ["one", "two", "three"] {
+            if pieces.send(Some(Bytes::from(piece))).await.is_err() {
+                break; // The early handler is done.
+            }
+            match tokio::time::timeout(Duration::from_secs(10), body_rx.recv()).await.unwrap() {
+                Some(Some(back)) => echoed.push(String::from_utf8_lossy(&back).into_owned()),
+                _ => break,
+            }
+        }
+        let _ = pieces.send(None).await;
+        let done = tokio::time::timeout(Duration::from_secs(10), ran).await.unwrap().unwrap().unwrap();
+        if function == "stream-echo" {
+            assert_eq!(echoed, ["one", "two", "three"]);
+            assert_eq!(&done.stdout[..], b"onetwothree");
+            let end = tokio::time::timeout(Duration::from_secs(10), body_rx.recv()).await.unwrap();
+            assert_eq!(end, Some(None), "a whole response says so");
+        } else {
+            assert_eq!(echoed, ["one"]);
+            assert_eq!(&done.stdout[..], b"one");
+        }
+        // The same worker takes the next call: the stream stayed in step.
+        let lease = tokio::time::timeout(Duration::from_secs(10), pool.acquire("t", A)).await.unwrap().unwrap();
+        assert_eq!(lease.worker_pid(), pid, "{function}");
+        let again = tokio::time::timeout(Duration::from_secs(10), lease.invoke(job_ok())).await.unwrap().unwrap();
+        assert_eq!(&again.stdout[..], b"next");
+    }
+}
+
+fn job_ok() -> Job {
+    job("ok", A, 5000, b"next")
 }

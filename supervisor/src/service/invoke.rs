@@ -15,7 +15,7 @@ use crate::App;
 use crate::compiler::{CompileError, Kind};
 use crate::error_chain;
 use crate::limits::{InvocationLimits, Requested};
-use crate::pool::{Completed, InvokeFailure, Job, Lease, ResponseSink};
+use crate::pool::{Completed, HttpStreams, InvokeFailure, Job, Lease};
 use crate::registry::files::PreopenError;
 use crate::registry::{Function, FunctionName, OpenError};
 
@@ -43,7 +43,7 @@ pub struct Call<'a> {
     pub step: Option<Step<'a>>,
     /// A request for a `wasi:http/proxy` component (`input` is its body), and where its
     /// response goes.
-    pub http: Option<(HttpRequest, ResponseSink)>,
+    pub http: Option<(HttpRequest, HttpStreams)>,
 }
 
 /// A session step: what it does, and the state it starts from.
@@ -224,7 +224,7 @@ fn job(
     limits: InvocationLimits,
     payload: Vec<Bytes>,
     opened: Opened,
-    response: Option<ResponseSink>,
+    response: Option<HttpStreams>,
 ) -> (Job, bool) {
     let job = Job {
         invocation,

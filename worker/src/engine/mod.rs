@@ -85,11 +85,24 @@ impl<'a> RunRequest<'a> {
 /// A `wasi:http` request for a proxy component, and where its response goes.
 pub struct HttpCall<'a> {
     pub request: &'a wasmbox_protocol::HttpRequest,
-    pub body: bytes::Bytes,
+    pub body: RequestBody,
     /// Sends the response's head and body pieces to the supervisor as they come (from
     /// another thread than the guest's).
     pub emit: &'a (dyn Fn(HttpEvent<'_>) -> std::io::Result<()> + Sync),
 }
+
+/// A request body as the handler reads it: its first part (the whole body unless it is
+/// streamed), then the pieces the supervisor streams.
+pub struct RequestBody {
+    pub first: bytes::Bytes,
+    pub rest: Option<StreamedBody>,
+}
+
+/// The pieces of a streamed body as the worker's reader thread hands them over: `Err` is
+/// a body cut short; the channel closing after its pieces is the body's end. Shared with
+/// the serve loop, which closes it once the handler is done so the reader never waits for
+/// a handler that will not read again.
+pub type StreamedBody = std::sync::Arc<std::sync::Mutex<tokio::sync::mpsc::Receiver<Result<bytes::Bytes, ()>>>>;
 
 /// What a `wasi:http` handler produced, in order: the head, then body pieces.
 pub enum HttpEvent<'a> {

@@ -304,10 +304,49 @@ fn incoming_request(
         let value = wasmbox_protocol::latin1_to_bytes(value).ok_or("a header value is not bytes")?;
         builder = builder.header(name.as_str(), value);
     }
-    let body = http_body_util::Full::new(call.body.clone())
-        .map_err(|never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} })
-        .boxed_unsync();
+    let body =
+        Incoming { first: Some(call.body.first.clone()).filter(|b| !b.is_empty()), rest: call.body.rest.clone() }
+            .boxed_unsync();
     builder.body(body).map_err(|e| e.to_string())
+}
+
+/// A request body for the handler: the first part, then the streamed pieces.
+struct Incoming {
+    first: Option<bytes::Bytes>,
+    rest: Option<crate::engine::StreamedBody>,
+}
+
+impl http_body::Body for Incoming {
+    type Data = bytes::Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+        }
+        let Some(rest) = &self.rest else { return Poll::Ready(None) };
+        let polled = rest.lock().unwrap_or_else(|p| p.into_inner()).poll_recv(cx);
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(piece))) => Poll::Ready(Some(Ok(http_body::Frame::data(piece)))),
+            Poll::Ready(Some(Err(()))) => {
+                self.rest = None;
+                Poll::Ready(Some(Err(wasmtime_wasi_http::Error::ConnectionTerminated)))
+            }
+            Poll::Ready(None) => {
+                self.rest = None;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_none()
+    }
 }
 
 #[cfg(test)]
