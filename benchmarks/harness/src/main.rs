@@ -25,7 +25,7 @@ enum Command {
         /// Modes to run, by letter: a WasmBox, b in-process, c spawn per request, d plain.
         #[arg(long, default_value = "abcd")]
         modes: String,
-        /// Scenarios to run (hello, echo, compute, memory), comma-separated.
+        /// Scenarios to run (hello, echo, compute, memory, component-hello), comma-separated.
         #[arg(long, value_delimiter = ',')]
         scenarios: Vec<String>,
     },
@@ -184,7 +184,8 @@ fn main() -> anyhow::Result<()> {
                     }
                     all.retain(|a| scenarios.iter().any(|s| s == a.key));
                 }
-                let (setup, _cache) = bench.setup(&["hello", "echo", "json-compress", "alloc", "counter"])?;
+                let (setup, _cache) =
+                    bench.setup(&["hello", "echo", "json-compress", "alloc", "counter", "http-hello"])?;
                 let results = suite::run(plan, &setup, &modes, all).await?;
                 let md = report::write(&results, &bench.out, &name)?;
                 print!("{}", report::markdown(&results, &format!("{name}.svg")));

@@ -265,6 +265,18 @@ pub fn markdown(r: &Results, svg_name: &str) -> String {
             }
         }
         ratios(&mut out, &r.closed, s.key);
+        if let Some(base) = s.baseline {
+            if let (Some(a), Some(b)) = (find(&r.closed, s.key, Mode::WasmBox), find(&r.closed, base, Mode::WasmBox)) {
+                let _ = writeln!(
+                    out,
+                    "\n| ratio | throughput | p50 | p99 |\n|---|---|---|---|\n| (a) {} / (a) {base} | {} | {} | {} |",
+                    s.key,
+                    x(ratio(a.throughput, b.throughput)),
+                    x(ratio(a.p50_us as f64, b.p50_us as f64)),
+                    x(ratio(a.p99_us as f64, b.p99_us as f64)),
+                );
+            }
+        }
         out.push('\n');
     }
     if !r.open.is_empty() || !r.open_skipped.is_empty() {

@@ -18,6 +18,11 @@ pub struct Scenario {
     #[serde(skip)]
     pub body: Bytes,
     pub headers: Vec<(String, String)>,
+    /// The modes that can serve it (none: every mode).
+    #[serde(skip)]
+    pub only: Option<&'static [Mode]>,
+    /// A scenario whose (a) cell this one's (a) cell is compared with, side by side.
+    pub baseline: Option<&'static str>,
 }
 
 impl Scenario {
@@ -29,6 +34,8 @@ impl Scenario {
                 path: "/hello",
                 body: Bytes::new(),
                 headers: vec![],
+                only: None,
+                baseline: None,
             },
             Scenario {
                 key: "echo",
@@ -36,6 +43,8 @@ impl Scenario {
                 path: "/echo",
                 body: Bytes::from(vec![b'x'; 64 << 10]),
                 headers: vec![],
+                only: None,
+                baseline: None,
             },
             Scenario {
                 key: "compute",
@@ -43,6 +52,8 @@ impl Scenario {
                 path: "/json-compress?arg=6000",
                 body: Bytes::new(),
                 headers: vec![],
+                only: None,
+                baseline: None,
             },
             Scenario {
                 key: "memory",
@@ -50,8 +61,24 @@ impl Scenario {
                 path: "/alloc?arg=64",
                 body: Bytes::new(),
                 headers: vec![("Memory-Request".into(), "128".into())],
+                only: None,
+                baseline: None,
+            },
+            Scenario {
+                key: "component-hello",
+                title: "component hello: a wasi:http/proxy component's 23-byte answer (WasmBox only; compared with the module hello)",
+                path: "/http-hello",
+                body: Bytes::new(),
+                headers: vec![],
+                only: Some(&[Mode::WasmBox]),
+                baseline: Some("hello"),
             },
         ]
+    }
+
+    /// Whether `mode` can serve this scenario.
+    pub fn runs_on(&self, mode: Mode) -> bool {
+        self.only.is_none_or(|only| only.contains(&mode))
     }
 
     fn target(&self, server: &Server) -> Target {
@@ -179,11 +206,11 @@ pub async fn run(plan: Plan, setup: &Setup, modes: &[Mode], scenarios: Vec<Scena
     let slice = plan.duration / rounds;
     let mut measured: Vec<(&'static str, Mode, loadgen::Measurement, crate::modes::CpuUse)> = Vec::new();
     for scenario in &scenarios {
-        for server in &servers {
+        for server in servers.iter().filter(|s| scenario.runs_on(s.mode)) {
             warm_up(&scenario.target(server), plan.warmup, server.mode, scenario.key).await?;
         }
         for round in 0..rounds {
-            for server in &servers {
+            for server in servers.iter().filter(|s| scenario.runs_on(s.mode)) {
                 progress.set_message(format!(
                     "{} / {} (round {} of {rounds})",
                     server.mode.title(),

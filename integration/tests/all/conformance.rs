@@ -41,6 +41,7 @@ macro_rules! suite {
             modules_compile_once_into_the_cache_and_load_from_it_after_a_restart,
             sessions_keep_state_roll_back_failures_and_export_whole,
             every_wasi_preview1_call_runs_under_the_seccomp_filter,
+            wasi_http_components_are_served_where_the_engine_has_them_and_refused_where_not,
         );
     };
 }
@@ -448,5 +449,38 @@ pub async fn every_wasi_preview1_call_runs_under_the_seccomp_filter(engine: &str
     }
     let stats = s.get("/stats").await?.json();
     assert_eq!(stats["pool"]["exits"]["seccomp"], 0, "{stats}");
+    Ok(())
+}
+
+/// Components: an engine with the Component Model serves a wasi:http handler (its
+/// response, a streamed request body, a handler that never answers, a header set past what
+/// clients take, an output flood cut off); one without refuses the same component with 422.
+pub async fn wasi_http_components_are_served_where_the_engine_has_them_and_refused_where_not(
+    engine: &str,
+) -> anyhow::Result<()> {
+    let s = Supervisor::builder()
+        .engine(engine)
+        .function("http-echo")
+        .function("http-noresponse")
+        .function("http-headers")
+        .function("http-flood")
+        .env("WASMBOX_MAX_OUTPUT_BYTES", 1 << 20)
+        .start()?;
+    if engine != "wasmtime" {
+        let r = s.post("/http-echo", "x").await?;
+        assert_eq!((r.status, r.kind().as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_module"), "{}", r.text());
+        return Ok(());
+    }
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 249) as u8).collect();
+    let r = s.request(Method::PUT, "/http-echo/a?b=c", &[("x-k", "v")], body.into()).await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!((r.json()["method"].as_str(), r.json()["body_len"].as_u64()), (Some("PUT"), Some(300_000)));
+    assert_eq!(r.json()["path_with_query"], "/a?b=c");
+    let r = s.get("/http-noresponse").await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::BAD_GATEWAY, "no_response"), "{}", r.text());
+    let r = s.get("/http-headers?n=200").await?;
+    assert_eq!((r.status, r.kind().as_str()), (StatusCode::BAD_GATEWAY, "invalid_response"), "{}", r.text());
+    assert!(s.get("/http-flood").await.is_err(), "an output flood was answered as a whole body");
+    assert_eq!(s.post("/http-echo", "after").await?.json()["body_len"], 5);
     Ok(())
 }

@@ -903,3 +903,54 @@ async fn fifo_configs_and_modules_are_refused_without_blocking() -> Result<()> {
     assert_eq!(s.get("/hello").await?.status, StatusCode::OK);
     Ok(())
 }
+
+/// Hostile wasi:http components (Wasmtime): a handler that never answers, header sets past
+/// what clients take and past what the guest may build, an output flood through the
+/// response body, a request body that stalls while the handler reads it. Each gets its
+/// typed answer or, after the head, a cut body; the engine stops the guest and its worker
+/// serves on; nothing leaks.
+#[tokio::test]
+async fn hostile_components_get_typed_answers_or_a_cut_and_the_worker_serves_on() -> Result<()> {
+    let engine = wasmbox_integration::test_engine();
+    if engine != "wasmtime" {
+        eprintln!("hostile_components_get_typed_answers_or_a_cut_and_the_worker_serves_on: skipped on {engine}");
+        return Ok(());
+    }
+    let t = Target::start(
+        Supervisor::builder()
+            .function("http-noresponse")
+            .function("http-headers")
+            .function("http-flood")
+            .function("http-echo")
+            .env("WASMBOX_MAX_OUTPUT_BYTES", 1 << 20)
+            .env("WASMBOX_BODY_READ_TIMEOUT_MS", 500),
+    )
+    .await?;
+    for _ in 0..REPEAT {
+        let r = t.get("/http-noresponse", &[], Worker::Reused).await?;
+        assert_eq!(status_kind(&r), (StatusCode::BAD_GATEWAY, "no_response".into()), "{}", r.text());
+        let r = t.get("/http-headers?n=200", &[], Worker::Reused).await?;
+        assert_eq!(status_kind(&r), (StatusCode::BAD_GATEWAY, "invalid_response".into()), "{}", r.text());
+        let r = t.get("/http-headers?n=100000", &[], Worker::Reused).await?;
+        assert_eq!(status_kind(&r), (StatusCode::INTERNAL_SERVER_ERROR, "trap".into()), "{}", r.text());
+        // After the head: the body is cut at the output limit, never ended as if whole.
+        let pids = t.pids();
+        let flood = tokio::time::timeout(REQUEST_TIMEOUT, t.s.get("/http-flood")).await?;
+        ensure!(flood.is_err(), "a flood was answered whole: {:?}", flood.map(|r| r.body.len()));
+        // A streamed body that stalls: 408 while the handler waits for it.
+        let mut stream = tokio::net::TcpStream::connect(t.s.addr).await?;
+        stream.write_all(b"POST /http-echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n10000\r\n").await?;
+        stream.write_all(&[b's'; 0x10000]).await?;
+        stream.write_all(b"\r\n").await?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(REQUEST_TIMEOUT, stream.read_to_end(&mut answer)).await??;
+        let answer = String::from_utf8_lossy(&answer);
+        ensure!(answer.starts_with("HTTP/1.1 408") && answer.contains("body_timeout"), "{answer}");
+        t.s.wait_pool_full(WORKERS, Duration::from_secs(10)).await?;
+        // Give the handlers time to see their ends, then: the same processes serve on.
+        let r = t.call(Method::POST, "/http-echo", &[], Bytes::from_static(b"ok"), Worker::Reused).await?;
+        assert_eq!(r.json()["body_len"], 2, "{}", r.text());
+        ensure!(t.pids() == pids, "workers changed from {pids:?} to {:?}", t.pids());
+    }
+    t.unharmed().await
+}
