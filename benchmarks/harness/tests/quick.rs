@@ -23,26 +23,27 @@ fn quick_mode_measures_every_mode_and_loses_no_request() {
     let modes = ["WasmBox", "InProcess", "SpawnPerRequest", "PlainHttp"];
     let scenarios = ["hello", "echo", "compute", "memory"];
     let closed = json["closed"].as_array().expect("closed-loop cells");
-    assert_eq!(closed.len(), modes.len() * scenarios.len(), "one cell per mode and scenario");
-    for mode in modes {
-        for scenario in scenarios {
-            let cell = closed
-                .iter()
-                .find(|c| c["mode"] == mode && c["scenario"] == scenario)
-                .unwrap_or_else(|| panic!("no cell for {mode} / {scenario}"));
-            let s = &cell["summary"];
-            assert!(s["requests"].as_u64().unwrap_or(0) > 0, "{mode} / {scenario}: no requests: {s}");
-            assert!(s["throughput"].as_f64().unwrap_or(0.0) > 0.0, "{mode} / {scenario}: {s}");
-            assert!(s["p50_us"].as_u64().unwrap_or(0) > 0, "{mode} / {scenario}: {s}");
-            assert!(s["p99_us"].as_u64() >= s["p50_us"].as_u64(), "{mode} / {scenario}: {s}");
-            assert_eq!(s["errors"], serde_json::json!([]), "{mode} / {scenario}: errors or lost requests: {s}");
-            // Where the CPU went: every loaded server used some; WasmBox's partly in workers.
-            let cpu = &cell["cpu"];
-            let total = cpu["server_us"].as_f64().unwrap_or(0.0) + cpu["children_us"].as_f64().unwrap_or(0.0);
-            assert!(total > 0.0, "{mode} / {scenario}: no server CPU measured: {cpu}");
-            if mode == "WasmBox" {
-                assert!(cpu["children_us"].as_f64().unwrap_or(0.0) > 0.0, "{scenario}: no worker CPU: {cpu}");
-            }
+    // The component scenario runs on WasmBox alone (the other modes serve modules).
+    assert_eq!(closed.len(), modes.len() * scenarios.len() + 1, "one cell per mode and scenario, and the component's");
+    let cells =
+        modes.iter().flat_map(|m| scenarios.iter().map(move |s| (*m, *s))).chain([("WasmBox", "component-hello")]);
+    for (mode, scenario) in cells {
+        let cell = closed
+            .iter()
+            .find(|c| c["mode"] == mode && c["scenario"] == scenario)
+            .unwrap_or_else(|| panic!("no cell for {mode} / {scenario}"));
+        let s = &cell["summary"];
+        assert!(s["requests"].as_u64().unwrap_or(0) > 0, "{mode} / {scenario}: no requests: {s}");
+        assert!(s["throughput"].as_f64().unwrap_or(0.0) > 0.0, "{mode} / {scenario}: {s}");
+        assert!(s["p50_us"].as_u64().unwrap_or(0) > 0, "{mode} / {scenario}: {s}");
+        assert!(s["p99_us"].as_u64() >= s["p50_us"].as_u64(), "{mode} / {scenario}: {s}");
+        assert_eq!(s["errors"], serde_json::json!([]), "{mode} / {scenario}: errors or lost requests: {s}");
+        // Where the CPU went: every loaded server used some; WasmBox's partly in workers.
+        let cpu = &cell["cpu"];
+        let total = cpu["server_us"].as_f64().unwrap_or(0.0) + cpu["children_us"].as_f64().unwrap_or(0.0);
+        assert!(total > 0.0, "{mode} / {scenario}: no server CPU measured: {cpu}");
+        if mode == "WasmBox" {
+            assert!(cpu["children_us"].as_f64().unwrap_or(0.0) > 0.0, "{scenario}: no worker CPU: {cpu}");
         }
     }
     // Open loop: each mode ran at the rate or is listed with the reason it did not.
