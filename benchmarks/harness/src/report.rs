@@ -114,8 +114,12 @@ fn find_cell<'a>(cells: &'a [Cell], scenario: &str, mode: Mode) -> Option<&'a Ce
 /// The ratios of (a) to each other mode in one scenario: throughput and p99.
 fn ratios(out: &mut String, cells: &[Cell], scenario: &str) {
     let Some(a) = find(cells, scenario, Mode::WasmBox) else { return };
+    let others = [Mode::InProcess, Mode::SpawnPerRequest, Mode::PlainHttp];
+    if !others.iter().any(|&m| find(cells, scenario, m).is_some()) {
+        return; // A scenario only WasmBox runs has no ratio to the others.
+    }
     let _ = writeln!(out, "\n| ratio | throughput | p50 | p99 |\n|---|---|---|---|");
-    for other in [Mode::InProcess, Mode::SpawnPerRequest, Mode::PlainHttp] {
+    for other in others {
         if let Some(o) = find(cells, scenario, other) {
             let _ = writeln!(
                 out,

@@ -165,7 +165,13 @@ async fn a_wasi_http_component_gets_the_request_and_its_response_comes_back() ->
         use sha2::Digest;
         sha2::Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect::<String>()
     };
-    let headers = [("x-test", "value 1"), ("cpu_quota", "500"), ("timeout-ms", "5000"), ("x-wasmbox-fake", "1")];
+    let headers = [
+        ("x-test", "value 1"),
+        ("cpu_quota", "500"),
+        ("timeout-ms", "5000"),
+        ("x-wasmbox-fake", "1"),
+        ("expect", "100-continue"),
+    ];
     let r = s.request(Method::PUT, "/http-echo/sub/path?x=1&y=%20", &headers, body.into()).await?;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let echo = r.json();
@@ -177,7 +183,7 @@ async fn a_wasi_http_component_gets_the_request_and_its_response_comes_back() ->
     let has = |name: &str| got.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
     assert_eq!(has("x-test"), Some("value 1"));
     assert_eq!(has("x-forwarded-prefix"), Some("/http-echo"));
-    for control in ["cpu_quota", "timeout-ms", "x-wasmbox-fake", "connection", "content-length"] {
+    for control in ["cpu_quota", "timeout-ms", "x-wasmbox-fake", "connection", "content-length", "expect"] {
         assert_eq!(has(control), None, "{control} reached the handler: {got:?}");
     }
     // The function's status and headers are the answer's.

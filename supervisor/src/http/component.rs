@@ -220,6 +220,8 @@ fn hop_by_hop(name: &HeaderName) -> bool {
             | "transfer-encoding"
             | "upgrade"
             | "content-length"
+            // Answered by WasmBox itself (100 Continue, once the body is read).
+            | "expect"
     )
 }
 
