@@ -8,6 +8,12 @@
 #   docker build --target wasmtime -t wasmbox:wasmtime . # Wasmtime only, no libwasmedge
 #   docker run --rm -p 8095:8095 wasmbox
 #
+# Without internet (no registry, no crates): `make image` builds the binaries and example
+# functions on the host, makes a Debian base image from Debian's packages
+# (scripts/base-image) and builds the `prebuilt` target on it (`prebuilt-wasmedge` where a
+# libwasmedge is installed). RUNTIME_BASE picks the runtime stage's base image. The
+# runtime stage is the same for every target, so what `make image-test` tests is what ships.
+#
 # Runs as an unprivileged user (uid 10001) by default: no per-worker cgroups then (the
 # supervisor logs that once) but every other sandbox layer applies. For per-invocation
 # CPU and memory limits run it as root with a writable cgroup file system (privileged, or
@@ -16,6 +22,9 @@
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 ARG WASMEDGE_VERSION=0.17.1
+# The runtime stage's base. scripts/base-image makes localhost/wasmbox-base:bookworm, the same
+# Debian release from Debian's packages, for machines that reach no registry.
+ARG RUNTIME_BASE=debian:bookworm-slim
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS source
 RUN rustup target add wasm32-wasip1
@@ -26,12 +35,18 @@ RUN ./scripts/build-functions /out/functions
 
 FROM source AS build-wasmtime
 RUN cargo build --release --locked --bin wasmbox --bin wasmbox-worker \
- && install -D -m 755 target/release/wasmbox target/release/wasmbox-worker -t /out/bin
+ && install -D -m 755 target/release/wasmbox target/release/wasmbox-worker -t /out/bin \
+ && objcopy --strip-debug /out/bin/wasmbox \
+ && objcopy --strip-debug /out/bin/wasmbox-worker
 
 FROM source AS build-wasmedge
 ARG WASMEDGE_VERSION
 # libwasmedge (with its LLVM ahead-of-time compiler) from WasmEdge's own installer, and
-# libclang for wasmedge-sys's bindgen.
+# libclang for wasmedge-sys's bindgen. The pipe into bash must fail the build if curl does.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# libclang-dev is not pinned: the build image's Debian release decides its version, and a
+# pinned point release disappears from the archive when the next one comes.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libclang-dev \
  && rm -rf /var/lib/apt/lists/* \
@@ -39,14 +54,15 @@ RUN apt-get update \
     | bash -s -- -v "${WASMEDGE_VERSION}" -p /usr/local
 RUN WASMEDGE_DIR=/usr/local cargo build --release --locked --features wasmedge --bin wasmbox --bin wasmbox-worker \
  && install -D -m 755 target/release/wasmbox target/release/wasmbox-worker -t /out/bin \
+ && objcopy --strip-debug /out/bin/wasmbox \
+ && objcopy --strip-debug /out/bin/wasmbox-worker \
  && mkdir -p /out/lib && cp -a /usr/local/lib/libwasmedge.so* /out/lib/
 
-FROM debian:${DEBIAN_RELEASE}-slim AS runtime
+FROM ${RUNTIME_BASE} AS runtime
 RUN useradd --system --uid 10001 --user-group --home-dir /var/cache/wasmbox --no-create-home wasmbox \
  && mkdir -p /functions /var/cache/wasmbox /var/lib/wasmbox \
  && chown wasmbox:wasmbox /var/cache/wasmbox /var/lib/wasmbox \
  && chmod 700 /var/cache/wasmbox /var/lib/wasmbox
-COPY --from=source /out/functions /functions
 ENV WASMBOX_LISTEN=0.0.0.0:8095 \
     WASMBOX_FUNCTIONS_DIR=/functions \
     WASMBOX_CACHE_DIR=/var/cache/wasmbox \
@@ -65,12 +81,31 @@ CMD ["serve"]
 
 # Wasmtime only: docker build --target wasmtime.
 FROM runtime AS wasmtime
+COPY --from=source /out/functions /functions
 COPY --from=build-wasmtime /out/bin/ /usr/local/bin/
 ENV WASMBOX_ENGINE=wasmtime
 
+# Binaries and example functions built on the host (`make image`, which stages them in
+# target/image): no compiler, crates or downloads inside the build.
+FROM runtime AS prebuilt
+COPY target/image/functions/ /functions/
+COPY target/image/bin/ /usr/local/bin/
+ENV WASMBOX_ENGINE=wasmtime
+
+# The same with WasmEdge, from a libwasmedge installed on the host (`make image` stages it).
+FROM runtime AS prebuilt-wasmedge
+USER 0:0
+COPY target/image/lib/ /usr/local/lib/
+RUN ldconfig
+USER 10001:10001
+COPY target/image/functions/ /functions/
+COPY target/image/bin/ /usr/local/bin/
+ENV WASMBOX_ENGINE=wasmedge
+
 # The default image: WasmEdge, as the original deployment ran it.
 FROM runtime AS wasmedge
-USER root
+COPY --from=source /out/functions /functions
+USER 0:0
 COPY --from=build-wasmedge /out/lib/ /usr/local/lib/
 RUN ldconfig
 USER 10001:10001

@@ -4,7 +4,7 @@
 
 CARGO ?= cargo
 
-.PHONY: run test test-wasmedge lint functions build bench bench-quick
+.PHONY: run test test-wasmedge lint functions build bench bench-quick image image-test
 
 run: functions build
 	./target/debug/wasmbox
@@ -31,6 +31,17 @@ test-wasmedge:
 
 functions:
 	./scripts/build-functions
+
+# The container image from binaries and example functions built here, on a Debian base made
+# here (scripts/base-image): no registry or downloads needed. RUNTIME_BASE=debian:bookworm-slim
+# builds on the registry's base instead. podman or docker (CONTAINER_ENGINE).
+image:
+	./scripts/image
+
+# The image run for real (integration/tests/container): skipped, with one line, where no
+# container engine can run.
+image-test:
+	./scripts/image-test
 
 build:
 	$(CARGO) build --workspace --bins
