@@ -7,12 +7,15 @@ CARGO ?= cargo
 .PHONY: run test test-wasmedge lint functions build bench bench-quick image image-test
 
 run: functions build
-	./target/debug/wasmbox
+	./target/release/wasmbox
 
+# Release builds throughout: the suite tests the binaries the image ships (make image-test
+# puts these very binaries in the image), and one optimized build serves both.
 test: lint
 	./scripts/build-functions target/test-functions
-	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) test --release --workspace
+	./scripts/image-test
 
 # The last step type-checks the WasmEdge engine against wasmedge-sys's bundled bindings (no
 # libwasmedge needed), in its own target directory so the normal build is untouched.
@@ -44,7 +47,7 @@ image-test:
 	./scripts/image-test
 
 build:
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --release --workspace --bins
 
 # The benchmark report (benchmarks/results/full.md, .svg, .json): release binaries, every
 # mode side by side, about 6 minutes. bench-quick: the same in under a minute, for smoke runs.

@@ -9,6 +9,7 @@ mod cli;
 mod compiler;
 mod components;
 mod conformance;
+mod deployment_lint;
 mod drift;
 mod engines;
 mod faults;

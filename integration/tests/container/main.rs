@@ -99,7 +99,7 @@ fn limit(pid: i32, name: &str) -> String {
 
 /// Tests still running; the last one to finish checks for leftovers.
 static RUNNING: AtomicUsize = AtomicUsize::new(0);
-const TESTS: usize = 5;
+const TESTS: usize = 6;
 
 /// Counts a test as finished; the last one asserts nothing labelled for this run is left.
 struct Finished;
@@ -176,31 +176,46 @@ fn table_hog() -> Vec<u8> {
 /// runtime mounts a writable cgroup file system, the supervisor makes a cgroup per worker
 /// under its own, and the limits hold inside the container as on the host.
 #[tokio::test]
-async fn as_root_with_writable_cgroups_the_limits_hold_inside_the_container() -> anyhow::Result<()> {
+async fn privileged_as_root_the_limits_hold_inside_the_container() -> anyhow::Result<()> {
     let _finished = Finished;
+    limits_hold_inside(&name("privileged"), &["--privileged"]).await
+}
+
+/// Root with CAP_SYS_ADMIN and the host's cgroup file system mounted writable, not
+/// privileged (what deployment/ksvc.yaml runs: Knative refuses privileged containers). The
+/// host's cgroup namespace, so the supervisor's own cgroup path is the one the mounted
+/// file system shows (the default on cgroup v1).
+#[tokio::test]
+async fn with_sys_admin_and_the_hosts_cgroups_the_limits_hold_inside_the_container() -> anyhow::Result<()> {
+    let _finished = Finished;
+    limits_hold_inside(
+        &name("sys-admin"),
+        &["--cap-add", "SYS_ADMIN", "--cgroupns", "host", "--volume", "/sys/fs/cgroup:/sys/fs/cgroup:rw"],
+    )
+    .await
+}
+
+async fn limits_hold_inside(name: &str, mode: &[&str]) -> anyhow::Result<()> {
     let token = "image-test-token";
     let token_env = format!("WASMBOX_ADMIN_TOKEN={token}");
-    let (c, client) = start_ready(
-        &name("cgroups"),
-        &[
-            "--privileged",
-            "--user",
-            "0",
-            "--env",
-            "WASMBOX_CACHE_DIR=/var/cache/wasmbox-root",
-            "--env",
-            "WASMBOX_STATE_DIR=/var/lib/wasmbox-root",
-            "--env",
-            "WASMBOX_CGROUPS=required",
-            "--env",
-            "WASMBOX_WORKERS=2",
-            "--env",
-            "WASMBOX_CGROUP_MEMORY_HEADROOM_MB=16",
-            "--env",
-            &token_env,
-        ],
-    )
-    .await?;
+    let mut args = mode.to_vec();
+    args.extend_from_slice(&[
+        "--user",
+        "0",
+        "--env",
+        "WASMBOX_CACHE_DIR=/var/cache/wasmbox-root",
+        "--env",
+        "WASMBOX_STATE_DIR=/var/lib/wasmbox-root",
+        "--env",
+        "WASMBOX_CGROUPS=required",
+        "--env",
+        "WASMBOX_WORKERS=2",
+        "--env",
+        "WASMBOX_CGROUP_MEMORY_HEADROOM_MB=16",
+        "--env",
+        &token_env,
+    ]);
+    let (c, client) = start_ready(name, &args).await?;
     let stats = client.get("/stats").await?.json();
     let parents: Vec<String> = stats["cgroups"]["parents"]
         .as_array()
