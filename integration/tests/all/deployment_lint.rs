@@ -131,7 +131,7 @@ fn keys(y: &Yaml) -> Vec<String> {
 fn knative_problems(file: &str, text: &str) -> Vec<String> {
     let flags = declared_flags(text);
     let mut problems = Vec::new();
-    let mut need = |flag: &str, what: &str, problems: &mut Vec<String>| {
+    let need = |flag: &str, what: &str, problems: &mut Vec<String>| {
         if !flags.contains(flag) {
             problems
                 .push(format!("{file}: {what} needs the Knative feature flag {flag}, which the file does not name"));

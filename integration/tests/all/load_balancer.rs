@@ -3,8 +3,6 @@
 //! overloaded and then sent SIGTERM; every client request still succeeds, served by the
 //! other, and the per-invocation headers reach the supervisors intact.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
