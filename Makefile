@@ -9,11 +9,12 @@ CARGO ?= cargo
 run: functions build
 	./target/release/wasmbox
 
-# Release builds throughout: the suite tests the binaries the image ships (make image-test
-# puts these very binaries in the image), and one optimized build serves both.
+# Release builds throughout: one optimized build of every dependency serves the suite and
+# the image (make image-test builds the binaries it ships from the same build). The suite's
+# binaries also have the fault-injection hooks (feature test-hooks, which the end-to-end
+# tests build them with); the image's never do.
 test: lint
 	./scripts/build-functions target/test-functions
-	$(CARGO) build --release --workspace --bins
 	$(CARGO) test --release --workspace
 	./scripts/image-test
 

@@ -40,7 +40,16 @@ pub fn built() -> (PathBuf, PathBuf) {
         let profile_dir = target_profile_dir();
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let mut build = Command::new(&cargo);
-        build.current_dir(&root).args(["build", "--bins", "-p", "wasmbox-supervisor", "-p", "wasmbox-worker"]);
+        // The whole workspace, as `make test` builds it, so dependencies are shared with that
+        // build (a subset of packages can unify other features and rebuild them); with the
+        // fault-injection hooks some tests need (a release build has them only by feature).
+        build.current_dir(&root).args([
+            "build",
+            "--bins",
+            "--workspace",
+            "--features",
+            "wasmbox-supervisor/test-hooks,wasmbox-worker/test-hooks",
+        ]);
         if cfg!(feature = "wasmedge-bundled") {
             build.args(["--features", "wasmbox-worker/wasmedge-bundled"]);
         } else if cfg!(feature = "wasmedge") {

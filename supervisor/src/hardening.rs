@@ -154,8 +154,10 @@ impl WorkerHardening {
                     .into(),
             ));
         }
-        if config.test_hooks && !cfg!(debug_assertions) {
-            return Err(ConfigError("WASMBOX_TEST_HOOKS exists only in debug builds".into()));
+        if config.test_hooks && !cfg!(any(debug_assertions, feature = "test-hooks")) {
+            return Err(ConfigError(
+                "WASMBOX_TEST_HOOKS exists only in debug builds and builds with the test-hooks feature".into(),
+            ));
         }
         let rlimits = config.worker_rlimits.then(|| Rlimits {
             nofile: config.worker_nofile,

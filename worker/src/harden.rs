@@ -87,10 +87,14 @@ pub struct HardeningArgs {
     /// Install the seccomp allow-list.
     #[arg(long, value_enum, default_value_t = SeccompMode::Off)]
     pub seccomp: SeccompMode,
-    /// Test hooks (debug builds only): a host function that makes a forbidden syscall.
+    /// Test hooks (debug builds and the test-hooks feature only): a host function that
+    /// makes a forbidden syscall, a compile that hangs on a marked module.
     #[arg(long, hide = true)]
     pub test_hooks: bool,
 }
+
+/// Whether this build has the test hooks at all (`--test-hooks` is ignored otherwise).
+pub const TEST_HOOKS_BUILT: bool = cfg!(any(debug_assertions, feature = "test-hooks"));
 
 fn parse_user(s: &str) -> Result<(u32, u32), String> {
     let (uid, gid) = s.split_once(':').ok_or_else(|| format!("{s:?} is not uid:gid"))?;

@@ -161,7 +161,7 @@ pub fn run(args: WorkerArgs, mut applied: harden::Applied) -> Result<(), WorkerE
         harden::enter_network_namespace(&mut applied)?;
     }
     // Test hooks exist only in debug builds, whatever the flag says.
-    let test_hooks = cfg!(debug_assertions) && hardening.test_hooks;
+    let test_hooks = crate::harden::TEST_HOOKS_BUILT && hardening.test_hooks;
     let supervisor = args.supervisor_pid.unwrap_or_else(nix::unistd::getppid);
     match args.engine.as_str() {
         "wasmtime" => {
@@ -235,7 +235,7 @@ pub fn run_compile_artifact(args: WorkerArgs, mut applied: harden::Applied) -> R
     }
     let supervisor = args.supervisor_pid.unwrap_or_else(nix::unistd::getppid);
     // The test hooks' host functions must link in the compile check as in the worker.
-    let test_hooks = cfg!(debug_assertions) && args.hardening.test_hooks;
+    let test_hooks = crate::harden::TEST_HOOKS_BUILT && args.hardening.test_hooks;
     match args.engine.as_str() {
         "wasmtime" => {
             let engine = engine::wasmtime::WasmtimeEngine::new(test_hooks).map_err(WorkerError::Engine)?;

@@ -258,7 +258,7 @@ fn prepare_engine(args: &WorkerArgs) -> Result<Option<RawFd>, WorkerError> {
         return Ok(None);
     }
     let before = open_fds().map_err(WorkerError::WorkDir)?;
-    let test_hooks = cfg!(debug_assertions) && args.hardening.test_hooks;
+    let test_hooks = crate::harden::TEST_HOOKS_BUILT && args.hardening.test_hooks;
     let unstarted = crate::engine::wasmtime::WasmtimeEngine::unstarted(test_hooks).map_err(WorkerError::Engine)?;
     let own = format!("/proc/{}/pagemap", std::process::id());
     let mut pagemap = None;
