@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
 pub mod container;
+pub mod load;
 pub mod nginx;
 
 /// Root of the repository.
@@ -740,4 +741,14 @@ pub async fn wait_gone(procs: &[(i32, u64)], within: Duration) -> Result<()> {
         ensure!(Instant::now() < deadline, "processes still running after {within:?}: {left:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A module whose host-side memory (16 tables of 2^20 function references, 8 bytes each:
+/// 128 MiB outside linear memory) passes any small Memory-Request's engine limit: only the
+/// kernel's memory limit (the worker's cgroup) stops it.
+pub fn table_hog() -> Vec<u8> {
+    let tables: String = (0..16).map(|i| format!("(table $t{i} 0 funcref)\n")).collect();
+    let grows: String =
+        (0..16).map(|i| format!("(drop (table.grow $t{i} (ref.null func) (i32.const 1048576)))\n")).collect();
+    wat::parse_str(format!("(module {tables} (func (export \"_start\") {grows}))")).expect("valid wat")
 }

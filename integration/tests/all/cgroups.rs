@@ -178,15 +178,6 @@ async fn cpu_quota_bounds_cpu_time_by_what_the_kernel_guarantees() -> anyhow::Re
     Ok(())
 }
 
-/// A module whose host-side memory (16 tables of 2^20 function references, 8 bytes each:
-/// 128 MiB outside linear memory) passes any small Memory-Request's kernel limit.
-fn table_hog() -> Vec<u8> {
-    let tables: String = (0..16).map(|i| format!("(table $t{i} 0 funcref)\n")).collect();
-    let grows: String =
-        (0..16).map(|i| format!("(drop (table.grow $t{i} (ref.null func) (i32.const 1048576)))\n")).collect();
-    wat::parse_str(format!("(module {tables} (func (export \"_start\") {grows}))")).expect("valid wat")
-}
-
 #[tokio::test]
 async fn memory_over_the_cgroup_limit_is_oom_killed_and_the_pool_recovers() -> anyhow::Result<()> {
     if skip_without_cgroups("memory_over_the_cgroup_limit_is_oom_killed_and_the_pool_recovers") {
@@ -198,7 +189,7 @@ async fn memory_over_the_cgroup_limit_is_oom_killed_and_the_pool_recovers() -> a
         .env("WASMBOX_MAX_OUTPUT_BYTES", 1 << 20)
         .function("alloc")
         .function("hello")
-        .module("table-hog", table_hog())
+        .module("table-hog", wasmbox_integration::table_hog())
         .start()?;
 
     // Linear memory past Memory-Request: the engine refuses, the worker stays.

@@ -3,13 +3,12 @@
 //! overloaded and then sent SIGTERM; every client request still succeeds, served by the
 //! other, and the per-invocation headers reach the supervisors intact.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use bytes::Bytes;
 use http::{Method, StatusCode};
+use wasmbox_integration::load::Load;
 use wasmbox_integration::nginx::{Nginx, free_port};
 use wasmbox_integration::{Client, Supervisor};
 
@@ -52,29 +51,7 @@ async fn traffic_moves_off_an_overloaded_then_stopping_replica_without_failed_re
     assert_eq!(r.status, StatusCode::OK, "the header was dropped on the way: {}", r.text());
 
     // Load: 10 clients in closed loops of 150 ms invocations, until stopped.
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..10)
-        .map(|i| {
-            let (lb, stop, done) = (lb.clone(), stop.clone(), done.clone());
-            tokio::spawn(async move {
-                let mut failures = Vec::new();
-                for _ in 0..400 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let body = Bytes::from(format!("client {i}"));
-                    match lb.request(Method::POST, "/cpu-spin?arg=150", &[("cpu_quota", "1000")], body).await {
-                        Ok(r) if r.status == StatusCode::OK => {}
-                        Ok(r) => failures.push(format!("{}: {}", r.status, r.text())),
-                        Err(e) => failures.push(format!("transport: {e:#}")),
-                    }
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-                failures
-            })
-        })
-        .collect();
+    let load = Load::start(&lb, 10, 400, "/cpu-spin?arg=150", &[("cpu_quota", "1000")]);
 
     // A overloads: nginx sees its 429s and sends those requests to B instead.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -85,23 +62,18 @@ async fn traffic_moves_off_an_overloaded_then_stopping_replica_without_failed_re
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Then A is stopped while the load goes on; it drains what it accepted.
-    let before_stop = done.load(Ordering::Relaxed);
+    let before_stop = load.done();
     a.signal(nix::sys::signal::Signal::SIGTERM)?;
     let status = a.wait_exit(Duration::from_secs(30)).await?;
     assert!(status.success(), "A stopped cleanly: {status:?}\n{}", a.logs());
     // Traffic continues on B alone for a while.
-    let until = done.load(Ordering::Relaxed) + 30;
+    let until = load.done() + 30;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while done.load(Ordering::Relaxed) < until {
+    while load.done() < until {
         anyhow::ensure!(Instant::now() < deadline, "load stalled after A stopped");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    for c in clients {
-        failures.extend(c.await.context("client task")?);
-    }
-    let total = done.load(Ordering::Relaxed);
+    let (total, failures) = load.finish().await?;
     assert!(
         failures.is_empty(),
         "{} of {total} requests failed: {:?}\n{}",

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use anyhow::{Context, ensure};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use wasmbox_integration::container::{Container, Engine};
+use wasmbox_integration::load::Load;
 use wasmbox_integration::nginx::{Nginx, free_port};
 use wasmbox_integration::{Client, children_of, is_compile_process, is_zygote, proc_status, repo_root, start_time};
 
@@ -163,15 +164,6 @@ fn quota_bound(cpus: f64, window: Duration) -> Duration {
     (window + Duration::from_millis(200)).mul_f64(cpus) + Duration::from_millis(10)
 }
 
-/// A module whose host-side tables (128 MiB outside linear memory) pass any small
-/// Memory-Request's engine limit: only the kernel's memory limit stops it.
-fn table_hog() -> Vec<u8> {
-    let tables: String = (0..16).map(|i| format!("(table $t{i} 0 funcref)\n")).collect();
-    let grows: String =
-        (0..16).map(|i| format!("(drop (table.grow $t{i} (ref.null func) (i32.const 1048576)))\n")).collect();
-    wat::parse_str(format!("(module {tables} (func (export \"_start\") {grows}))")).expect("valid wat")
-}
-
 /// Root in a privileged container (what deployment/kubernetes.yaml runs): the container
 /// runtime mounts a writable cgroup file system, the supervisor makes a cgroup per worker
 /// under its own, and the limits hold inside the container as on the host.
@@ -271,7 +263,12 @@ async fn limits_hold_inside(name: &str, mode: &[&str]) -> anyhow::Result<()> {
     assert_eq!((r.status, r.kind().as_str()), (StatusCode::INSUFFICIENT_STORAGE, "memory_limit_exceeded"));
     let auth = format!("Bearer {token}");
     let r = client
-        .request(Method::PUT, "/admin/functions/table-hog", &[("Authorization", &auth)], Bytes::from(table_hog()))
+        .request(
+            Method::PUT,
+            "/admin/functions/table-hog",
+            &[("Authorization", &auth)],
+            Bytes::from(wasmbox_integration::table_hog()),
+        )
         .await?;
     assert_eq!(r.status, StatusCode::CREATED, "upload: {}", r.text());
     let r = client.request(Method::GET, "/table-hog", &[("Memory-Request", "32")], Bytes::new()).await?;
@@ -426,40 +423,18 @@ async fn two_replicas_behind_nginx_answer_every_request_through_a_stop_and_a_kil
     let nginx = Nginx::start(&[first_client.addr, second_client.addr], port, None)?;
     let lb = Client { addr: format!("127.0.0.1:{port}").parse()? };
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..6)
-        .map(|i| {
-            let (lb, stop, done) = (lb.clone(), stop.clone(), done.clone());
-            tokio::spawn(async move {
-                let mut failures = Vec::new();
-                // Bounded: at most 3000 requests per client, whatever happens.
-                for n in 0..3000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let body = format!("client {i} request {n}");
-                    match lb.post("/cpu-spin?arg=20", body).await {
-                        Ok(r) if r.status == StatusCode::OK => {}
-                        Ok(r) => failures.push(format!("{}: {}", r.status, r.text())),
-                        Err(e) => failures.push(format!("transport: {e:#}")),
-                    }
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-                failures
-            })
-        })
-        .collect();
+    // Bounded: at most 3000 requests per client, whatever happens.
+    let load = Load::start(&lb, 6, 3000, "/cpu-spin?arg=20", &[]);
     let progress = |more: usize, what: &'static str| {
-        let done = done.clone();
+        let load = &load;
         async move {
-            let until = done.load(Ordering::Relaxed) + more;
+            let until = load.done() + more;
             let deadline = Instant::now() + Duration::from_secs(60);
-            while done.load(Ordering::Relaxed) < until {
+            while load.done() < until {
                 ensure!(Instant::now() < deadline, "load stalled {what}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            anyhow::Ok(done.load(Ordering::Relaxed))
+            anyhow::Ok(load.done())
         }
     };
 
@@ -497,12 +472,7 @@ async fn two_replicas_behind_nginx_answer_every_request_through_a_stop_and_a_kil
     second.wait_until(Duration::from_secs(60), "ready again", || answers(&second_client, "/ready")).await?;
     rotation.await?;
     let end = progress(50, "after the second replica started again").await?;
-    stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    for c in clients {
-        failures.extend(c.await.context("client task")?);
-    }
-    let total = done.load(Ordering::Relaxed);
+    let (total, failures) = load.finish().await?;
     let log = nginx.read("access.log");
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("/cpu-spin?arg=20")).collect();
     let served_by = |addr: SocketAddr| lines.iter().filter(|l| l.contains(&format!("upstream={addr} "))).count();
