@@ -94,6 +94,28 @@ impl Engine {
         Ok(Container { engine: self.clone(), name: name.to_string() })
     }
 
+    /// `run --rm` of `image` as `name` in the foreground (with the host's rlimits and this
+    /// run's label): its output once it exits; an error, and the container removed, if it
+    /// is still running after `within`.
+    pub fn run_once(&self, name: &str, args: &[&str], image: &str, within: Duration) -> Result<Output> {
+        let mut all: Vec<&str> = vec!["run", "--rm", "--name", name, "--label", &self.label];
+        all.extend(self.ulimits.iter().map(String::as_str));
+        all.extend_from_slice(args);
+        all.push(image);
+        let mut child = self.command().args(&all).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let deadline = Instant::now() + within;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = self.command().args(["rm", "--force", "--volumes", name]).output();
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{name} still ran after {within:?}: {}", all.join(" "));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(child.wait_with_output()?)
+    }
+
     /// What this run made that is still there: labelled containers, networks and volumes,
     /// and volumes that were not there before.
     pub fn leftovers(&self) -> Result<Vec<String>> {

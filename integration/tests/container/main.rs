@@ -154,6 +154,13 @@ async fn the_image_as_it_ships_serves_the_examples_and_reports_healthy() -> anyh
     assert_eq!(lines.len(), 1, "one line says cgroups are off:\n{logs}");
     let line: serde_json::Value = serde_json::from_str(lines[0]).context("the image logs JSON")?;
     assert!(line["error"].as_str().is_some_and(|e| !e.is_empty()), "the line says why: {}", lines[0]);
+
+    // The shipped binaries have no fault-injection hooks: asking for them is refused.
+    let hooks = format!("{}-hooks", c.name);
+    let out = engine().run_once(&hooks, &["--env", "WASMBOX_TEST_HOOKS=true"], &image(), Duration::from_secs(30))?;
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "the image started with test hooks: {said}");
+    assert!(said.contains("WASMBOX_TEST_HOOKS exists only in debug builds"), "{said}");
     Ok(())
 }
 
