@@ -15,10 +15,9 @@ pub struct Engine {
     pub program: String,
     global: Vec<String>,
     ulimits: Vec<String>,
-    /// Every container, network and volume a test makes carries this label.
+    /// Every container a test makes carries this label (WASMBOX_IMAGE_TEST_LABEL, which
+    /// scripts/image-test sets to check for leftovers after the run).
     pub label: String,
-    /// Volumes there were before: the image's VOLUMEs make anonymous ones, unlabelled.
-    volumes_before: Vec<String>,
 }
 
 fn words(line: Option<&str>) -> Vec<String> {
@@ -43,14 +42,9 @@ impl Engine {
         ensure!(!program.is_empty(), "no container engine (podman or docker) is installed");
         let global = words(lines.next());
         let ulimits = words(lines.next());
-        let label = format!("wasmbox-image-test={}", std::process::id());
-        let mut engine = Engine { program, global, ulimits, label, volumes_before: Vec::new() };
-        engine.volumes_before = engine.volumes()?;
-        Ok(Arc::new(engine))
-    }
-
-    fn volumes(&self) -> Result<Vec<String>> {
-        Ok(self.run(&["volume", "ls", "--quiet"])?.lines().map(str::to_string).collect())
+        let label = std::env::var("WASMBOX_IMAGE_TEST_LABEL")
+            .unwrap_or_else(|_| format!("wasmbox-image-test={}", std::process::id()));
+        Ok(Arc::new(Engine { program, global, ulimits, label }))
     }
 
     pub fn is_podman(&self) -> bool {
@@ -114,26 +108,6 @@ impl Engine {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(child.wait_with_output()?)
-    }
-
-    /// What this run made that is still there: labelled containers, networks and volumes,
-    /// and volumes that were not there before.
-    pub fn leftovers(&self) -> Result<Vec<String>> {
-        let filter = format!("label={}", self.label);
-        let mut left: Vec<String> = self
-            .volumes()?
-            .into_iter()
-            .filter(|v| !self.volumes_before.contains(v))
-            .map(|v| format!("volume {v}"))
-            .collect();
-        for kind in ["container", "network"] {
-            let mut args = vec![kind, "ls", "--quiet", "--filter", &filter];
-            if kind == "container" {
-                args.insert(2, "--all");
-            }
-            left.extend(self.run(&args)?.lines().filter(|l| !l.is_empty()).map(|l| format!("{kind} {l}")));
-        }
-        Ok(left)
     }
 }
 

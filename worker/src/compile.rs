@@ -111,8 +111,8 @@ pub fn artifact<E: Engine>(
     harden::prime_allocator().map_err(WorkerError::WorkDir)?;
     std::env::set_current_dir("/").map_err(WorkerError::WorkDir)?;
     harden::lock_down(&args.hardening, supervisor, engine.path_policy(), &mut applied)?;
-    // Test hook (builds with the hooks, run with --test-hooks): a module with this custom section makes
-    // the compile process hang, as a compiler stuck on a hostile module would.
+    // Test hook (builds that have them, run with --test-hooks): a module with this custom
+    // section makes the compile process hang, as a compiler stuck on a hostile module would.
     if crate::harden::TEST_HOOKS_BUILT
         && args.hardening.test_hooks
         && has_custom_section(&wasm, "wasmbox-test-compile-hang")

@@ -160,7 +160,7 @@ pub fn run(args: WorkerArgs, mut applied: harden::Applied) -> Result<(), WorkerE
     if hardening.netns {
         harden::enter_network_namespace(&mut applied)?;
     }
-    // Test hooks exist only in debug builds, whatever the flag says.
+    // Test hooks exist only in builds that have them, whatever the flag says.
     let test_hooks = crate::harden::TEST_HOOKS_BUILT && hardening.test_hooks;
     let supervisor = args.supervisor_pid.unwrap_or_else(nix::unistd::getppid);
     match args.engine.as_str() {

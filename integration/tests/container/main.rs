@@ -3,13 +3,13 @@
 //! image-test` (scripts/image-test) builds the image and runs these with WASMBOX_TEST_IMAGE
 //! set; it skips, with one line, where no container engine can run.
 //!
-//! Every container, network and volume carries this run's label and is removed when its
-//! test ends; the last test to finish checks that nothing labelled is left.
+//! Every container carries this run's label (WASMBOX_IMAGE_TEST_LABEL) and is removed,
+//! with its anonymous volumes, when its test ends; scripts/image-test then checks that no
+//! labelled container and no new volume or image is left.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -98,25 +98,8 @@ fn limit(pid: i32, name: &str) -> String {
     line.get(name.len()..).unwrap_or_default().split_whitespace().next().unwrap_or_default().to_string()
 }
 
-/// Tests still running; the last one to finish checks for leftovers.
-static RUNNING: AtomicUsize = AtomicUsize::new(0);
-const TESTS: usize = 6;
-
-/// Counts a test as finished; the last one asserts nothing labelled for this run is left.
-struct Finished;
-
-impl Drop for Finished {
-    fn drop(&mut self) {
-        if RUNNING.fetch_add(1, Ordering::SeqCst) + 1 == TESTS && !std::thread::panicking() {
-            let left = engine().leftovers().expect("list what this run made");
-            assert!(left.is_empty(), "left behind: {left:?}");
-        }
-    }
-}
-
 #[tokio::test]
 async fn the_image_as_it_ships_serves_the_examples_and_reports_healthy() -> anyhow::Result<()> {
-    let _finished = Finished;
     let (c, client) = start_ready(&name("ships"), &[]).await?;
 
     let r = client.post("/hello", "").await?;
@@ -176,7 +159,6 @@ fn quota_bound(cpus: f64, window: Duration) -> Duration {
 /// under its own, and the limits hold inside the container as on the host.
 #[tokio::test]
 async fn privileged_as_root_the_limits_hold_inside_the_container() -> anyhow::Result<()> {
-    let _finished = Finished;
     limits_hold_inside(&name("privileged"), &["--privileged"]).await
 }
 
@@ -186,7 +168,6 @@ async fn privileged_as_root_the_limits_hold_inside_the_container() -> anyhow::Re
 /// file system shows (the default on cgroup v1).
 #[tokio::test]
 async fn with_sys_admin_and_the_hosts_cgroups_the_limits_hold_inside_the_container() -> anyhow::Result<()> {
-    let _finished = Finished;
     limits_hold_inside(
         &name("sys-admin"),
         &["--cap-add", "SYS_ADMIN", "--cgroupns", "host", "--volume", "/sys/fs/cgroup:/sys/fs/cgroup:rw"],
@@ -303,7 +284,6 @@ async fn limits_hold_inside(name: &str, mode: &[&str]) -> anyhow::Result<()> {
 /// within its drain timeout, and no process of the container is left.
 #[tokio::test]
 async fn stop_drains_in_flight_invocations_and_exits_zero() -> anyhow::Result<()> {
-    let _finished = Finished;
     let (c, client) = start_ready(&name("stop"), &["--env", "WASMBOX_DRAIN_TIMEOUT_MS=15000"]).await?;
     let supervisor = c.pid()?;
     let pool = workers(supervisor, 1).await?;
@@ -368,7 +348,6 @@ async fn eventually(
 /// sessions in the state volume outlive a restart of the container.
 #[tokio::test]
 async fn host_volumes_serve_dropped_in_functions_and_keep_sessions_across_a_restart() -> anyhow::Result<()> {
-    let _finished = Finished;
     let host = tempfile::tempdir()?;
     std::fs::set_permissions(host.path(), std::fs::Permissions::from_mode(0o755))?;
     let functions = host_dir(host.path(), "functions", 0, 0o755)?;
@@ -422,7 +401,6 @@ async fn host_volumes_serve_dropped_in_functions_and_keep_sessions_across_a_rest
 /// other is killed and started again: every request is answered.
 #[tokio::test]
 async fn two_replicas_behind_nginx_answer_every_request_through_a_stop_and_a_kill() -> anyhow::Result<()> {
-    let _finished = Finished;
     let replica_env = ["--env", "WASMBOX_DRAIN_TIMEOUT_MS=10000", "--env", "WASMBOX_WORKERS=2"];
     let (first, first_client) = start_ready(&name("replica-1"), &replica_env).await?;
     let (second, second_client) = start_ready(&name("replica-2"), &replica_env).await?;
