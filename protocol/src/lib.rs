@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 pub mod snapshot;
 
 /// Bumped whenever a message changes shape. Supervisor and worker must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// First bytes of every frame; a stream that loses sync fails fast on the next frame.
 pub const MAGIC: [u8; 4] = *b"WBX\x01";
@@ -326,15 +326,21 @@ pub struct Invocation {
     #[serde(default)]
     pub confirm_start: bool,
     /// Descriptors sent with this frame (SCM_RIGHTS): the module file, opened read-only,
-    /// then the module's artifact when `artifact` is set, then one directory per entry of
-    /// `preopens`, in order. The worker opens no host path
+    /// when `module_fd` is set, then the module's artifact when `artifact` is set, then one
+    /// directory per entry of `preopens`, in order. The worker opens no host path
     /// itself, so it needs no access to the functions directory or the preopened
     /// directories' parents once it runs as an unprivileged user.
     #[serde(default)]
     pub passed_fds: u32,
-    /// The second descriptor is the module's precompiled artifact (for `module_key`),
-    /// made by the supervisor's compiler process and checked against its record: the
-    /// worker loads it instead of compiling. Workers never write artifacts.
+    /// The first descriptor is the module file. The supervisor leaves it out when its
+    /// record says the worker has the module (`module_key`) in memory; a worker that does
+    /// not answers [`Outcome::ModuleNotHeld`] without running anything, and is sent the
+    /// invocation again with the file.
+    #[serde(default)]
+    pub module_fd: bool,
+    /// The descriptor after the module file is the module's precompiled artifact (for
+    /// `module_key`), made by the supervisor's compiler process and checked against its
+    /// record: the worker loads it instead of compiling. Workers never write artifacts.
     #[serde(default)]
     pub artifact: bool,
     /// A step of a stateful session instead of a command run: the module is a reactor,
@@ -493,6 +499,9 @@ pub enum Outcome {
     InvalidModule { message: String },
     /// The module file no longer has the hash the supervisor sent: it was replaced.
     ModuleChanged,
+    /// The invocation came without the module file (`Invocation::module_fd` unset) and the
+    /// worker does not have the module in memory: nothing ran; send it with the file.
+    ModuleNotHeld,
     /// The host could not set the invocation up (for example a preopen that vanished).
     SetupFailed { message: String },
     /// A session snapshot does not fit the module (its globals or pages do not match).
@@ -523,6 +532,7 @@ mod tests {
             max_output_bytes: 1 << 20,
             confirm_start: true,
             passed_fds: 2,
+            module_fd: true,
             artifact: false,
             session: Some(SessionCall {
                 op: SessionOp::Message,

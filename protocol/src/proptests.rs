@@ -140,13 +140,13 @@ fn invocation() -> BoxedStrategy<Invocation> {
     (
         (text(), text(), module, vec(text(), 0..4), vec((text(), text()), 0..4), vec(preopen, 0..3)),
         (any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>(), any::<u32>(), any::<bool>()),
-        session(),
+        (session(), any::<bool>()),
     )
         .prop_map(
             |(
                 (request_id, function, module, argv, env, preopens),
                 (mem, timeout, out, confirm, passed_fds, artifact),
-                session,
+                (session, module_fd),
             )| {
                 Invocation {
                     request_id,
@@ -160,6 +160,7 @@ fn invocation() -> BoxedStrategy<Invocation> {
                     max_output_bytes: out,
                     confirm_start: confirm,
                     passed_fds,
+                    module_fd,
                     artifact,
                     session,
                     http: None,
@@ -200,6 +201,7 @@ fn outcome() -> BoxedStrategy<Outcome> {
         any::<u64>().prop_map(|limit_bytes| Outcome::OutputTooLarge { limit_bytes }),
         text().prop_map(|message| Outcome::InvalidModule { message }),
         Just(Outcome::ModuleChanged),
+        Just(Outcome::ModuleNotHeld),
         text().prop_map(|message| Outcome::SetupFailed { message }),
         text().prop_map(|message| Outcome::SnapshotInvalid { message }),
         any::<u64>().prop_map(|limit_bytes| Outcome::SnapshotTooLarge { limit_bytes }),

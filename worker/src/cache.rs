@@ -213,6 +213,13 @@ impl<E: Engine> ModuleCache<E> {
         Ok((compiled, source))
     }
 
+    /// Whether [`ModuleCache::get`] would find `module` in memory and load nothing (with
+    /// `artifact` passed, an interpreted module is loaded from it instead).
+    pub fn holds(&self, module: &ModuleRef, kind: ModuleKind, artifact: bool) -> bool {
+        let key = wasmbox_protocol::module_key(&module.sha256, kind == ModuleKind::Session);
+        self.entries.get(&key).is_some_and(|entry| !entry.interpreted || !artifact)
+    }
+
     /// Whether the last [`ModuleCache::get`] found its module in memory, loading nothing.
     pub fn last_hit(&self) -> bool {
         self.last_hit

@@ -52,7 +52,11 @@ impl FdReader {
         let target: &mut [u8] = if into_buffer { &mut self.buf } else { out };
         let mut iov = [IoSliceMut::new(target)];
         loop {
-            match recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            // Never a blocking `recvmsg`: it sleeps on the socket's one wait queue, where the
+            // kernel also announces free write space, each time the supervisor reads a reply
+            // of this worker's; it would wake for nothing once per invocation (two context
+            // switches). `poll` waits for input only.
+            match recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT) {
                 Ok(msg) => {
                     let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
                     for c in msg.cmsgs().map_err(io::Error::from)? {
@@ -69,9 +73,24 @@ impl FdReader {
                     }
                     return Ok(msg.bytes);
                 }
+                Err(nix::errno::Errno::EAGAIN) => wait_readable(&self.socket)?,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+}
+
+/// Sleeps until `socket` has input (or its peer hung up).
+fn wait_readable(socket: &UnixStream) -> io::Result<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    loop {
+        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -85,10 +85,13 @@ fn invoke<E: Engine, R: Read + Send, W: Write + Send>(
     let span = tracing::debug_span!("invoke", request_id = %invocation.request_id, function = %invocation.function);
     let _enter = span.enter();
     let prepare_started = Instant::now();
-    // With descriptors: the module file first, then its artifact if one was passed, then
-    // one directory per preopen.
+    // The descriptors: the module file (unless the supervisor knows this worker has the
+    // module), then its artifact if one was passed, then one directory per preopen.
     let mut fds = fds.into_iter();
-    let module_file = if invocation.passed_fds > 0 { fds.next().map(std::fs::File::from) } else { None };
+    let module_file = if invocation.module_fd { fds.next().map(std::fs::File::from) } else { None };
+    if invocation.module_fd && module_file.is_none() {
+        return Err(FrameError::Unexpected("module descriptor missing"));
+    }
     let artifact = if invocation.artifact { fds.next().map(std::fs::File::from) } else { None };
     if invocation.artifact && artifact.is_none() {
         return Err(FrameError::Unexpected("artifact descriptor missing"));
@@ -98,6 +101,12 @@ fn invoke<E: Engine, R: Read + Send, W: Write + Send>(
         return Err(FrameError::Unexpected("preopen descriptors do not match the preopens"));
     }
     let kind = if invocation.session.is_some() { ModuleKind::Session } else { ModuleKind::Command };
+    // Sent without the file, for a module this worker no longer has: it cannot be read
+    // here (the worker opens no host path), so the supervisor sends it again with it.
+    if !invocation.module_fd && !cache.holds(&invocation.module, kind, artifact.is_some()) {
+        let run = no_run(Outcome::ModuleNotHeld);
+        return Ok(Some((result_header(&run, None, 0), run, None)));
+    }
     let prepared = cache.get(&invocation.module, module_file, artifact, kind);
     let prepare_us = micros(prepare_started.elapsed());
     let (module, source) = match prepared {

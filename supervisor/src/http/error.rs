@@ -398,6 +398,10 @@ pub fn invoke_failure(failure: &InvokeFailure, limits: &InvocationLimits) -> Api
             ApiError::OomKilled { memory_request_mb: limits.memory_mb, limit_bytes: *limit_bytes }
         }
         InvokeFailure::SeccompViolation => ApiError::SeccompViolation,
+        InvokeFailure::ModuleUnreadable(message) => {
+            tracing::error!(error = %message, "cannot open the function's module");
+            ApiError::Internal("cannot open the function's module".into())
+        }
         InvokeFailure::Limits(message) => {
             tracing::error!(error = %message, "cannot apply cgroup limits");
             ApiError::Internal("cannot apply the invocation's resource limits".into())
@@ -420,6 +424,8 @@ pub fn outcome_error(outcome: &Outcome, stderr: &[u8], timeout_ms: u64) -> Optio
         Outcome::OutputTooLarge { limit_bytes } => Some(ApiError::OutputTooLarge { limit: *limit_bytes }),
         Outcome::InvalidModule { message } => Some(ApiError::InvalidModule(message.clone())),
         Outcome::ModuleChanged => Some(ApiError::Internal("module file changed during the invocation".into())),
+        // Sent again with the file by the pool; only a worker that says it twice gets here.
+        Outcome::ModuleNotHeld => Some(ApiError::Internal("the worker could not load the module".into())),
         Outcome::SetupFailed { message } => {
             // The worker's message can name host paths: for the log only.
             tracing::error!(error = %message, "the worker could not set the invocation up");

@@ -128,6 +128,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>, request_id: &str) -> Resu
                 "functions": app.usage.snapshot(),
                 "http": app.connections.stats(),
                 "buffers": app.buffer_stats(),
+                "registry": {"watched": app.registry.watched(), "file_checks": app.registry.file_checks()},
             });
             Ok(boxed(json_response(StatusCode::OK, &body)))
         }

@@ -49,6 +49,9 @@ pub enum InvokeFailure {
     /// The worker made a syscall outside its seccomp allow-list and the kernel killed it.
     #[error("worker was killed by its seccomp filter (SIGSYS)")]
     SeccompViolation,
+    /// The module file could not be opened for a worker that needs it; nothing was sent.
+    #[error("cannot open the module file {0}")]
+    ModuleUnreadable(String),
 }
 
 /// Why a worker process ended while the pool was running.

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use nix::sys::signal::Signal;
 use tokio::sync::oneshot;
-use wasmbox_protocol::{Deadlines, FrameError, FromWorker, Invocation, ToWorker};
+use wasmbox_protocol::{Deadlines, FrameError, FromWorker, ToWorker};
 
 use super::state::Worker;
 use super::{Completed, ExitReason, HttpStreams, InvokeFailure, Job, Pool, PoolConfig, WorkerId, describe_exit};
 use crate::cgroup::{Checkpoint, SlotCgroup, SlotRequest};
+use crate::registry::files::open_regular;
 
 /// Gives a worker back if the waiting request went away just as it was handed one.
 pub(super) struct Waiting {
@@ -55,10 +56,12 @@ impl Lease {
         self.worker.as_ref().map(|w| w.pid)
     }
 
-    /// Runs one invocation (see [`Job`]). The artifact is passed when the worker does not
-    /// have the module in memory yet. A worker that fails in any way is killed and replaced.
+    /// Runs one invocation (see [`Job`]). The module file is opened and passed only when
+    /// the worker does not have the module in memory, and its artifact with it when there
+    /// is one; a worker that turns out not to have it after all is sent the invocation
+    /// again with both. A worker that fails in any way is killed and replaced.
     pub async fn invoke(mut self, job: Job) -> Result<Completed, InvokeFailure> {
-        let Job { mut invocation, limits, payload, mut files, artifact, response } = job;
+        let Job { invocation, limits, payload, files: mut preopens, artifact, mut response } = job;
         // The pool handle is one Arc; cloning the config would copy the launch settings and
         // every slot's cgroup handle on each invocation.
         let pool = self.pool.clone();
@@ -67,12 +70,6 @@ impl Lease {
             return Err(InvokeFailure::ShuttingDown);
         };
         let hash = invocation.module_key();
-        let cold = !worker.modules.contains(&hash);
-        if let Some(fd) = artifact.as_ref().filter(|_| cold && !files.is_empty()).and_then(|a| a.for_worker()) {
-            files.insert(1, fd);
-            invocation.artifact = true;
-        }
-        invocation.passed_fds = files.len() as u32;
         let payload_len: u64 = payload.iter().map(|p| p.len() as u64).sum();
         let cgroup = self.pool.slot_cgroup(worker.id.slot).cloned();
         let request = SlotRequest {
@@ -88,22 +85,58 @@ impl Lease {
                 })
                 .saturating_add(invocation.session.as_ref().map_or(0, |s| s.max_snapshot_bytes)),
         };
-        let mut checkpoint = match &cgroup {
-            Some(cg) => {
-                let allowance = if cold { config.compile_memory_bytes } else { 0 };
-                // Nothing was sent yet: on failure the worker goes back to the pool unharmed.
-                Some(cg.prepare(&request, allowance).map_err(|e| InvokeFailure::Limits(e.to_string()))?)
+        let mut message = ToWorker::Invoke(invocation);
+        let mut attempt = 0;
+        let (outcome, checkpoint) = loop {
+            attempt += 1;
+            let cold = !worker.modules.contains(&hash);
+            let ToWorker::Invoke(invocation) = &mut message else { unreachable!("built above") };
+            // Descriptors in the invocation's order: module, artifact, preopens.
+            let mut files = Vec::with_capacity(preopens.len() + 2);
+            if cold {
+                let module = open_regular(&invocation.module.path).map_err(|e| {
+                    InvokeFailure::ModuleUnreadable(format!("{}: {e}", invocation.module.path.display()))
+                })?;
+                files.push(OwnedFd::from(module));
+                if let Some(fd) = artifact.as_ref().and_then(|a| a.for_worker()) {
+                    files.push(fd);
+                }
             }
-            None => None,
+            invocation.module_fd = cold;
+            invocation.artifact = files.len() > 1;
+            let passed_files = files.len();
+            files.append(&mut preopens);
+            invocation.passed_fds = files.len() as u32;
+            let mut checkpoint = match &cgroup {
+                Some(cg) => {
+                    let allowance = if cold { config.compile_memory_bytes } else { 0 };
+                    // Nothing was sent yet: on failure the worker goes back to the pool unharmed.
+                    Some(cg.prepare(&request, allowance).map_err(|e| InvokeFailure::Limits(e.to_string()))?)
+                }
+                None => None,
+            };
+            invocation.confirm_start = cgroup.is_some();
+            self.clean = false;
+            let limits = cgroup.as_deref().zip(checkpoint.as_mut()).map(|(cg, cp)| StartLimits {
+                cgroup: cg,
+                request,
+                checkpoint: cp,
+            });
+            let outcome = exchange(worker, config, &message, &payload, &files, limits, &mut response).await;
+            match &outcome {
+                // Its record was wrong: nothing ran, the connection is in step; again with the file.
+                Ok(done)
+                    if done.result.outcome == wasmbox_protocol::Outcome::ModuleNotHeld && !cold && attempt == 1 =>
+                {
+                    tracing::debug!(worker = %worker.id, module = %hash, "worker no longer has the module; sending it");
+                    worker.forget_module(&hash);
+                    preopens = files.split_off(passed_files);
+                    self.clean = true;
+                }
+                _ => break (outcome, checkpoint),
+            }
         };
-        invocation.confirm_start = cgroup.is_some();
-        self.clean = false;
-        let limits = cgroup.as_deref().zip(checkpoint.as_mut()).map(|(cg, cp)| StartLimits {
-            cgroup: cg,
-            request,
-            checkpoint: cp,
-        });
-        match exchange(worker, config, invocation, &payload, &files, limits, response).await {
+        match outcome {
             Ok(mut done) => {
                 // Only a module the worker prepared is in its cache now: one that failed to
                 // compile or load is not, and must not make later calls look warm or cold.
@@ -195,15 +228,21 @@ pub(super) enum Exchange {
     Protocol(String),
 }
 
+/// One invocation's frames with `worker`: `message` (an [`ToWorker::Invoke`]) out, then
+/// what comes back until its `Result`. `response` is left as the exchange leaves it (a
+/// `ModuleNotHeld` answer leaves it untouched, for another try).
 pub(super) async fn exchange(
     worker: &mut Worker,
     config: &PoolConfig,
-    invocation: Invocation,
+    message: &ToWorker,
     payload: &[Bytes],
     files: &[OwnedFd],
     mut limits: Option<StartLimits<'_>>,
-    mut response: Option<HttpStreams>,
+    response: &mut Option<HttpStreams>,
 ) -> Result<Completed, Exchange> {
+    let ToWorker::Invoke(invocation) = message else {
+        return Err(Exchange::Protocol("not an invocation".into()));
+    };
     // A session step restores and captures a snapshot besides running the guest: host work
     // bounded by the memory size, allowed as long as a compile.
     // What a wasi:http body may bring in all: the worker stops at the output limit itself;
@@ -227,12 +266,11 @@ pub(super) async fn exchange(
         other => Exchange::Protocol(format!("protocol violation: {other}")),
     };
     let streamed = invocation.http.as_ref().is_some_and(|h| h.streamed);
-    let mut request_body = response.as_mut().and_then(|r| r.request.take()).filter(|_| streamed);
-    if streamed && request_body.is_none() {
+    if streamed && response.as_ref().is_none_or(|r| r.request.is_none()) {
         return Err(Exchange::Protocol("a streamed request without its body".into()));
     }
     let (sender, mut receiver) = worker.conn.split();
-    sender.send_with_fds(&ToWorker::Invoke(invocation), payload, files).await.map_err(broken)?;
+    sender.send_with_fds(message, payload, files).await.map_err(broken)?;
     let mut started = false;
     // The streamed request body goes out (once the worker asks for it) while its frames
     // come in; `stop` ends it early when the worker has answered without reading it all.
@@ -268,7 +306,7 @@ pub(super) async fn exchange(
                 hard_deadline = tokio::time::Instant::now() + timeout + grace;
             }
             Ok(Ok((FromWorker::RequestBodyWanted, _))) => {
-                let Some(pieces) = request_body.take() else {
+                let Some(pieces) = response.as_mut().and_then(|r| r.request.take()).filter(|_| streamed) else {
                     return Err(Exchange::Protocol("protocol violation: a request body asked for out of place".into()));
                 };
                 asked = true;

@@ -124,9 +124,10 @@ pub struct Job {
     pub limits: Limits,
     /// The frame's payload in parts, sent as they are (one vectored write).
     pub payload: Vec<Bytes>,
-    /// The descriptors the worker gets with the frame (see `Invocation::passed_fds`: the
-    /// module, then the preopens); the module's artifact is inserted after the module when
-    /// the worker does not have it in memory.
+    /// The preopened directories the worker gets with the frame (see
+    /// `Invocation::passed_fds`). The module file (`Invocation::module`) and its artifact
+    /// go before them only to a worker that does not have the module in memory: the lease
+    /// opens the file then.
     pub files: Vec<OwnedFd>,
     pub artifact: Option<Arc<crate::compiler::Artifact>>,
     /// Where a `wasi:http` response goes as the worker sends it (`Invocation::http`).

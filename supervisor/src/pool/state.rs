@@ -74,6 +74,11 @@ pub(super) struct Worker {
 pub(super) type Tenant = Arc<str>;
 
 impl Worker {
+    /// The worker said it does not have `hash` (its own cache evicted it first).
+    pub(super) fn forget_module(&mut self, hash: &str) {
+        self.modules.retain(|h| h != hash);
+    }
+
     pub(super) fn note_module(&mut self, hash: &str, capacity: usize) {
         if let Some(pos) = self.modules.iter().position(|h| h == hash) {
             self.modules.remove(pos);

@@ -149,6 +149,29 @@ async fn simulated_worker(mut stream: tokio::net::UnixStream, pid: u32, protocol
                     continue;
                 }
             }
+            // Reports whether the module file came with the invocation, and which
+            // descriptors the invocation says it has (`module_fd artifact passed_fds`).
+            "fd-report" => {
+                payload = format!("{} {} {}", invocation.module_fd, invocation.artifact, invocation.passed_fds).into();
+            }
+            // A worker whose own cache keeps nothing: without the file it cannot run.
+            "forgetful" if !invocation.module_fd => {
+                let frame = FromWorker::Result(InvocationResult {
+                    outcome: Outcome::ModuleNotHeld,
+                    stdout_len: 0,
+                    stderr_len: 0,
+                    stderr_dropped: 0,
+                    module_source: None,
+                    prepare_us: 0,
+                    exec_us: 0,
+                    snapshot_len: 0,
+                    session: None,
+                });
+                if stream.write_all(&encode_head(&frame, 0)).await.is_err() {
+                    return 6;
+                }
+                continue;
+            }
             "crash" => return 1,
             "hang" => std::future::pending::<()>().await,
             // A response whose body breaks the bounds: one piece too large, or pieces past
@@ -245,7 +268,8 @@ fn invocation(function: &str, hash: &str, timeout_ms: u64) -> Invocation {
     Invocation {
         request_id: "r".into(),
         function: function.into(),
-        module: ModuleRef { path: "/f.wasm".into(), sha256: hash.into() },
+        // Any regular file stands in for the module: the pool opens it for a cold worker.
+        module: ModuleRef { path: std::env::current_exe().unwrap(), sha256: hash.into() },
         argv: vec![function.into()],
         env: Vec::new(),
         preopens: Vec::new(),
@@ -254,6 +278,7 @@ fn invocation(function: &str, hash: &str, timeout_ms: u64) -> Invocation {
         max_output_bytes: 1024,
         confirm_start: false,
         passed_fds: 0,
+        module_fd: false,
         artifact: false,
         session: None,
         http: None,
@@ -302,6 +327,36 @@ async fn an_invocation_runs_and_its_worker_is_reused() {
     assert_eq!(again.worker_id(), Some(first), "a healthy worker goes back to the pool");
     drop(again);
     assert_eq!(pool.status().restarts, 0);
+    pool.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn the_module_file_goes_only_to_a_worker_without_the_module() {
+    let pool = start(config(1)).await;
+    let report = |hash| {
+        let pool = pool.clone();
+        async move {
+            let lease = pool.acquire("t", hash).await.unwrap();
+            let done = lease.invoke(job("fd-report", hash, 1000, b"")).await.unwrap();
+            String::from_utf8(done.stdout.to_vec()).unwrap()
+        }
+    };
+    assert_eq!(report(A).await, "true false 1", "cold: the module file");
+    assert_eq!(report(A).await, "false false 0", "warm: nothing to open or pass");
+    assert_eq!(report(B).await, "true false 1", "another module is cold again");
+    pool.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn a_worker_without_the_module_it_was_thought_to_have_gets_the_file() {
+    let pool = start(config(1)).await;
+    for round in 0..3 {
+        let lease = pool.acquire("t", A).await.unwrap();
+        let done = lease.invoke(job("forgetful", A, 1000, b"in")).await.unwrap();
+        assert_eq!(done.result.outcome, Outcome::Exited { code: 0 }, "round {round}");
+        assert_eq!(done.stdout, "in");
+    }
+    assert_eq!(pool.status().restarts, 0, "the same worker, in step");
     pool.shutdown(Duration::from_millis(100)).await;
 }
 
@@ -486,7 +541,7 @@ async fn a_second_started_is_a_protocol_violation() {
     let config = config(1);
     let ran = tokio::time::timeout(
         Duration::from_secs(3),
-        exchange(&mut worker, &config, invocation("ok", A, 200), &[], &[], None, None),
+        exchange(&mut worker, &config, &ToWorker::Invoke(invocation("ok", A, 200)), &[], &[], None, &mut None),
     )
     .await
     .expect("the exchange ended instead of being extended by each started");

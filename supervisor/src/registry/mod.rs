@@ -1,15 +1,18 @@
 //! The function registry: maps a function name to its module (path + content hash) and
 //! its config, straight from the functions directory.
 //!
-//! Every lookup stats the module and its config (a microsecond on a local disk); only when
-//! the file identity or timestamps changed is the module re-read and re-hashed. So a module
-//! dropped into the directory, or replaced, is served on the next request without a
-//! restart, and a deleted one stops being served and leaves the cache.
+//! A lookup checks the module and its config for changes; only when the file identity or
+//! timestamps changed is the module re-read and re-hashed. So a module dropped into the
+//! directory, or replaced, is served on the next request without a restart, and a deleted
+//! one stops being served and leaves the cache. The check is a read of the directory's
+//! inotify queue ([`watch`]) where the watch is sure to see every change of the files, and
+//! otherwise (and at least every [`REVERIFY`]) a `stat` of both files.
 
 pub mod files;
 pub mod function_config;
 pub mod name;
 pub mod overlap;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::fs;
@@ -17,7 +20,9 @@ use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 use wasmbox_protocol::{ModuleRef, Preopen};
@@ -77,21 +82,20 @@ impl Function {
         self.config.tenant.as_deref().unwrap_or(self.name.as_str())
     }
 
-    /// What a worker gets with an invocation of this function, in the order of
-    /// `Invocation::passed_fds`: the module file (a regular file, opened read-only), then
-    /// each preopened directory as a path handle, opened without following any symbolic
-    /// link and only if it is still the directory the config was checked with.
+    /// The preopened directories a worker gets with an invocation of this function, in the
+    /// order of `Invocation::preopens`: each a path handle, opened without following any
+    /// symbolic link and only if it is still the directory the config was checked with.
+    /// (The module file is opened by the pool, only for a worker that does not have the
+    /// module in memory.)
     pub fn open_files(&self) -> Result<Vec<OwnedFd>, OpenError> {
         let config = &self.config;
-        if config.preopens.len() + 1 > wasmbox_protocol::MAX_PASSED_FDS {
+        // The module file and its artifact may go beside them.
+        if config.preopens.len() + 2 > wasmbox_protocol::MAX_PASSED_FDS {
             let err =
-                io::Error::other(format!("at most {} preopened directories", wasmbox_protocol::MAX_PASSED_FDS - 1));
+                io::Error::other(format!("at most {} preopened directories", wasmbox_protocol::MAX_PASSED_FDS - 2));
             return Err(OpenError::Module { path: self.module.path.clone(), source: err });
         }
-        let mut fds = Vec::with_capacity(1 + config.preopens.len());
-        let module = files::open_regular(&self.module.path)
-            .map_err(|source| OpenError::Module { path: self.module.path.clone(), source })?;
-        fds.push(OwnedFd::from(module));
+        let mut fds = Vec::with_capacity(config.preopens.len());
         for (preopen, id) in config.preopens.iter().zip(&config.preopen_ids) {
             fds.push(files::open_preopen(&preopen.host, *id)?);
         }
@@ -141,11 +145,28 @@ struct Failed {
 /// when it was read: only configs that changed are parsed again.
 type PreopenIndex = HashMap<FunctionName, (Stamp, Vec<Preopen>)>;
 
+/// How long an entry the watch covers is served without a `stat` at most: a bound on what
+/// any change the watch could miss costs.
+pub const REVERIFY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A function as last loaded, and until when it is served without a `stat`.
+struct Cached {
+    function: Arc<Function>,
+    trusted_until: Option<Instant>,
+}
+
 pub struct Registry {
     dir: PathBuf,
     max_module_bytes: u64,
     protected: overlap::Protected,
-    functions: Mutex<HashMap<FunctionName, Arc<Function>>>,
+    functions: Mutex<HashMap<FunctionName, Cached>>,
+    /// `None`: every lookup stats the files (the reason was logged at start).
+    watch: Option<Mutex<watch::Watch>>,
+    /// Counts drains of the watch that found changes: an entry checked with a `stat` is
+    /// trusted only if none came in meanwhile.
+    changes: AtomicU64,
+    /// Lookups that checked the files with a `stat`.
+    checks: AtomicU64,
     /// Configs that failed to load. Until the files change, and for at most
     /// [`RECHECK_FAILED`] (the directories a config names can change too), the same error
     /// is answered without parsing the config again; the reason is logged when it changes.
@@ -158,11 +179,21 @@ impl Registry {
     pub fn new(dir: &Path, max_module_bytes: u64) -> io::Result<Self> {
         let dir = std::path::absolute(dir)?;
         let protected = overlap::Protected { functions: canonical_or_absolute(&dir), private: Vec::new() };
+        let watch = match watch::Watch::new(&dir) {
+            Ok(watch) => Some(Mutex::new(watch)),
+            Err(reason) => {
+                tracing::info!(dir = %dir.display(), %reason, "functions directory not watched: every lookup checks the files");
+                None
+            }
+        };
         Ok(Registry {
             dir,
             max_module_bytes,
             protected,
             functions: Mutex::new(HashMap::new()),
+            watch,
+            changes: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
             failed: Mutex::new(HashMap::new()),
             preopen_index: Arc::new(Mutex::new(HashMap::new())),
         })
@@ -179,8 +210,54 @@ impl Registry {
         &self.dir
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FunctionName, Arc<Function>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FunctionName, Cached>> {
         self.functions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many lookups checked the files with a `stat` (the others trusted the watch).
+    pub fn file_checks(&self) -> u64 {
+        self.checks.load(Ordering::Relaxed)
+    }
+
+    /// Whether the directory's changes reach this registry without a `stat` per lookup.
+    pub fn watched(&self) -> bool {
+        self.watch.as_ref().is_some_and(|w| w.lock().unwrap_or_else(|p| p.into_inner()).active())
+    }
+
+    /// `name` as cached, if no change to its files can have happened since it was last
+    /// checked (see [`watch`]), with the count of changes seen so far (for
+    /// [`Registry::checked`]).
+    fn trusted(&self, name: &FunctionName) -> (Option<Arc<Function>>, u64) {
+        let Some(watch) = &self.watch else { return (None, 0) };
+        let mut functions = self.lock();
+        let changed = watch.lock().unwrap_or_else(|p| p.into_inner()).drain();
+        if changed != watch::Changed::Nothing {
+            self.changes.fetch_add(1, Ordering::Relaxed);
+        }
+        match changed {
+            watch::Changed::Nothing => {}
+            watch::Changed::Some(names) => {
+                for changed in names {
+                    if let Some(cached) = functions.get_mut(&changed) {
+                        cached.trusted_until = None;
+                    }
+                }
+            }
+            watch::Changed::All => functions.values_mut().for_each(|c| c.trusted_until = None),
+        }
+        let changes = self.changes.load(Ordering::Relaxed);
+        let found = functions
+            .get(name)
+            .filter(|c| c.trusted_until.is_some_and(|until| Instant::now() < until))
+            .map(|c| c.function.clone());
+        (found, changes)
+    }
+
+    /// Until when an entry whose files were just checked is trusted: only if the watch
+    /// covers them and saw no change since `changes` was read.
+    fn trust(&self, covered: bool, changes: u64) -> Option<Instant> {
+        (covered && self.watch.is_some() && self.changes.load(Ordering::Relaxed) == changes)
+            .then(|| Instant::now() + REVERIFY)
     }
 
     fn failed(&self) -> std::sync::MutexGuard<'_, HashMap<FunctionName, Failed>> {
@@ -189,9 +266,18 @@ impl Registry {
 
     /// Resolves a function, re-reading its files only when they changed.
     pub async fn lookup(&self, name: &FunctionName) -> Result<Arc<Function>, RegistryError> {
+        let (trusted, changes) = self.trusted(name);
+        if let Some(found) = trusted {
+            return Ok(found);
+        }
+        self.checks.fetch_add(1, Ordering::Relaxed);
         let (module_path, config_path) = self.paths(name);
-        let stamps = match current_stamps(&module_path, &config_path) {
-            Ok(Some(stamps)) => stamps,
+        let checked = {
+            let watch = self.watch.as_ref().map(|w| w.lock().unwrap_or_else(|p| p.into_inner()));
+            current_stamps(&module_path, &config_path, watch.as_deref())
+        };
+        let (stamps, covered) = match checked {
+            Ok(Some(checked)) => checked,
             Ok(None) => {
                 self.lock().remove(name);
                 self.failed().remove(name);
@@ -199,8 +285,9 @@ impl Registry {
             }
             Err(e) => return Err(e),
         };
-        if let Some(found) = self.lock().get(name).filter(|f| f.stamps == stamps) {
-            return Ok(found.clone());
+        if let Some(cached) = self.lock().get_mut(name).filter(|c| c.function.stamps == stamps) {
+            cached.trusted_until = self.trust(covered, changes);
+            return Ok(cached.function.clone());
         }
         if let Some(failed) = self.failed().get(name).filter(|f| f.stamps == stamps && f.at.elapsed() < RECHECK_FAILED)
         {
@@ -230,7 +317,8 @@ impl Registry {
             Ok(loaded) => {
                 let loaded = Arc::new(loaded);
                 self.failed().remove(name);
-                self.lock().insert(name.clone(), loaded.clone());
+                let trusted_until = self.trust(covered, changes);
+                self.lock().insert(name.clone(), Cached { function: loaded.clone(), trusted_until });
                 Ok(loaded)
             }
             Err(RegistryError::InvalidConfig { name, message }) => {
@@ -269,19 +357,31 @@ fn canonical_or_absolute(path: &Path) -> PathBuf {
 }
 
 /// Stats module and config; `None` when there is no module (a file, following links).
-fn current_stamps(module: &Path, config: &Path) -> Result<Option<Stamps>, RegistryError> {
-    let module = match fs::metadata(module) {
+/// With them, whether `watch` sees every change of both (see [`watch::Watch::covers`]).
+fn current_stamps(
+    module: &Path,
+    config: &Path,
+    watch: Option<&watch::Watch>,
+) -> Result<Option<(Stamps, bool)>, RegistryError> {
+    let mut covered = watch.is_some();
+    // `lstat` first: a link is followed, but the watch does not see its target change.
+    let mut stat = |path: &Path| -> io::Result<fs::Metadata> {
+        let meta = fs::symlink_metadata(path)?;
+        covered &= watch.is_some_and(|w| w.covers(&meta));
+        if meta.file_type().is_symlink() { fs::metadata(path) } else { Ok(meta) }
+    };
+    let module_meta = match stat(module) {
         Ok(meta) if meta.is_file() => Stamp::of(&meta),
         Ok(_) => return Ok(None),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(RegistryError::Io { path: module.into(), source }),
     };
-    let config = match fs::metadata(config) {
+    let config_meta = match stat(config) {
         Ok(meta) => Some(Stamp::of(&meta)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(source) => return Err(RegistryError::Io { path: config.into(), source }),
     };
-    Ok(Some(Stamps { module, config }))
+    Ok(Some((Stamps { module: module_meta, config: config_meta }, covered)))
 }
 
 /// Loading one function, on the blocking pool.
@@ -480,6 +580,55 @@ mod tests {
         fs::remove_file(dir.path().join("f.wasm")).unwrap();
         assert!(matches!(reg.lookup(&name("f")).await, Err(RegistryError::NotFound(_))));
         assert_eq!(reg.cached(), 0, "deleted functions leave the cache");
+    }
+
+    #[tokio::test]
+    async fn a_watched_directory_is_not_stat_per_lookup_and_still_misses_no_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::new(dir.path(), 1024).unwrap();
+        assert!(reg.watched());
+        fs::write(dir.path().join("f.wasm"), b"one").unwrap();
+        reg.lookup(&name("f")).await.unwrap();
+        let checks = reg.file_checks();
+        for _ in 0..100 {
+            reg.lookup(&name("f")).await.unwrap();
+        }
+        assert_eq!(reg.file_checks(), checks, "no stat while nothing changed");
+        // Every way a deployment changes a function is seen by the very next lookup.
+        fs::write(dir.path().join("f.wasm"), b"two").unwrap();
+        assert_eq!(reg.lookup(&name("f")).await.unwrap().module.sha256, sha256_hex(b"two"), "written in place");
+        fs::write(dir.path().join("f.tmp"), b"three").unwrap();
+        fs::rename(dir.path().join("f.tmp"), dir.path().join("f.wasm")).unwrap();
+        assert_eq!(reg.lookup(&name("f")).await.unwrap().module.sha256, sha256_hex(b"three"), "renamed over");
+        fs::write(dir.path().join("f.toml"), "args = [\"y\"]").unwrap();
+        assert_eq!(reg.lookup(&name("f")).await.unwrap().config.default_args, ["y"], "a config added");
+        fs::remove_file(dir.path().join("f.toml")).unwrap();
+        assert!(reg.lookup(&name("f")).await.unwrap().config.default_args.is_empty(), "and removed");
+        fs::remove_file(dir.path().join("f.wasm")).unwrap();
+        assert!(matches!(reg.lookup(&name("f")).await, Err(RegistryError::NotFound(_))), "deleted");
+    }
+
+    #[tokio::test]
+    async fn files_the_watch_cannot_see_change_are_checked_on_every_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let reg = Registry::new(dir.path(), 1024).unwrap();
+        // A link to a file outside (how Kubernetes mounts a config map), and a file with a
+        // second name outside: a change there makes no event in the functions directory.
+        let target = elsewhere.path().join("target.wasm");
+        fs::write(&target, b"one").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join("linked.wasm")).unwrap();
+        fs::write(dir.path().join("twice.wasm"), b"one").unwrap();
+        fs::hard_link(dir.path().join("twice.wasm"), elsewhere.path().join("other-name.wasm")).unwrap();
+        for f in ["linked", "twice"] {
+            assert_eq!(reg.lookup(&name(f)).await.unwrap().module.sha256, sha256_hex(b"one"));
+        }
+        fs::write(elsewhere.path().join("new.wasm"), b"two").unwrap();
+        fs::rename(elsewhere.path().join("new.wasm"), &target).unwrap();
+        fs::write(elsewhere.path().join("other-name.wasm"), b"two").unwrap();
+        for f in ["linked", "twice"] {
+            assert_eq!(reg.lookup(&name(f)).await.unwrap().module.sha256, sha256_hex(b"two"), "{f}");
+        }
     }
 
     #[tokio::test]

@@ -175,6 +175,7 @@ fn invocation(
         max_output_bytes: app.config.max_output_bytes,
         confirm_start: false,
         passed_fds: 0,
+        module_fd: false,
         artifact: false,
         session,
         http: None,
@@ -237,8 +238,9 @@ fn job(
     (job, opened.compiled)
 }
 
-/// What a run takes to its worker: the function as it is now, the descriptors it passes,
-/// and the module's artifact from the trusted compiler (compiled now if needed).
+/// What a run takes to its worker: the function as it is now, its preopened directories,
+/// and the module's artifact from the trusted compiler (compiled now if needed). The module
+/// file itself is opened by the pool, for a worker that does not have the module.
 struct Opened {
     function: Arc<Function>,
     files: Vec<OwnedFd>,
@@ -247,9 +249,9 @@ struct Opened {
     compiled: bool,
 }
 
-/// Opens what a run of `function` passes to its worker (module file, preopened
-/// directories) and has its artifact made. Inline, as the registry's `stat`s are: neither
-/// open can block (the module is opened `O_NONBLOCK`, directories as path handles). A
+/// Opens what a run of `function` passes to its worker (its preopened directories) and
+/// has its artifact made. Inline: no open can block (directories are opened as path
+/// handles, the module, where the pool opens it, `O_NONBLOCK`). A
 /// preopen that is no longer the directory the config was checked with (renamed, replaced,
 /// a link put in its path) makes the registry read and check the config again, once,
 /// against the directories as they are now; it is used only if it passes.
