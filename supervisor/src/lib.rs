@@ -9,6 +9,7 @@ pub mod config;
 pub mod hardening;
 pub mod http;
 pub mod limits;
+pub mod logwriter;
 pub mod metrics;
 pub mod pool;
 pub mod readiness;

@@ -85,6 +85,7 @@ pub struct Metrics {
     buffered: Gauge,
     buffers_refused: Counter,
     client_timeouts: Family<Phase, Counter>,
+    log_lines_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -219,8 +220,15 @@ impl Metrics {
             "Clients cut off for being too slow: phase body (408) or response (connection closed)",
             client_timeouts.clone(),
         );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because stderr did not take them (the log buffer stayed full)",
+            log_lines_dropped.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            log_lines_dropped,
             connections,
             buffered,
             buffers_refused,
@@ -311,6 +319,7 @@ impl Metrics {
         self.connections.get_or_create(&Pool { pool: "reserve" }).set(gauge(http.reserve_connections));
         self.buffered.set(bytes(readiness.buffers.used_bytes));
         catch_up(&self.buffers_refused, readiness.buffers.refused);
+        catch_up(&self.log_lines_dropped, crate::logwriter::dropped_total());
         catch_up(&self.client_timeouts.get_or_create(&Phase { phase: "body" }), http.body_timeouts);
         catch_up(&self.client_timeouts.get_or_create(&Phase { phase: "response" }), http.response_timeouts);
         catch_up(&self.restarts, pool.restarts);
@@ -441,6 +450,8 @@ mod tests {
             "wasmbox_memory_utilization_ratio 0.95",
             "wasmbox_memory_working_set_bytes 950",
             "wasmbox_memory_limit_bytes 1000",
+            // Process-wide (other tests may drop lines): only that it is there.
+            "wasmbox_log_lines_dropped_total ",
             "# EOF",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");

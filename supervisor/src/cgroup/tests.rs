@@ -345,3 +345,30 @@ fn compiler_leaves_exist_on_v1_and_v2_and_go_with_the_tree() {
         assert!(!fs.path(base).exists(), "{kind:?}");
     }
 }
+
+/// The CPU clock of another process counts what it ran, from the kernel: a child that
+/// spins for a while has used CPU time, at most the wall time it was given.
+#[test]
+fn a_worker_process_cpu_clock_counts_its_run_time() {
+    use super::slot::process_cpu_ns;
+    let started = std::time::Instant::now();
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "end=$(($(date +%s) + 25)); while [ $(date +%s) -lt $end ]; do :; done"])
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let first = process_cpu_ns(pid).unwrap();
+    let deadline = started + Duration::from_secs(30);
+    let mut last = first;
+    // Until it has run 100 ms of CPU (generous: a loaded machine gives it less per second).
+    while last < first + 100_000_000 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        last = process_cpu_ns(pid).unwrap();
+    }
+    let elapsed = started.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(last >= first + 100_000_000, "a spinning child used CPU time ({first} -> {last} ns)");
+    assert!(u128::from(last) <= elapsed.as_nanos(), "one thread runs at most the wall time: {last} ns in {elapsed:?}");
+    assert!(process_cpu_ns(pid).is_err(), "a reaped process has no clock");
+}

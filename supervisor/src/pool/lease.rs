@@ -111,7 +111,8 @@ impl Lease {
                 Some(cg) => {
                     let allowance = if cold { config.compile_memory_bytes } else { 0 };
                     // Nothing was sent yet: on failure the worker goes back to the pool unharmed.
-                    Some(cg.prepare(&request, allowance).map_err(|e| InvokeFailure::Limits(e.to_string()))?)
+                    let prepared = cg.prepare_for(&request, allowance, worker.pid);
+                    Some(prepared.map_err(|e| InvokeFailure::Limits(e.to_string()))?)
                 }
                 None => None,
             };

@@ -130,15 +130,14 @@ impl Pool {
         let cgroup = self.slot_cgroup(id.slot);
         let placement = cgroup.map(|cg| cg.placement_fds()).unwrap_or_default();
         let Spawned { mut child, socket } = self.0.launcher.launch(id.slot, placement).await.map_err(spawn_err)?;
-        let stream = match tokio::net::UnixStream::from_std(socket) {
-            Ok(s) => s,
+        let mut conn = match Connection::new(socket, config.max_reply_bytes) {
+            Ok(conn) => conn,
             Err(e) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
                 return Err(spawn_err(e));
             }
         };
-        let mut conn = Connection::new(stream, config.max_reply_bytes);
         let hello = match tokio::time::timeout(config.handshake_timeout, conn.recv()).await {
             Ok(Ok((FromWorker::Hello(hello), _))) => Ok(hello),
             Ok(Ok((other, _))) => Err(format!("expected hello, got {other:?}")),

@@ -516,11 +516,13 @@ async fn a_worker_of_another_protocol_fails_the_start() {
 /// would push its hard deadline out forever; the second one ends the exchange.
 #[tokio::test]
 async fn a_second_started_is_a_protocol_violation() {
-    let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    theirs.set_nonblocking(true).unwrap();
+    let mut theirs = tokio::net::UnixStream::from_std(theirs).unwrap();
     let mut worker = Worker {
         id: WorkerId { slot: 0, generation: 1 },
         pid: 1,
-        conn: Connection::new(ours, 1 << 20),
+        conn: Connection::new(ours, 1 << 20).unwrap(),
         life: Arc::new(Life::new()),
         // Warm: no compile allowance, so the deadline is the invocation's own.
         modules: VecDeque::from([A.to_owned()]),

@@ -95,8 +95,7 @@ impl Zygote {
     async fn start(&self) -> io::Result<Running> {
         let launch = self.launch.clone();
         let Spawned { mut child, socket } = self.spawner.run(move || spawn_worker(&launch, None, Vec::new())).await?;
-        let stream = tokio::net::UnixStream::from_std(socket)?;
-        let mut conn = Connection::new(stream, 0);
+        let mut conn = Connection::new(socket, 0)?;
         let hello = tokio::time::timeout(Duration::from_secs(30), conn.recv()).await;
         match hello {
             Ok(Ok((FromWorker::Hello(h), _))) if h.protocol == PROTOCOL_VERSION => {
